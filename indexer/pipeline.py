@@ -1,0 +1,340 @@
+"""The only module that wires the stages: scan → diff against the store → decode pool → embed → store.
+
+``run_index`` makes the store equal to the files under the given roots (incrementally: unchanged files are not
+read, moved files keep their vectors, vanished files leave the store). ``run_embed`` is the seed's job: vectors to
+a file, no store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from indexer.decode import SUPPORTED_EXTENSIONS, DecodePool, default_workers, hash_file
+from indexer.embed import EmbeddedBatch, embed_batches
+from indexer.errors import ConfigError
+from indexer.model import LazyModel
+from indexer.records import (
+    DecodeLimits,
+    Failure,
+    FileEntry,
+    ImageMeta,
+    PreprocessSpec,
+    RunSummary,
+    SearchFilter,
+    StoredPoint,
+    point_id,
+)
+from indexer.scan import normalise_root, scan
+from indexer.settings import Settings
+from indexer.store import VectorStore, open_store
+
+log = logging.getLogger(__name__)
+
+# Below this many files, decoding in-process beats starting worker processes.
+IN_PROCESS_BELOW = 8
+
+
+class Progress(Protocol):
+    """What the pipeline reports while it works (the CLI draws a bar from it)."""
+
+    def start(self, total: int, what: str) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoProgress:
+    """A Progress that shows nothing."""
+
+    def start(self, total: int, what: str) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def store_from_settings(settings: Settings) -> VectorStore:
+    """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge."""
+    s = settings.store
+    return open_store(
+        store_dir=s.dir, qdrant_url=s.qdrant_url or None, api_key=s.api_key or None, collection=s.collection
+    )
+
+
+def check_roots(paths: Sequence[str | Path]) -> list[Path]:
+    """Normalised roots; a root that does not exist is a usage error (never a mass deletion)."""
+    roots = [normalise_root(p) for p in paths]
+    for root in roots:
+        if not root.exists():
+            raise ConfigError("PATH", f"{root} does not exist")
+    return roots
+
+
+# --- index -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What an index run has to do, from comparing the disk with the store."""
+
+    to_embed: list[FileEntry] = field(default_factory=list)
+    gone: dict[str, StoredPoint] = field(default_factory=dict)
+    stored_paths: set[str] = field(default_factory=set)
+
+
+def run_index(
+    paths: Sequence[str | Path],
+    settings: Settings,
+    store: VectorStore,
+    model: LazyModel,
+    progress: Progress | None = None,
+) -> RunSummary:
+    """Bring the store up to date with the files under ``paths``. Ctrl-C stops after the batch in flight."""
+    progress = progress or NoProgress()
+    roots = check_roots(paths)
+    store.ensure_collection(model.model_id, model.dim)
+    summary = RunSummary()
+    plan = make_plan(roots, settings, store, summary)
+    try:
+        apply_moves(plan, store, summary)
+        embed_into_store(plan, settings, store, model, summary, progress)
+        remove_gone(plan, store, summary)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        log.warning("interrupted: finished batches are stored; the next run resumes from there")
+    finally:
+        progress.close()
+        _finish(store, summary, settings)
+    return summary
+
+
+def _finish(store: VectorStore, summary: RunSummary, settings: Settings) -> None:
+    if summary.failures:
+        store.record_failures(summary.failures)
+    if summary.indexed + summary.moved >= max(1, settings.store.optimize_after):
+        store.optimize()
+    store.flush()
+
+
+def make_plan(roots: list[Path], settings: Settings, store: VectorStore, summary: RunSummary) -> Plan:
+    """Diff the disk against the store: which files to embed, which stored points are gone."""
+    stored: dict[str, StoredPoint] = {}
+    for root in roots:
+        for point in store.scroll(filter=SearchFilter(path_prefix=str(root))):
+            stored[point.path] = point
+    plan = Plan(stored_paths=set(stored))
+    for entry in _scan(roots, settings, summary):
+        old = stored.pop(str(entry.path), None)
+        if old is not None and _unchanged(entry, old):
+            summary.unchanged += 1
+        else:
+            plan.to_embed.append(entry)
+    plan.gone = stored
+    log.info("%d to embed, %d unchanged, %d gone from disk", len(plan.to_embed), summary.unchanged, len(plan.gone))
+    return plan
+
+
+def _scan(roots: list[Path], settings: Settings, summary: RunSummary) -> Iterator[FileEntry]:
+    return scan(
+        roots,
+        SUPPORTED_EXTENSIONS,
+        follow_symlinks=settings.index.follow_symlinks,
+        include_hidden=settings.index.include_hidden,
+        on_error=summary.add_failure,
+    )
+
+
+def _unchanged(entry: FileEntry, point: StoredPoint) -> bool:
+    return bool(point.payload.get("size") == entry.size and point.payload.get("mtime_ns") == entry.mtime_ns)
+
+
+def apply_moves(plan: Plan, store: VectorStore, summary: RunSummary) -> None:
+    """New files with the content (sha256) of a vanished point take over its vector: a move, not a re-embed."""
+    by_sha = _gone_by_sha(plan.gone)
+    if not by_sha:
+        return
+    sizes = {int(p.payload.get("size", -1)) for p in plan.gone.values()}
+    remaining: list[FileEntry] = []
+    for entry in plan.to_embed:
+        old = _moved_from(entry, plan, sizes, by_sha)
+        if old is None:
+            remaining.append(entry)
+        else:
+            _move(store, old, entry)
+            del plan.gone[old.path]
+            summary.moved += 1
+    plan.to_embed = remaining
+
+
+def _gone_by_sha(gone: dict[str, StoredPoint]) -> dict[str, list[StoredPoint]]:
+    by_sha: dict[str, list[StoredPoint]] = {}
+    for point in gone.values():
+        sha = point.payload.get("sha256")
+        if sha:
+            by_sha.setdefault(str(sha), []).append(point)
+    return by_sha
+
+
+def _moved_from(
+    entry: FileEntry, plan: Plan, sizes: set[int], by_sha: dict[str, list[StoredPoint]]
+) -> StoredPoint | None:
+    if str(entry.path) in plan.stored_paths or entry.size not in sizes:
+        return None
+    try:
+        sha = hash_file(entry.path)
+    except OSError:
+        return None  # the decode stage will report it
+    candidates = by_sha.get(sha)
+    return candidates.pop() if candidates else None
+
+
+def _move(store: VectorStore, old: StoredPoint, entry: FileEntry) -> None:
+    found = store.retrieve([old.id], with_vectors=True)
+    if not found or found[0].vector is None:
+        raise RuntimeError(f"point {old.id} ({old.path}) vanished during the move")
+    payload = {**found[0].payload, **_file_fields(entry.path, entry.size, entry.mtime_ns)}
+    store.upsert([StoredPoint(point_id(entry.path), payload, found[0].vector)])
+    store.delete([old.id])
+    log.info("moved %s -> %s (vector kept)", old.path, entry.path)
+
+
+def embed_into_store(
+    plan: Plan,
+    settings: Settings,
+    store: VectorStore,
+    model: LazyModel,
+    summary: RunSummary,
+    progress: Progress,
+) -> None:
+    """Decode, embed and upsert every file of the plan, one batch at a time."""
+    if not plan.to_embed:
+        return
+    clip = model.get()
+    progress.start(len(plan.to_embed), "embedding")
+    paths = (e.path for e in plan.to_embed)
+    with decode_pool(settings, clip.preprocess, len(plan.to_embed), clip.batch_size) as pool:
+        for item in embed_batches(pool.imap(paths), clip.encode_pixels, clip.batch_size):
+            if isinstance(item, Failure):
+                _failed(item, plan, store, summary)
+                progress.advance(1)
+            else:
+                _store_batch(item, model.model_id, store, summary)
+                progress.advance(len(item.metas))
+
+
+def _failed(failure: Failure, plan: Plan, store: VectorStore, summary: RunSummary) -> None:
+    log.warning("skipping %s: %s", failure.path, failure.reason)
+    summary.add_failure(failure)
+    if str(failure.path) in plan.stored_paths:  # it changed into something unreadable: drop the stale vector
+        store.delete([point_id(failure.path)])
+
+
+def _store_batch(batch: EmbeddedBatch, model_id: str, store: VectorStore, summary: RunSummary) -> None:
+    now = time.time()
+    points = [
+        StoredPoint(point_id(meta.path), payload_for(meta, model_id, now), vector)
+        for meta, vector in zip(batch.metas, batch.vectors, strict=True)
+    ]
+    store.upsert(points)
+    store.clear_failures([str(m.path) for m in batch.metas])
+    summary.indexed += len(points)
+
+
+def remove_gone(plan: Plan, store: VectorStore, summary: RunSummary) -> None:
+    """Points whose files left the disk leave the store."""
+    if not plan.gone:
+        return
+    store.delete([p.id for p in plan.gone.values()])
+    store.clear_failures(list(plan.gone))
+    summary.removed += len(plan.gone)
+    log.info("removed %d points whose files are gone", len(plan.gone))
+
+
+def payload_for(meta: ImageMeta, model_id: str, indexed_at: float) -> dict[str, Any]:
+    """The payload stored with each vector."""
+    return {
+        **_file_fields(meta.path, meta.size, meta.mtime_ns),
+        "sha256": meta.sha256,
+        "width": meta.width,
+        "height": meta.height,
+        "format": meta.format.upper(),
+        "model": model_id,
+        "indexed_at": indexed_at,
+    }
+
+
+def _file_fields(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
+    return {
+        "path": str(path),
+        "dirs": [str(p) for p in path.parents],
+        "size": size,
+        "mtime": mtime_ns / 1e9,
+        "mtime_ns": mtime_ns,
+    }
+
+
+def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> DecodePool:
+    """A decode pool sized from the settings; small jobs decode in-process (no worker start-up).
+
+    The look-ahead (files submitted but not yet consumed) defaults to two batches: enough to keep the model fed
+    while the next batch decodes, and it bounds memory whatever the size of the tree.
+    """
+    workers = settings.decode.workers or default_workers()
+    if files < IN_PROCESS_BELOW:
+        workers = 0
+    lookahead = settings.decode.lookahead or max(2 * batch_size, 4 * max(workers, 1))
+    limits = DecodeLimits(
+        max_pixels=settings.decode.max_pixels, max_file_bytes=int(settings.decode.max_file_mb * 1024 * 1024)
+    )
+    return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
+
+
+# --- embed to a file -------------------------------------------------------------------------------------------
+
+
+def run_embed(
+    paths: Sequence[str | Path],
+    output: Path,
+    settings: Settings,
+    model: LazyModel,
+    progress: Progress | None = None,
+) -> RunSummary:
+    """Embed every image under ``paths`` into ``output`` (.parquet or .npy); no store involved."""
+    from indexer.export import open_embedding_writer
+
+    progress = progress or NoProgress()
+    roots = check_roots(paths)
+    summary = RunSummary()
+    entries = list(_scan(roots, settings, summary))
+    clip = model.get()
+    progress.start(len(entries), "embedding")
+    pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
+    with open_embedding_writer(output, clip.dim) as writer, pool:
+        try:
+            for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
+                _write_item(item, writer, summary, progress)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            progress.close()
+    return summary
+
+
+def _write_item(item: EmbeddedBatch | Failure, writer: Any, summary: RunSummary, progress: Progress) -> None:
+    if isinstance(item, Failure):
+        log.warning("skipping %s: %s", item.path, item.reason)
+        summary.add_failure(item)
+        progress.advance(1)
+        return
+    writer.write(item.metas, item.vectors)
+    summary.indexed += len(item.metas)
+    progress.advance(len(item.metas))

@@ -1,0 +1,160 @@
+"""One typed settings tree, built once at the entry point and passed down.
+
+Precedence (lowest first): defaults < config file < ``INDEXER_*`` environment variables (nested with ``__``,
+e.g. ``INDEXER_MODEL__DIR``) < command-line flags. The config file is ``--config FILE``, else ``$INDEXER_CONFIG``,
+else ``config/indexer.toml`` in the working directory when present. Every setting is documented in
+``config/indexer.example.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from indexer.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("config/indexer.toml")
+
+
+def default_store_dir() -> Path:
+    """``$XDG_DATA_HOME/indexer/store`` (``~/.local/share/indexer/store`` when unset)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "indexer" / "store"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreSettings(_Section):
+    """Where vectors live: the embedded Qdrant Edge directory, or a Qdrant server."""
+
+    dir: Path = Field(default_factory=default_store_dir)
+    qdrant_url: str = ""
+    api_key: str = ""
+    collection: str = "images"
+    optimize_after: int = Field(default=1000, ge=0)
+
+    @field_validator("dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+class ModelSettings(_Section):
+    """Which CLIP model, where its weights are, and how to run it."""
+
+    name: str = "ViT-L-14"
+    pretrained: str = "openai"
+    weights: str = ""
+    dir: str = ""
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = Field(default=0, ge=0)
+    allow_download: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        ok = value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+        if not ok:
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+
+class DecodeSettings(_Section):
+    """Decoding: worker processes, look-ahead and limits against hostile files."""
+
+    workers: int = Field(default=0, ge=0)
+    lookahead: int = Field(default=0, ge=0)
+    max_pixels: int = Field(default=178_956_970, gt=0)
+    max_file_mb: float = Field(default=512.0, gt=0)
+
+
+class IndexSettings(_Section):
+    """Which files a scan picks up."""
+
+    follow_symlinks: bool = True
+    include_hidden: bool = False
+
+
+class SearchSettings(_Section):
+    """Defaults for queries."""
+
+    limit: int = Field(default=10, ge=1, le=10_000)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+
+class Settings(BaseSettings):
+    """The whole tree. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INDEXER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    decode: DecodeSettings = Field(default_factory=DecodeSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file comes from model_config["toml_file"], set per load by load_settings().
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def resolve_config_file(explicit: Path | None) -> Path | None:
+    """``--config`` > ``$INDEXER_CONFIG`` > ``config/indexer.toml`` if it exists > none."""
+    if explicit is not None:
+        return _must_exist(explicit, "--config")
+    env = os.environ.get("INDEXER_CONFIG")
+    if env:
+        return _must_exist(Path(env), "INDEXER_CONFIG")
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _must_exist(path: Path, setting: str) -> Path:
+    if not path.is_file():
+        raise ConfigError(setting, f"config file {path} does not exist")
+    return path
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings tree; ``overrides`` (from CLI flags, nested dicts) win over everything else."""
+    path = resolve_config_file(config_file)
+    bound = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
+    try:
+        return bound(**(overrides or {}))
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise ConfigError("config file", f"{path}: {exc}") from None
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    first = exc.errors()[0]
+    setting = ".".join(str(part) for part in first["loc"]) or "settings"
+    reason = first["msg"]
+    if first["type"] == "extra_forbidden":
+        reason = "unknown setting (see config/indexer.example.toml)"
+    elif "input" in first and not isinstance(first["input"], dict):
+        reason = f"{reason} (got {first['input']!r})"
+    return ConfigError(setting, reason)
