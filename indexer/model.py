@@ -251,7 +251,8 @@ def _source_from_config_file(path: Path, settings: ModelSettings) -> ModelSource
     if not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
         raise ConfigError("model.name", f"{cfg_file} is not an open_clip model config (embed_dim, vision_cfg, text_cfg)")
     weights = _config_weights(cfg_file, settings)
-    return ModelSource(_custom_id(cfg_file.stem, weights), config, preprocess, weights, None)
+    label = cfg_file.parent.name if cfg_file.stem in ("config", "open_clip_config") else cfg_file.stem
+    return ModelSource(_custom_id(label, weights), config, preprocess, weights, None)
 
 
 def _config_weights(cfg_file: Path, settings: ModelSettings) -> Path:

@@ -1,0 +1,39 @@
+"""Shared fixtures: the learned shapes test model, generated image folders, settings for temp stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from indexer.settings import Settings, load_settings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHAPES_MODEL = FIXTURES / "shapes-clip" / "config.json"
+
+
+def shapes_settings(store: Path, **extra: Any) -> Settings:
+    """Settings that use the learned test model on the CPU and an embedded store at ``store``."""
+    overrides: dict[str, Any] = {
+        "store": {"dir": store},
+        "model": {"name": str(SHAPES_MODEL), "device": "cpu", "batch_size": 8},
+        "decode": {"workers": 2},
+    }
+    for section, values in extra.items():
+        overrides.setdefault(section, {}).update(values)
+    return load_settings(None, overrides)
+
+
+@pytest.fixture(scope="session")
+def shapes_model_args() -> list[str]:
+    """CLI flags selecting the learned test model on the CPU."""
+    return ["--model", str(SHAPES_MODEL), "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the developer's config, store or HF cache."""
+    monkeypatch.delenv("INDEXER_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
