@@ -27,6 +27,7 @@ from indexer.records import (
     RunSummary,
     SearchFilter,
     StoredPoint,
+    dirs_of,
     point_id,
 )
 from indexer.scan import normalise_root, scan
@@ -275,7 +276,7 @@ def payload_for(meta: ImageMeta, model_id: str, indexed_at: float) -> dict[str, 
 def _file_fields(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     return {
         "path": str(path),
-        "dirs": [str(p) for p in path.parents],
+        "dirs": dirs_of(path),
         "size": size,
         "mtime": mtime_ns / 1e9,
         "mtime_ns": mtime_ns,

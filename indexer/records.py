@@ -19,6 +19,11 @@ def point_id(path: Path | str) -> str:
     return str(uuid.uuid5(POINT_NAMESPACE, str(path)))
 
 
+def dirs_of(path: Path | str) -> list[str]:
+    """Every ancestor directory of ``path`` except the filesystem root: the payload field that folder filters match."""
+    return [str(p) for p in Path(path).parents if p != Path(p.anchor)]
+
+
 @dataclass(frozen=True, slots=True)
 class FileEntry:
     """A file found on disk by the scanner."""

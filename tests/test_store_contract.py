@@ -6,7 +6,9 @@ double) and "live" (a real server at $QDRANT_URL, optional $QDRANT_API_KEY; skip
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -40,7 +42,8 @@ Reopen = Callable[[VectorStore], VectorStore]
 def unit_vectors(n: int, dim: int = DIM, seed: int = 0) -> npt.NDArray[np.float32]:
     rng = np.random.default_rng(seed)
     v = rng.normal(size=(n, dim)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v
 
 
 def ancestors(path: str) -> list[str]:
@@ -504,6 +507,10 @@ def test_optimize_keeps_results(tree: VectorStore) -> None:
     tree.flush()
     assert tree.count() == 6
     assert tree.query(unit_vectors(8, seed=1)[4], limit=1)[0].path == "/a/top.webp"
+    assert _matching(tree, SearchFilter(path_prefix="/a/b", min_width=60)) == {"/a/b/c1.jpg", "/a/b/c2.png"}
+    assert _matching(tree, SearchFilter(formats=("gif",), mtime_from=550.0)) == {"/z/other.gif"}
+    tree.upsert([make_point("/a/b/new.jpg", unit_vectors(1, seed=50)[0], width=70, cluster=2)])
+    assert _matching(tree, SearchFilter(path_prefix="/a/b", cluster=2)) == {"/a/b/deep/d.jpg", "/a/b/new.jpg"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -518,8 +525,6 @@ def test_edge_layout(tmp_path: Path) -> None:
         s.record_failures([Failure(Path("/x.jpg"), "bad")])
     names = {p.name for p in (tmp_path / "s").iterdir()}
     assert names == {"store.json", "shard", "failures.json"}
-    import json
-
     meta = json.loads((tmp_path / "s" / "store.json").read_text())
     assert meta["model_id"] == MODEL and meta["dim"] == DIM and meta["version"] == 1
     assert meta["format"] == "indexer-store" and meta["created_at"] > 0
@@ -559,6 +564,7 @@ def test_edge_busy_across_processes(tmp_path: Path) -> None:
     assert "in use by another process" in out.stdout
 
 
+@pytest.mark.slow
 def test_edge_optimize_builds_hnsw_and_stays_accurate(tmp_path: Path) -> None:
     n, queries = 2000, 20
     vecs = unit_vectors(n, seed=5)
@@ -607,6 +613,50 @@ def test_edge_accepts_an_empty_directory(tmp_path: Path) -> None:
     with EdgeStore(tmp_path / "s") as s:
         s.ensure_collection(MODEL, DIM)
         assert s.model_info() == (MODEL, DIM)
+
+
+def test_edge_failed_creation_leaves_nothing(tmp_path: Path) -> None:
+    with EdgeStore(tmp_path / "s") as s:
+        with pytest.raises(StoreError, match="dimension"):
+            s.ensure_collection(MODEL, 0)
+        assert s.model_info() is None
+    assert list((tmp_path / "s").iterdir()) == []
+    with EdgeStore(tmp_path / "s") as s:
+        s.ensure_collection(MODEL, DIM)
+        assert s.model_info() == (MODEL, DIM)
+
+
+def test_edge_racing_creators(tmp_path: Path) -> None:
+    first, second = EdgeStore(tmp_path / "s"), EdgeStore(tmp_path / "s")  # both saw an empty directory
+    first.ensure_collection(MODEL, DIM)
+    with pytest.raises(ModelMismatchError):
+        second.ensure_collection("other", DIM)  # the first store.json wins, never overwritten
+    with pytest.raises(StoreBusyError):
+        second.ensure_collection(MODEL, DIM)
+    second.close()
+    assert first.model_info() == (MODEL, DIM)
+    first.close()
+
+
+def test_edge_recreates_a_missing_shard(tmp_path: Path) -> None:
+    with EdgeStore(tmp_path / "s") as s:  # a crash between store.json and the shard leaves this state
+        s.ensure_collection(MODEL, DIM)
+    shutil.rmtree(tmp_path / "s" / "shard")
+    with EdgeStore(tmp_path / "s") as s:
+        assert s.model_info() == (MODEL, DIM)
+        s.upsert([make_point("/a.jpg", unit_vectors(1)[0])])
+        assert s.count() == 1
+
+
+def test_edge_damaged_failure_log_does_not_hold_the_lock(tmp_path: Path) -> None:
+    with EdgeStore(tmp_path / "s") as s:
+        s.ensure_collection(MODEL, DIM)
+    (tmp_path / "s" / "failures.json").write_text("[")
+    with pytest.raises(StoreError, match=r"failures\.json"):
+        EdgeStore(tmp_path / "s")
+    (tmp_path / "s" / "failures.json").unlink()
+    with EdgeStore(tmp_path / "s") as s:
+        assert s.failure_count() == 0
 
 
 def test_edge_writes_need_a_collection(tmp_path: Path) -> None:
