@@ -47,7 +47,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_text_search_ranks_red_circles_first(indexed: tuple[Path, Path]) -> None:
-    folder, store = indexed
+    _, store = indexed
     hits = run_json("search", "a red circle", "--limit", "4", "--store", str(store), *MODEL)
     assert [Path(h["path"]).name.split("-")[:2] for h in hits] == [["red", "circle"]] * 4
     assert hits == sorted(hits, key=lambda h: -h["score"])
@@ -165,11 +165,11 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path) -> None:
 
 def test_store_in_use_is_a_clear_error(indexed: tuple[Path, Path]) -> None:
     _, store = indexed
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"from indexer.store import EdgeStore; import time; s = EdgeStore(__import__('pathlib').Path({str(store)!r})); s.model_info(); print('open', flush=True); time.sleep(30)"],
-        stdout=subprocess.PIPE,
-        text=True,
+    code = (
+        "import pathlib, time; from indexer.store import EdgeStore; "
+        f"s = EdgeStore(pathlib.Path({str(store)!r})); s.count(); print('open', flush=True); time.sleep(30)"
     )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
         time.sleep(0.2)

@@ -1,0 +1,64 @@
+"""The ``indexer`` command: a thin entry point over the pipeline, search and store.
+
+Each capability registers its subcommands from its own module (``core``, ``watch``, ``serve``, ``library``); this
+module parses, builds the settings once, and maps errors to exit codes in one place.
+
+Exit codes: 0 all good · 1 finished, but some files failed · 2 usage, configuration or fatal error ·
+130 interrupted (Ctrl-C; finished batches are kept and the next run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from indexer import __version__
+from indexer.cli import core, library, serve, watch
+from indexer.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, overrides_from_args
+from indexer.errors import IndexerError
+from indexer.settings import Settings, load_settings
+
+log = logging.getLogger("indexer")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+COMMAND_MODULES = (core, watch, serve, library)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="indexer",
+        description="Index image folders with CLIP into Qdrant; search them by text or image.",
+        epilog="Exit codes: 0 ok, 1 some files failed, 2 usage/configuration error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"indexer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    handler: Handler = args.handler
+    try:
+        settings = load_settings(args.config, overrides_from_args(args))
+        return handler(args, settings)
+    except IndexerError as exc:
+        print(f"indexer: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("indexer: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

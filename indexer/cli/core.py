@@ -1,0 +1,165 @@
+"""The core commands: index, embed, search, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from indexer.cli.common import (
+    EXIT_OK,
+    common_options,
+    model_options,
+    progress_bar,
+    report_summary,
+)
+from indexer.errors import ConfigError
+from indexer.records import SearchFilter
+from indexer.settings import Settings
+
+
+def register(sub: Any) -> None:
+    """Add the core subcommands to the parser."""
+    _add_index(sub)
+    _add_embed(sub)
+    _add_search(sub)
+    _add_status(sub)
+
+
+def _add_index(sub: Any) -> None:
+    p = sub.add_parser("index", help="embed every image under PATH into the store (incremental)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    common_options(p)
+    model_options(p)
+    p.set_defaults(handler=cmd_index)
+
+
+def _add_embed(sub: Any) -> None:
+    p = sub.add_parser("embed", help="embed images into a .parquet or .npy file (no store)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--output", "-o", type=Path, required=True, metavar="FILE", help="FILE.parquet or FILE.npy")
+    common_options(p)
+    model_options(p)
+    p.set_defaults(handler=cmd_embed)
+
+
+def _add_search(sub: Any) -> None:
+    p = sub.add_parser("search", help="search the store by text or by image")
+    p.add_argument("text", nargs="*", help="what to look for, e.g. 'a dog on the beach'")
+    p.add_argument("--image", type=Path, action="append", default=[], metavar="FILE", help="images like this one")
+    p.add_argument("--not", dest="negative", action="append", default=[], metavar="TEXT", help="what to avoid")
+    p.add_argument("--limit", "-k", type=int, metavar="K", help="number of results (default 10)")
+    p.add_argument("--offset", type=int, default=0, metavar="N", help="skip the first N results")
+    p.add_argument("--threshold", type=float, metavar="S", help="minimum cosine score")
+    p.add_argument("--folder", metavar="DIR", help="only images under this folder")
+    p.add_argument("--format", dest="formats", action="append", default=[], metavar="FMT", help="e.g. JPEG, PNG")
+    p.add_argument("--min-width", type=int, metavar="PX")
+    p.add_argument("--min-height", type=int, metavar="PX")
+    common_options(p)
+    model_options(p)
+    p.set_defaults(handler=cmd_search)
+
+
+def _add_status(sub: Any) -> None:
+    p = sub.add_parser("status", help="where the store is, which model, how many images, recent failures")
+    p.add_argument("--failures", type=int, default=10, metavar="N", help="how many recent failures to list")
+    common_options(p)
+    p.set_defaults(handler=cmd_status)
+
+
+def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.model import LazyModel
+    from indexer.pipeline import check_roots, run_index, store_from_settings
+
+    check_roots(args.paths)
+    model = LazyModel(settings.model)
+    with store_from_settings(settings) as store, progress_bar(args) as progress:
+        summary = run_index(args.paths, settings, store, model, progress)
+    return report_summary(summary, args)
+
+
+def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.model import LazyModel
+    from indexer.pipeline import check_roots, run_embed
+
+    check_roots(args.paths)
+    with progress_bar(args) as progress:
+        summary = run_embed(args.paths, args.output, settings, LazyModel(settings.model), progress)
+    if not args.json:
+        print(f"wrote {summary.indexed} embeddings to {args.output}")
+    return report_summary(summary, args)
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.model import LazyModel
+    from indexer.pipeline import store_from_settings
+    from indexer.search import Query, search
+
+    text = " ".join(args.text).strip()
+    if not text and not args.image:
+        raise ConfigError("query", "give a TEXT to search for, or --image FILE")
+    query = Query(
+        texts=(text,) if text else (),
+        images=tuple(args.image),
+        negative_texts=tuple(args.negative),
+        limit=args.limit or settings.search.limit,
+        offset=args.offset,
+        threshold=args.threshold if args.threshold is not None else settings.search.threshold,
+        filter=_filter(args),
+    )
+    with store_from_settings(settings) as store:
+        hits = search(store, LazyModel(settings.model), query)
+    if args.json:
+        print(json.dumps([{"id": h.id, "score": h.score, **h.payload} for h in hits], indent=2))
+    else:
+        for hit in hits:
+            print(f"{hit.score:.4f}  {hit.path}")
+        if not hits:
+            print("no matches", file=sys.stderr)
+    return EXIT_OK
+
+
+def _filter(args: argparse.Namespace) -> SearchFilter | None:
+    folder = str(Path(args.folder).expanduser().absolute()) if args.folder else None
+    found = SearchFilter(
+        path_prefix=folder,
+        formats=tuple(f.upper() for f in args.formats),
+        min_width=args.min_width,
+        min_height=args.min_height,
+    )
+    return None if found.is_empty() else found
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.pipeline import store_from_settings
+
+    s = settings.store
+    if not s.qdrant_url and not s.dir.exists():
+        info: dict[str, Any] = {"store": str(s.dir), "model": None, "images": 0, "failed": 0, "failures": []}
+    else:
+        with store_from_settings(settings) as store:
+            model = store.model_info()
+            info = {
+                "store": store.location,
+                "model": model[0] if model else None,
+                "dim": model[1] if model else None,
+                "images": store.count() if model else 0,
+                "failed": store.failure_count(),
+                "failures": [{"path": f.path, "reason": f.reason, "at": f.at} for f in store.failures(args.failures)],
+            }
+    _print_status(info, args.json)
+    return EXIT_OK
+
+
+def _print_status(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"store:    {info['store']}")
+    print(f"model:    {info['model'] or '(none yet: run indexer index PATH)'}")
+    print(f"images:   {info['images']}")
+    print(f"failures: {info['failed']}")
+    for failure in info["failures"]:
+        print(f"  {failure['path']}: {failure['reason']}")
