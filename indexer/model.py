@@ -111,17 +111,19 @@ def encode_text_until_eot(net: Any, tokens: torch.Tensor) -> torch.Tensor:
     short query. Models without that structure (custom text towers, non-causal masks) take the full path.
     """
     if getattr(net, "text_pool_type", None) != "argmax" or getattr(net, "attn_mask", None) is None:
-        return net.encode_text(tokens)
+        full: torch.Tensor = net.encode_text(tokens)
+        return full
     n = int(tokens.argmax(dim=-1).max()) + 1
     tokens = tokens[:, :n]
     cast = net.transformer.get_cast_dtype()
     x = net.token_embedding(tokens).to(cast) + net.positional_embedding[:n].to(cast)
     x = net.transformer(x, attn_mask=net.attn_mask[:n, :n])
     x = net.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    pooled: torch.Tensor = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
     if isinstance(net.text_projection, torch.nn.Linear):
-        return net.text_projection(x)
-    return x @ net.text_projection if net.text_projection is not None else x
+        projected: torch.Tensor = net.text_projection(pooled)
+        return projected
+    return pooled @ net.text_projection if net.text_projection is not None else pooled
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -249,7 +251,9 @@ def _source_from_config_file(path: Path, settings: ModelSettings) -> ModelSource
     preprocess = raw.get("preprocess_cfg", {})
     config = {k: v for k, v in config.items() if k != "preprocess_cfg"}
     if not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
-        raise ConfigError("model.name", f"{cfg_file} is not an open_clip model config (embed_dim, vision_cfg, text_cfg)")
+        raise ConfigError(
+            "model.name", f"{cfg_file} is not an open_clip model config (embed_dim, vision_cfg, text_cfg)"
+        )
     weights = _config_weights(cfg_file, settings)
     label = cfg_file.parent.name if cfg_file.stem in ("config", "open_clip_config") else cfg_file.stem
     return ModelSource(_custom_id(label, weights), config, preprocess, weights, None)

@@ -94,6 +94,49 @@ class SearchSettings(_Section):
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
 
 
+class WatchSettings(_Section):
+    """The watch daemon (`indexer watch`)."""
+
+    paths: list[str] = Field(default_factory=list)
+    max_wait: float = Field(default=0.5, gt=0)
+    stable_seconds: float = Field(default=1.0, gt=0)
+    poll: bool = False
+    poll_interval: float = Field(default=1.0, gt=0)
+    rescan_interval: float = Field(default=3600.0, ge=0)
+    mass_delete_fraction: float = Field(default=0.5, gt=0, le=1)
+    queue_size: int = Field(default=10_000, ge=1)
+    control_host: str = "127.0.0.1"
+    control_port: int = Field(default=0, ge=0, le=65535)
+    json_logs: bool = False
+
+
+class ServeSettings(_Section):
+    """The HTTP search service (`indexer serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str = ""
+    api_key_file: str = ""
+    roots: list[str] = Field(default_factory=list)
+    thumbnail_dir: str = ""
+    thumbnail_size: int = Field(default=256, ge=16, le=2048)
+    max_upload_mb: float = Field(default=20.0, gt=0)
+
+
+class DedupSettings(_Section):
+    """Duplicate tiers (cosine thresholds; "exact" means same sha256)."""
+
+    near_threshold: float = Field(default=0.95, ge=-1, le=1)
+    similar_threshold: float = Field(default=0.90, ge=-1, le=1)
+
+
+class ClusterSettings(_Section):
+    """k-means over the stored vectors (`indexer cluster`)."""
+
+    k: int = Field(default=0, ge=0)
+    seed: int = 0
+
+
 class Settings(BaseSettings):
     """The whole tree. Build it with :func:`load_settings`."""
 
@@ -106,6 +149,10 @@ class Settings(BaseSettings):
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -140,7 +187,9 @@ def _must_exist(path: Path, setting: str) -> Path:
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build the settings tree; ``overrides`` (from CLI flags, nested dicts) win over everything else."""
     path = resolve_config_file(config_file)
-    bound = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
+    bound: type[Settings] = type(
+        "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
+    )
     try:
         return bound(**(overrides or {}))
     except ValidationError as exc:
