@@ -26,17 +26,19 @@ class EmbeddingWriter(Protocol):
 
     def __enter__(self) -> EmbeddingWriter: ...
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None: ...
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
 
 
-def open_embedding_writer(output: Path, dim: int) -> EmbeddingWriter:
-    """A writer for ``output``, chosen by its suffix (.parquet or .npy)."""
+def open_embedding_writer(output: Path, dim: int, model_id: str) -> EmbeddingWriter:
+    """A writer for ``output``, chosen by its suffix (.parquet or .npy); Parquet records dim and model id."""
     suffix = output.suffix.lower()
     if suffix not in SUFFIXES:
         raise ConfigError("--output", f"{output}: use a .parquet or .npy file name")
     if not output.parent.exists():
         raise ConfigError("--output", f"directory {output.parent} does not exist")
-    return ParquetWriter(output, dim) if suffix == ".parquet" else NpyWriter(output, dim)
+    return ParquetWriter(output, dim, model_id) if suffix == ".parquet" else NpyWriter(output, dim)
 
 
 class _AtomicFile:
@@ -56,7 +58,7 @@ class _AtomicFile:
 class ParquetWriter(_AtomicFile):
     """Streams row groups, one per batch: memory stays bounded whatever the number of images."""
 
-    def __init__(self, output: Path, dim: int) -> None:
+    def __init__(self, output: Path, dim: int, model_id: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -69,7 +71,7 @@ class ParquetWriter(_AtomicFile):
                 ("height", pa.int32()),
                 ("embedding", pa.list_(pa.float32())),
             ],
-            metadata={b"dim": str(dim).encode()},
+            metadata={b"dim": str(dim).encode(), b"model": model_id.encode()},
         )
         self._writer = pq.ParquetWriter(str(self.partial), self.schema)
 

@@ -170,7 +170,7 @@ def apply_moves(plan: Plan, store: VectorStore, summary: RunSummary) -> None:
         if old is None:
             remaining.append(entry)
         else:
-            _move(store, old, entry)
+            move_point(store, old, entry)
             del plan.gone[old.path]
             summary.moved += 1
     plan.to_embed = remaining
@@ -198,7 +198,8 @@ def _moved_from(
     return candidates.pop() if candidates else None
 
 
-def _move(store: VectorStore, old: StoredPoint, entry: FileEntry) -> None:
+def move_point(store: VectorStore, old: StoredPoint, entry: FileEntry) -> None:
+    """Re-key a point to the file's new path, keeping its vector (a move is never re-embedded)."""
     found = store.retrieve([old.id], with_vectors=True)
     if not found or found[0].vector is None:
         raise RuntimeError(f"point {old.id} ({old.path}) vanished during the move")
@@ -319,7 +320,7 @@ def run_embed(
     clip = model.get()
     progress.start(len(entries), "embedding")
     pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
-    with open_embedding_writer(output, clip.dim) as writer, pool:
+    with open_embedding_writer(output, clip.dim, model.model_id) as writer, pool:
         try:
             for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
                 _write_item(item, writer, summary, progress)

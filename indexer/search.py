@@ -73,6 +73,4 @@ def search(store: VectorStore, model: LazyModel, query: Query) -> list[Hit]:
     """Run a query against the store, best match first."""
     check_store_model(store, model.model_id)
     vector = query_vector(query, model.get())
-    return store.query(
-        vector, limit=query.limit, offset=query.offset, threshold=query.threshold, filter=query.filter
-    )
+    return store.query(vector, limit=query.limit, offset=query.offset, threshold=query.threshold, filter=query.filter)

@@ -68,9 +68,7 @@ def test_first_run_indexes_everything(store: VectorStore, settings: Settings, mo
     assert point.payload["model"] == model.model_id and point.payload["format"] == "PNG"
 
 
-def test_rerun_is_a_noop_that_never_loads_the_model(
-    store: VectorStore, settings: Settings, photos: Path
-) -> None:
+def test_rerun_is_a_noop_that_never_loads_the_model(store: VectorStore, settings: Settings, photos: Path) -> None:
     run_index([photos], settings, store, LazyModel(settings.model))
     fresh = LazyModel(settings.model)
     summary = run_index([photos], settings, store, fresh)
