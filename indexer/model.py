@@ -65,20 +65,28 @@ class ClipModel:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        """uint8 images (N, 3, S, S) from the decode stage → L2-normalised float32 vectors (N, dim)."""
-        out = [self._encode_chunk(pixels[i : i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
+        """uint8 images (N, 3, S, S) from the decode stage → L2-normalised float32 vectors (N, dim).
+
+        A CUDA out-of-memory error halves the batch size (kept for later calls) and retries the same images.
+        """
+        out: list[npt.NDArray[np.float32]] = []
+        start = 0
+        while start < len(pixels):
+            size = self.batch_size
+            try:
+                out.append(self._forward_images(pixels[start : start + size]))
+            except torch.cuda.OutOfMemoryError:
+                self._halve_batch(size)
+                continue
+            start += size
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
-    def _encode_chunk(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        try:
-            return self._forward_images(pixels)
-        except torch.cuda.OutOfMemoryError:
-            if len(pixels) <= 1:
-                raise ModelError("CUDA out of memory even at batch size 1") from None
-            torch.cuda.empty_cache()
-            self.batch_size = max(1, len(pixels) // 2)
-            log.warning("CUDA out of memory: batch size halved to %d", self.batch_size)
-            return self.encode_pixels(pixels)
+    def _halve_batch(self, size: int) -> None:
+        if size <= 1:
+            raise ModelError("CUDA out of memory even at batch size 1") from None
+        torch.cuda.empty_cache()
+        self.batch_size = max(1, size // 2)
+        log.warning("CUDA out of memory: batch size halved to %d", self.batch_size)
 
     def _forward_images(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
