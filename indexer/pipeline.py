@@ -8,8 +8,10 @@ a file, no store.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +35,7 @@ from indexer.records import (
 from indexer.scan import normalise_root, scan
 from indexer.settings import Settings
 from indexer.store import VectorStore, open_store
+from indexer.watch import ChangeKind, FileChange
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def run_index(
     model: LazyModel,
     progress: Progress | None = None,
 ) -> RunSummary:
-    """Bring the store up to date with the files under ``paths``. Ctrl-C stops after the batch in flight."""
+    """Bring the store up to date with the files under ``paths``. Ctrl-C keeps every batch already stored."""
     progress = progress or NoProgress()
     roots = check_roots(paths)
     store.ensure_collection(model.model_id, model.dim)
@@ -340,3 +343,233 @@ def _write_item(item: EmbeddedBatch | Failure, writer: Any, summary: RunSummary,
     writer.write(item.metas, item.vectors)
     summary.indexed += len(item.metas)
     progress.advance(len(item.metas))
+
+
+# --- watch: event batches and reconciliation for the daemon --------------------------------------------------------
+#
+# The daemon keeps the store equal to its roots with the same diff as `indexer index`, but it never deletes by
+# itself: the functions below apply moves and embeddings and *return* the points whose files are gone, so that the
+# daemon's deletion policy (never on a missing or emptied root, hold mass deletions) decides which to remove.
+
+Stop = Callable[[], bool]
+OnBatch = Callable[[EmbeddedBatch], None]
+
+
+def _never() -> bool:
+    return False
+
+
+class Decoders:
+    """The daemon's decoders: in-process for a few files (no worker start-up, the fastest path for one new photo),
+    a worker pool for many, made on first need and kept for the daemon's life."""
+
+    def __init__(self, settings: Settings, spec: PreprocessSpec, batch_size: int) -> None:
+        self.settings, self.spec, self.batch_size = settings, spec, batch_size
+        self._inline = decode_pool(settings, spec, 1, batch_size)
+        self._pool: DecodePool | None = None
+
+    def for_files(self, count: int) -> DecodePool:
+        """The pool to decode ``count`` files with."""
+        if count < IN_PROCESS_BELOW:
+            return self._inline
+        if self._pool is None:
+            self._pool = decode_pool(self.settings, self.spec, IN_PROCESS_BELOW, self.batch_size)
+        return self._pool
+
+    def close(self, wait: bool = True) -> None:
+        """Shut the worker pool down."""
+        self._inline.close(wait)
+        if self._pool is not None:
+            self._pool.close(wait)
+
+
+@dataclass
+class SyncResult:
+    """What a daemon step did. ``gone``: stored points whose files are gone, not yet removed (the caller's deletion
+    policy decides). ``deferred``: files too fresh to take (maybe still being written): the caller watches them."""
+
+    summary: RunSummary
+    gone: dict[str, StoredPoint] = field(default_factory=dict)
+    deferred: list[FileEntry] = field(default_factory=list)
+
+
+def sync_roots(
+    roots: Sequence[Path],
+    settings: Settings,
+    store: VectorStore,
+    model: LazyModel,
+    decoders: Decoders,
+    *,
+    fresh_seconds: float = 0.0,
+    stop: Stop = _never,
+    on_batch: OnBatch | None = None,
+) -> SyncResult:
+    """``indexer index``'s diff of existing ``roots`` against the store: moves and embeddings applied, deletions
+    returned. Files modified less than ``fresh_seconds`` ago are deferred, not read."""
+    store.ensure_collection(model.model_id, model.dim)
+    summary = RunSummary()
+    plan = make_plan(list(roots), settings, store, summary)
+    deferred = _defer_fresh(plan, fresh_seconds)
+    try:
+        apply_moves(plan, store, summary)
+        embed_plan(plan, settings, store, model, summary, decoders, stop, on_batch)
+    finally:
+        _record(store, summary)
+    return SyncResult(summary, plan.gone, deferred)
+
+
+def _defer_fresh(plan: Plan, seconds: float) -> list[FileEntry]:
+    if seconds <= 0:
+        return []
+    newest_ns = time.time_ns() - int(seconds * 1e9)
+    deferred = [e for e in plan.to_embed if e.mtime_ns > newest_ns]
+    if deferred:
+        plan.to_embed = [e for e in plan.to_embed if e.mtime_ns <= newest_ns]
+    return deferred
+
+
+def embed_plan(
+    plan: Plan,
+    settings: Settings,
+    store: VectorStore,
+    model: LazyModel,
+    summary: RunSummary,
+    decoders: Decoders,
+    stop: Stop = _never,
+    on_batch: OnBatch | None = None,
+) -> None:
+    """Decode, embed and upsert the plan's files batch by batch; ``stop()`` is asked after every batch (what is
+    left is not lost: it is still on disk for the next scan)."""
+    if not plan.to_embed:
+        return
+    clip = model.get()
+    pool = decoders.for_files(len(plan.to_embed))
+    decoded = pool.imap(e.path for e in plan.to_embed)
+    try:
+        for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
+            if isinstance(item, Failure):
+                _failed(item, plan, store, summary)
+            else:
+                _store_batch(item, model.model_id, store, summary)
+                if on_batch is not None:
+                    on_batch(item)
+            if stop():
+                summary.interrupted = True
+                return
+    finally:
+        decoded.close()  # cancels the files submitted to decode workers and not consumed
+
+
+def _record(store: VectorStore, summary: RunSummary) -> None:
+    if summary.failures:
+        store.record_failures(summary.failures)
+    store.flush()
+
+
+def apply_changes(
+    changes: Sequence[FileChange],
+    settings: Settings,
+    store: VectorStore,
+    model: LazyModel,
+    decoders: Decoders,
+    *,
+    stop: Stop = _never,
+    on_batch: OnBatch | None = None,
+) -> SyncResult:
+    """Apply a batch of complete changes from the watcher: renames keep their vectors, new and changed files are
+    embedded (unchanged ones skipped), and the points of files gone are returned, not removed."""
+    store.ensure_collection(model.model_id, model.dim)
+    summary = RunSummary()
+    wanted = _sort_changes(changes)
+    gone_paths = wanted.gone
+    upserts = _apply_renames(wanted.moves, store, summary, gone_paths) + wanted.upserts
+    plan = _change_plan(upserts, gone_paths, wanted.trees, store, summary)
+    try:
+        apply_moves(plan, store, summary)
+        embed_plan(plan, settings, store, model, summary, decoders, stop, on_batch)
+    finally:
+        _record(store, summary)
+    return SyncResult(summary, plan.gone)
+
+
+@dataclass
+class _Wanted:
+    upserts: list[FileEntry] = field(default_factory=list)
+    moves: list[tuple[Path, FileEntry]] = field(default_factory=list)
+    gone: set[str] = field(default_factory=set)
+    trees: list[Path] = field(default_factory=list)
+
+
+def _sort_changes(changes: Sequence[FileChange]) -> _Wanted:
+    wanted = _Wanted()
+    for change in changes:
+        if change.kind is ChangeKind.DELETE_TREE:
+            wanted.trees.append(change.path)
+            continue
+        entry = _stat_entry(change.path) if change.kind is not ChangeKind.DELETE else None
+        if entry is None:
+            wanted.gone.add(str(change.path))
+            if change.src is not None:  # moved here, then deleted: the old point goes too
+                wanted.gone.add(str(change.src))
+        elif change.kind is ChangeKind.MOVE and change.src is not None:
+            wanted.moves.append((change.src, entry))
+        else:
+            wanted.upserts.append(entry)
+    return wanted
+
+
+def _stat_entry(path: Path) -> FileEntry | None:
+    """The file as it is now; None when it is gone (or not a regular file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return FileEntry(path, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def _apply_renames(
+    moves: list[tuple[Path, FileEntry]], store: VectorStore, summary: RunSummary, gone: set[str]
+) -> list[FileEntry]:
+    """A rename whose file is unchanged keeps its vector; otherwise the old point goes and the file is embedded."""
+    to_embed: list[FileEntry] = []
+    for src, entry in moves:
+        found = store.retrieve([point_id(src)])
+        if found and _unchanged(entry, found[0]):
+            move_point(store, found[0], entry)
+            summary.moved += 1
+        else:
+            if found:
+                gone.add(str(src))
+            to_embed.append(entry)
+    return to_embed
+
+
+def _change_plan(
+    upserts: list[FileEntry], gone_paths: set[str], trees: list[Path], store: VectorStore, summary: RunSummary
+) -> Plan:
+    """A Plan for a batch of changes: files to embed (unchanged ones dropped) and points whose files are gone."""
+    stored = {p.path: p for p in store.retrieve([point_id(e.path) for e in upserts])}
+    plan = Plan(stored_paths=set(stored))
+    for entry in upserts:
+        old = stored.get(str(entry.path))
+        if old is not None and _unchanged(entry, old):
+            summary.unchanged += 1
+        else:
+            plan.to_embed.append(entry)
+    points = store.retrieve([point_id(p) for p in sorted(gone_paths)])
+    for tree in trees:
+        points.extend(store.scroll(filter=SearchFilter(path_prefix=str(tree))))
+    # Only what is really gone from disk: an event can be stale (a folder renamed away and back, a re-created file).
+    plan.gone = {p.path: p for p in points if not os.path.lexists(p.path)}
+    plan.stored_paths |= set(plan.gone)
+    return plan
+
+
+def remove_points(store: VectorStore, points: Sequence[StoredPoint], summary: RunSummary) -> None:
+    """Remove points whose files are gone (after the caller's deletion policy let them go)."""
+    if not points:
+        return
+    store.delete([p.id for p in points])
+    store.clear_failures([p.path for p in points])
+    summary.removed += len(points)
+    store.flush()

@@ -158,7 +158,7 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path) -> None:
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130, rest
     done = run_json("status", "--store", str(store))["images"]
-    assert 12 <= done < 400
+    assert 8 <= done < 400  # the batch logged last may still have been in flight
     summary = run_json("index", str(folder), "--store", str(store), *MODEL)
     assert summary["unchanged"] == done and summary["indexed"] == 400 - done
 
