@@ -16,6 +16,7 @@ and evaluate `SearchFilter` the same way:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -48,6 +49,7 @@ STORE_VERSION = 1
 STORE_FILE = "store.json"
 SHARD_DIR = "shard"
 FAILURES_FILE = "failures.json"
+LOCK_FILE = "lock"
 
 # Payload fields the filters use, and the index type each gets.
 KEYWORD_FIELDS = ("path", "dirs", "sha256", "format")
@@ -159,9 +161,7 @@ class VectorStore(Protocol):
     ) -> None: ...
 
 
-def open_store(
-    *, store_dir: Path | None, qdrant_url: str | None, api_key: str | None, collection: str
-) -> VectorStore:
+def open_store(*, store_dir: Path | None, qdrant_url: str | None, api_key: str | None, collection: str) -> VectorStore:
     """The one factory: a Qdrant server when qdrant_url is given, else the embedded store in store_dir."""
     if qdrant_url:
         return QdrantServerStore.connect(qdrant_url, api_key, collection)
@@ -506,7 +506,7 @@ def _check_store_directory(directory: Path) -> None:
     shard = directory / SHARD_DIR
     if shard.is_dir() and not any(shard.iterdir()):
         names.discard(SHARD_DIR)
-    foreign = sorted(names - {FAILURES_FILE})
+    foreign = sorted(names - {FAILURES_FILE, LOCK_FILE})
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise StoreError(
@@ -553,9 +553,7 @@ class _FailureFile:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(
-                f"{self.path} is damaged ({_reason(exc)}); delete it to start a new log"
-            ) from exc
+            raise StoreError(f"{self.path} is damaged ({_reason(exc)}); delete it to start a new log") from exc
         return {r.path: r for r in records}
 
     def _save(self) -> None:
@@ -584,6 +582,38 @@ class _FailureFile:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class _DirLock:
+    """An exclusive flock on ``directory/lock``, taken before the shard is touched.
+
+    Edge's own WAL lock refuses a second opener, but the attempt itself damages the holder's id-tracker journal
+    (its next flush fails); a lock of our own makes the second opener fail before it reaches the shard.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise StoreBusyError(self.directory, f"held by pid {holder}" if holder else "") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def _edge_filter(conds: list[_Cond]) -> edge.Filter | None:
@@ -627,10 +657,17 @@ class EdgeStore(_StoreBase):
         self._closed = False
         self._shard: edge.EdgeShard | None = None
         _check_store_directory(self.directory)
-        self._meta = _read_meta(self.directory)
-        self._failure_log = _FailureFile(self.directory / FAILURES_FILE)
-        if self._meta is not None:
-            self._shard = self._open_shard(self._meta.dim)
+        self._lock = _DirLock(self.directory)
+        if self.directory.is_dir():
+            self._lock.acquire()
+        try:
+            self._meta = _read_meta(self.directory)
+            self._failure_log = _FailureFile(self.directory / FAILURES_FILE)
+            if self._meta is not None:
+                self._shard = self._open_shard(self._meta.dim)
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -673,6 +710,7 @@ class EdgeStore(_StoreBase):
     def _create(self, model_id: str, dim: int) -> None:
         """store.json first (exclusively: a racing process's file wins), then the shard; undo on failure."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
         meta = _StoreMeta(model_id, dim, time.time())
         if not _create_json_exclusive(self.directory / STORE_FILE, meta.to_json()):
             theirs = _read_meta(self.directory)
@@ -747,17 +785,19 @@ class EdgeStore(_StoreBase):
             return
         self._closed = True
         shard, self._shard = self._shard, None
-        if shard is not None:
-            with self._errors("close"):
-                shard.close()
+        try:
+            if shard is not None:
+                with self._errors("close"):
+                    shard.close()
+        finally:
+            self._lock.release()
 
     # -- primitives ------------------------------------------------------------------------------------
     def _upsert_batch(self, points: list[StoredPoint]) -> None:
         shard = self._writable_shard()
         with self._errors("upsert"):
             edge_points = [
-                edge.Point(p.id, _vector_list(cast(Vector, p.vector)), normalise_payload(p.payload))
-                for p in points
+                edge.Point(p.id, _vector_list(cast(Vector, p.vector)), normalise_payload(p.payload)) for p in points
             ]
             shard.update(edge.UpdateOperation.upsert_points(edge_points))
 
@@ -932,9 +972,7 @@ class QdrantServerStore(_StoreBase):
         self._known: set[str] = set()  # collections known to exist
 
     @classmethod
-    def connect(
-        cls, url: str, api_key: str | None, collection: str, timeout: float = 30
-    ) -> QdrantServerStore:
+    def connect(cls, url: str, api_key: str | None, collection: str, timeout: float = 30) -> QdrantServerStore:
         """Connect to the server at url (":memory:" for an in-process double) and check that it answers."""
         try:
             if url == ":memory:":
@@ -956,9 +994,7 @@ class QdrantServerStore(_StoreBase):
         except IndexerError:
             raise
         except Exception as exc:
-            raise StoreError(
-                f"Qdrant at {self.url} failed to {what} ({self.collection}): {_reason(exc)}"
-            ) from exc
+            raise StoreError(f"Qdrant at {self.url} failed to {what} ({self.collection}): {_reason(exc)}") from exc
 
     def _exists(self, name: str) -> bool:
         if name not in self._known:
@@ -989,9 +1025,7 @@ class QdrantServerStore(_StoreBase):
             return
         size = _vector_size(info)  # a collection made elsewhere: adopt it if its vectors fit
         if size != dim:
-            raise ModelMismatchError(
-                f"an unrecorded model ({size}-d)", f"{model_id} ({dim}-d)", self.location
-            )
+            raise ModelMismatchError(f"an unrecorded model ({size}-d)", f"{model_id} ({dim}-d)", self.location)
         with self._errors("record the model"):
             self.client.update_collection(self.collection, metadata=self._metadata(model_id, dim))
         self._create_indexes()
@@ -1044,9 +1078,7 @@ class QdrantServerStore(_StoreBase):
     # -- primitives ------------------------------------------------------------------------------------
     def _upsert_batch(self, points: list[StoredPoint]) -> None:
         structs = [
-            qm.PointStruct(
-                id=p.id, vector=_vector_list(cast(Vector, p.vector)), payload=normalise_payload(p.payload)
-            )
+            qm.PointStruct(id=p.id, vector=_vector_list(cast(Vector, p.vector)), payload=normalise_payload(p.payload))
             for p in points
         ]
         with self._errors("upsert points"):
@@ -1129,9 +1161,7 @@ class QdrantServerStore(_StoreBase):
         at = _stamp()
         latest = {str(f.path): f.reason for f in failures[-MAX_FAILURES:]}
         structs = [
-            qm.PointStruct(
-                id=point_id(path), vector=[1.0], payload={"path": path, "reason": reason, "at": at}
-            )
+            qm.PointStruct(id=point_id(path), vector=[1.0], payload={"path": path, "reason": reason, "at": at})
             for path, reason in latest.items()
         ]
         for batch in _batches(structs, WRITE_BATCH):
@@ -1149,9 +1179,7 @@ class QdrantServerStore(_StoreBase):
                     order_by=qm.OrderBy(key="at", direction=qm.Direction.ASC),
                     with_payload=False,
                 )
-                self.client.delete(
-                    self.failures_collection, qm.PointIdsList(points=[r.id for r in oldest]), wait=True
-                )
+                self.client.delete(self.failures_collection, qm.PointIdsList(points=[r.id for r in oldest]), wait=True)
             excess -= len(oldest)
             if not oldest:
                 return
@@ -1162,9 +1190,7 @@ class QdrantServerStore(_StoreBase):
             return
         for batch in _batches([point_id(str(p)) for p in paths], WRITE_BATCH):
             with self._errors("clear failures"):
-                self.client.delete(
-                    self.failures_collection, qm.PointIdsList(points=_server_ids(batch)), wait=True
-                )
+                self.client.delete(self.failures_collection, qm.PointIdsList(points=_server_ids(batch)), wait=True)
 
     def failures(self, limit: int = 20) -> list[FailureRecord]:
         """The newest entries, newest first."""

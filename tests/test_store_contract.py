@@ -524,7 +524,7 @@ def test_edge_layout(tmp_path: Path) -> None:
         s.ensure_collection(MODEL, DIM)
         s.record_failures([Failure(Path("/x.jpg"), "bad")])
     names = {p.name for p in (tmp_path / "s").iterdir()}
-    assert names == {"store.json", "shard", "failures.json"}
+    assert names == {"store.json", "shard", "failures.json", "lock"}
     meta = json.loads((tmp_path / "s" / "store.json").read_text())
     assert meta["model_id"] == MODEL and meta["dim"] == DIM and meta["version"] == 1
     assert meta["format"] == "indexer-store" and meta["created_at"] > 0
@@ -620,7 +620,7 @@ def test_edge_failed_creation_leaves_nothing(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="dimension"):
             s.ensure_collection(MODEL, 0)
         assert s.model_info() is None
-    assert list((tmp_path / "s").iterdir()) == []
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["lock"]  # the lock file alone stays
     with EdgeStore(tmp_path / "s") as s:
         s.ensure_collection(MODEL, DIM)
         assert s.model_info() == (MODEL, DIM)
@@ -629,8 +629,8 @@ def test_edge_failed_creation_leaves_nothing(tmp_path: Path) -> None:
 def test_edge_racing_creators(tmp_path: Path) -> None:
     first, second = EdgeStore(tmp_path / "s"), EdgeStore(tmp_path / "s")  # both saw an empty directory
     first.ensure_collection(MODEL, DIM)
-    with pytest.raises(ModelMismatchError):
-        second.ensure_collection("other", DIM)  # the first store.json wins, never overwritten
+    with pytest.raises(StoreBusyError):
+        second.ensure_collection("other", DIM)  # the first creator holds the lock; its store.json stays
     with pytest.raises(StoreBusyError):
         second.ensure_collection(MODEL, DIM)
     second.close()
@@ -697,3 +697,18 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
         assert isinstance(s, EdgeStore)
     with open_store(store_dir=tmp_path / "s", qdrant_url=":memory:", api_key=None, collection="c") as s:
         assert isinstance(s, QdrantServerStore) and s.location == ":memory: collection c"
+
+
+def test_a_refused_second_open_does_not_damage_the_holder(tmp_path: Path) -> None:
+    """Edge's WAL lock refuses a second opener, but the attempt used to break the holder's next flush."""
+    holder = EdgeStore(tmp_path / "held")
+    holder.ensure_collection("m", 4)
+    holder.upsert([StoredPoint(point_id("/a.jpg"), {"path": "/a.jpg"}, np.ones(4, np.float32))])
+    with pytest.raises(StoreBusyError, match=f"pid {os.getpid()}"):
+        EdgeStore(tmp_path / "held")
+    holder.upsert([StoredPoint(point_id("/b.jpg"), {"path": "/b.jpg"}, np.ones(4, np.float32))])
+    holder.flush()
+    holder.close()
+    reopened = EdgeStore(tmp_path / "held")
+    assert reopened.count() == 2
+    reopened.close()
