@@ -2,8 +2,104 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
 from typing import Any
+
+from indexer.cli.common import common_options, model_options, overrides_from_args
+from indexer.settings import Settings, load_settings
+
+log = logging.getLogger("indexer")
 
 
 def register(sub: Any) -> None:
-    """Add this module's subcommands to the parser (none yet)."""
+    """Add the ``watch`` subcommand to the parser."""
+    p = sub.add_parser(
+        "watch",
+        help="keep the store equal to folders: index new, changed, moved and deleted images as they happen",
+        description=(
+            "Reconcile the store with PATH... (as `indexer index` does), then follow filesystem events until "
+            "SIGTERM/SIGINT. `indexer search` and `indexer status` keep working: they ask the daemon."
+        ),
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="folders to watch (default: [watch] paths)")
+    p.add_argument("--poll", action="store_true", default=None, help="poll instead of inotify (network shares)")
+    p.add_argument("--max-wait", type=float, metavar="S", help="run a partial batch after S seconds (default 0.5)")
+    p.add_argument(
+        "--confirm-deletes",
+        action="store_true",
+        help="apply held mass deletions at start-up (a one-off: never put it in a service unit)",
+    )
+    p.add_argument("--control-port", type=int, metavar="PORT", help="port of /healthz, /metrics (default: any)")
+    p.add_argument("--json-logs", action="store_true", default=None, help="log one JSON object per line")
+    common_options(p)
+    model_options(p)
+    p.set_defaults(handler=cmd_watch)
+
+
+def watch_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``[watch]`` settings given as flags."""
+    flags = {
+        "poll": args.poll,
+        "max_wait": args.max_wait,
+        "control_port": args.control_port,
+        "json_logs": args.json_logs,
+    }
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.watch import check_watch_roots
+
+    flags = watch_overrides(args)
+    if flags:  # the common flags are applied by main(); the watch ones join them here, with the same precedence
+        settings = load_settings(args.config, {**overrides_from_args(args), "watch": flags})
+    roots = check_watch_roots(args.paths or settings.watch.paths)  # before the heavy imports: usage errors are quick
+    setup_daemon_logging(settings, args.verbose)
+
+    from indexer.daemon import Daemon
+
+    daemon = Daemon(settings, roots, confirm_deletes=args.confirm_deletes)
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def setup_daemon_logging(settings: Settings, verbose: int) -> None:
+    """A long-running command logs at ``log_level`` (or -v/-vv if more), as text or one JSON object per line."""
+    level = _log_level(settings.log_level, verbose)
+    logging.getLogger("indexer").setLevel(level)
+    if level > logging.DEBUG:  # the daemon logs its own line per batch
+        logging.getLogger("indexer.embed").setLevel(logging.WARNING)
+    formatter = JsonFormatter() if settings.watch.json_logs else logging.Formatter(TEXT_FORMAT)
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _log_level(configured: str, verbose: int) -> int:
+    level = logging.getLevelNamesMapping()[configured]
+    if verbose >= 2:
+        return logging.DEBUG
+    return min(level, logging.INFO) if verbose == 1 else level
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
