@@ -1,4 +1,9 @@
-"""Read side: turn a text or an image into a query vector and ask the store.
+"""Read side: turn texts, images and indexed images into one query vector and ask the store.
+
+A query has positive and negative examples of four kinds: texts, image files, uploaded image bytes and the ids of
+indexed images (whose stored vectors are used as they are: no file is read, no model runs). Like rclip's ``+``/``-``
+queries and Qdrant's recommend API (``average_vector``), the query vector is the mean of the positive vectors minus
+the mean of the negative ones, L2-normalised; metadata filters, limit, offset and a score threshold go to the store.
 
 Scores are cosine similarities of L2-normalised CLIP vectors. For image-to-image scores the seed's guide applies:
 ≥ 0.99 exact duplicate, ≥ 0.95 near-duplicate (crop, resize, re-encode), ≥ 0.90 similar. Text-to-image scores are
@@ -7,22 +12,45 @@ much lower in absolute terms (≈ 0.2-0.35 for a good match with ViT-L/14): rank
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from indexer.decode import decode_file
-from indexer.errors import ConfigError, ModelMismatchError, StoreError
+from indexer.decode import decode_file, load_image, preprocess
+from indexer.errors import ConfigError, DecodeError, IndexerError, ModelMismatchError, StoreError
 from indexer.model import ClipModel, LazyModel
 from indexer.records import DecodeLimits, Failure, Hit, SearchFilter
 from indexer.store import VectorStore
 
+log = logging.getLogger(__name__)
+
+Vector = npt.NDArray[np.float32]
+
+
+class UnknownImageError(IndexerError):
+    """A query names indexed images (by id) that the store does not hold; `ids` lists them."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+        super().__init__(f"no indexed image with id {shown}")
+        self.ids = list(ids)
+
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """A query: texts and/or image files. Positive parts are averaged, negative parts subtracted."""
+    """A query: positive and negative examples, filters and paging.
+
+    Positive parts (texts, image files, uploaded image bytes, indexed image ids) are averaged; the mean of the
+    negative parts is subtracted. The first seven fields keep their historical order (the CLI and tests use them).
+    """
 
     texts: tuple[str, ...] = ()
     images: tuple[Path, ...] = ()
@@ -31,6 +59,23 @@ class Query:
     offset: int = 0
     threshold: float | None = None
     filter: SearchFilter | None = None
+    ids: tuple[str, ...] = ()
+    uploads: tuple[bytes, ...] = ()
+    negative_images: tuple[Path, ...] = ()
+    negative_ids: tuple[str, ...] = ()
+    negative_uploads: tuple[bytes, ...] = ()
+
+    def has_positive(self) -> bool:
+        """True when there is something to look for."""
+        return bool(self.texts or self.images or self.uploads or self.ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds spent turning the query into a vector and asking the store."""
+
+    encode: float
+    store: float
 
 
 def check_store_model(store: VectorStore, model_id: str) -> None:
@@ -42,19 +87,53 @@ def check_store_model(store: VectorStore, model_id: str) -> None:
         raise ModelMismatchError(info[0], model_id, store.location)
 
 
-def query_vector(query: Query, clip: ClipModel, limits: DecodeLimits | None = None) -> npt.NDArray[np.float32]:
-    """One unit vector for the query: mean of the positive parts minus the mean of the negative ones."""
-    positives = [clip.encode_texts(list(query.texts))] if query.texts else []
-    positives += [encode_image_file(path, clip, limits or DecodeLimits()) for path in query.images]
-    if not positives:
-        raise ConfigError("query", "give a text or --image FILE")
-    vector = np.concatenate(positives).mean(axis=0)
-    if query.negative_texts:
-        vector = vector - clip.encode_texts(list(query.negative_texts)).mean(axis=0)
+def query_vector(
+    query: Query,
+    clip: ClipModel | LazyModel,
+    limits: DecodeLimits | None = None,
+    store: VectorStore | None = None,
+) -> Vector:
+    """One unit vector for the query: mean of the positive parts minus the mean of the negative ones.
+
+    ``clip`` may be a LazyModel: the network is then built only when a part needs it. Indexed ids need ``store``.
+    """
+    if not query.has_positive():
+        raise ConfigError("query", "give a text, an image or the id of an indexed image to look for")
+    get = _model_getter(clip)
+    lim = limits or DecodeLimits()
+    positive = _parts(query.texts, query.images, query.uploads, query.ids, get, lim, store)
+    vector = positive.mean(axis=0)
+    negative = _parts(
+        query.negative_texts, query.negative_images, query.negative_uploads, query.negative_ids, get, lim, store
+    )
+    if len(negative):
+        vector = vector - negative.mean(axis=0)
     return _unit(vector)
 
 
-def encode_image_file(path: Path, clip: ClipModel, limits: DecodeLimits) -> npt.NDArray[np.float32]:
+def _model_getter(clip: ClipModel | LazyModel) -> Callable[[], ClipModel]:
+    return clip.get if isinstance(clip, LazyModel) else lambda: clip
+
+
+def _parts(
+    texts: Sequence[str],
+    images: Sequence[Path],
+    uploads: Sequence[bytes],
+    ids: Sequence[str],
+    get: Callable[[], ClipModel],
+    limits: DecodeLimits,
+    store: VectorStore | None,
+) -> Vector:
+    """The vectors of one side of a query, stacked (N, dim); (0, 0) when the side is empty."""
+    rows: list[Vector] = [get().encode_texts(list(texts))] if texts else []
+    rows += [encode_image_file(path, get(), limits) for path in images]
+    rows += [encode_image_bytes(data, get(), limits) for data in uploads]
+    if ids:
+        rows.append(stored_vectors(ids, store))
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def encode_image_file(path: Path, clip: ClipModel, limits: DecodeLimits) -> Vector:
     """The vector of one image file; a file that can't be decoded is a usage error naming it."""
     result = decode_file(path, clip.preprocess, limits)
     if isinstance(result, Failure):
@@ -62,15 +141,79 @@ def encode_image_file(path: Path, clip: ClipModel, limits: DecodeLimits) -> npt.
     return clip.encode_pixels(result.pixels[None])
 
 
-def _unit(vector: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def encode_image_bytes(data: bytes, clip: ClipModel, limits: DecodeLimits, name: str = "upload") -> Vector:
+    """The vector of an uploaded image; bytes that are no usable image raise DecodeError with the reason."""
+    if not data:
+        raise DecodeError(Path(name), "empty upload (0 bytes)")
+    if len(data) > limits.max_file_bytes:
+        raise DecodeError(Path(name), f"too large: {len(data)} bytes exceeds {limits.max_file_bytes}")
+    loaded = load_image(data, limits, draft_to=clip.preprocess.image_size, source=Path(name))
+    try:
+        pixels = preprocess(loaded.image, clip.preprocess)
+    except (OSError, ValueError, MemoryError) as exc:
+        raise DecodeError(Path(name), f"cannot preprocess the image: {exc}") from exc
+    return clip.encode_pixels(pixels[None])
+
+
+def stored_vectors(ids: Sequence[str], store: VectorStore | None) -> Vector:
+    """The stored vectors of indexed images, in the order given; UnknownImageError for ids the store lacks."""
+    if store is None:
+        raise ConfigError("query", "searching by indexed image ids needs a store")
+    wanted = list(dict.fromkeys(_canonical_id(i) for i in ids))
+    malformed = [i for i in wanted if not i]
+    if malformed:
+        raise UnknownImageError([i for i in ids if not _canonical_id(i)])
+    found = {p.id: p.vector for p in store.retrieve(wanted, with_vectors=True) if p.vector is not None}
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise UnknownImageError(missing)
+    return np.stack([found[i] for i in wanted]).astype(np.float32)
+
+
+def _canonical_id(text: str) -> str:
+    """A point id as the stores write it (lower-case hyphenated UUID); '' when text is no UUID."""
+    try:
+        return str(uuid.UUID(text.strip()))
+    except ValueError:
+        return ""
+
+
+def _unit(vector: Vector) -> Vector:
     norm = float(np.linalg.norm(vector))
-    if norm == 0.0:
+    if norm < 1e-6:
         raise ConfigError("query", "the positive and negative parts cancel out")
     return (vector / norm).astype(np.float32)
 
 
-def search(store: VectorStore, model: LazyModel, query: Query) -> list[Hit]:
+def search(store: VectorStore, model: LazyModel, query: Query, limits: DecodeLimits | None = None) -> list[Hit]:
     """Run a query against the store, best match first."""
+    return timed_search(store, model, query, limits)[0]
+
+
+def timed_search(
+    store: VectorStore, model: LazyModel, query: Query, limits: DecodeLimits | None = None
+) -> tuple[list[Hit], Timings]:
+    """`search`, also returning how long encoding and the store query took."""
     check_store_model(store, model.model_id)
-    vector = query_vector(query, model.get())
-    return store.query(vector, limit=query.limit, offset=query.offset, threshold=query.threshold, filter=query.filter)
+    start = time.perf_counter()
+    vector = query_vector(query, model, limits, store)
+    encoded = time.perf_counter()
+    hits = store.query(vector, limit=query.limit, offset=query.offset, threshold=query.threshold, filter=query.filter)
+    done = time.perf_counter()
+    log.debug("query: encode %.1f ms, store %.1f ms", (encoded - start) * 1e3, (done - encoded) * 1e3)
+    return hits, Timings(encode=encoded - start, store=done - encoded)
+
+
+def parse_time(text: str, setting: str) -> float:
+    """A point in time as unix seconds: a number (unix seconds) or an ISO 8601 date/time (local time if naive)."""
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = datetime.fromisoformat(value).timestamp()
+        except (ValueError, OverflowError, OSError):
+            seconds = math.nan
+    if not math.isfinite(seconds):
+        raise ConfigError(setting, f"{text!r} is neither unix seconds nor an ISO date such as 2024-06-30")
+    return seconds

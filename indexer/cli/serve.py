@@ -2,8 +2,104 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
+import signal
+from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+from indexer.cli.common import EXIT_OK, common_options, model_options
+from indexer.errors import ConfigError
+from indexer.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
-    """Add this module's subcommands to the parser (none yet)."""
+    """Add `serve` to the parser."""
+    p = sub.add_parser("serve", help="serve the search API and web page over the store (HTTP)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; any other needs an API key)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
+    p.add_argument("--api-key-file", metavar="FILE", help="file holding the bearer token clients must send")
+    p.add_argument("--root", dest="roots", action="append", metavar="DIR", help="folder whose files may be sent")
+    common_options(p)
+    model_options(p)
+    p.set_defaults(handler=cmd_serve)
+
+
+def _serve_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The serve flags on top of the settings (flags win)."""
+    updates = {
+        "host": args.host,
+        "port": args.port,
+        "api_key_file": args.api_key_file,
+        "roots": [str(Path(r).expanduser().absolute()) for r in args.roots] if args.roots else None,
+    }
+    for key, value in updates.items():
+        if value is not None:
+            try:
+                setattr(settings.serve, key, value)
+            except ValidationError as exc:
+                raise ConfigError(f"serve.{key}", f"{exc.errors()[0]['msg']} (got {value!r})") from None
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Check the address and key, open the store, load the model, then serve until Ctrl-C / SIGTERM."""
+    from indexer.api import check_bind, resolve_api_key
+
+    settings = _serve_overrides(args, settings)
+    if not args.verbose:  # a long-running command: serve's log level comes from the settings
+        logging.getLogger("indexer").setLevel(settings.log_level)
+    key = resolve_api_key(settings.serve)
+    check_bind(settings.serve.host, key)  # before anything slow: a refused address fails in a moment
+    return _run(settings, key)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived; raised from the signal handler uvicorn re-raises after its graceful shutdown."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _run(settings: Settings, key: str) -> int:
+    import uvicorn
+
+    from indexer.api import create_app
+    from indexer.model import LazyModel
+    from indexer.pipeline import store_from_settings
+
+    model = LazyModel(settings.model)
+    with store_from_settings(settings) as store:
+        app = create_app(settings, store, model, api_key=key)
+        service = app.state.service
+        service.executor.submit(service.warm_up).result()  # on the engine thread, which runs every query
+        config = uvicorn.Config(
+            app,
+            host=settings.serve.host,
+            port=settings.serve.port,
+            log_level=settings.log_level.lower(),
+            access_log=settings.log_level == "DEBUG",
+            server_header=False,
+        )
+        _serve_until_stopped(uvicorn.Server(config))
+    model.close()
+    return EXIT_OK
+
+
+def _serve_until_stopped(server: Any) -> None:
+    """Run uvicorn; Ctrl-C and SIGTERM stop it gracefully and return here, so the store is closed cleanly.
+
+    (uvicorn shuts down on the signal, then raises it again with the previous handler in place: ours.)
+    """
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        server.run()
+    except (KeyboardInterrupt, _Terminated):
+        log.info("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,156 @@
+"""The compose stack, checked without a Docker engine: the file parses, names its services, wires them as the README
+says, every INDEXER_* variable it (or its env example) sets is a real setting with a valid value, and the commands
+it runs are real `indexer` commands."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from indexer.cli import build_parser
+from indexer.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / "config" / "compose.env.example"
+DOCKERFILE = ROOT / "Dockerfile"
+INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def example_env() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if re.match(r"^\w+=", line))
+    return dict(pairs)
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} against env; $$ is a literal $."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match.group(1), match.group(2) or "", match.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if op.endswith("?"):
+            raise AssertionError(f"compose would stop: {arg}")
+        return arg if op.endswith("-") else ""
+
+    return INTERPOLATION.sub(one, value).replace("$$", "$")
+
+
+def setting_exists(variable: str) -> bool:
+    """INDEXER_SECTION__KEY (or INDEXER_KEY) names a field of the settings tree."""
+    parts = variable.removeprefix("INDEXER_").lower().split("__")
+    model: Any = Settings
+    for part in parts:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    return True
+
+
+def test_compose_names_the_three_services(compose: dict[str, Any]) -> None:
+    assert {"qdrant", "watch", "serve"} <= set(compose["services"])
+
+
+def test_qdrant_is_the_official_pinned_image_with_volume_healthcheck_and_key(compose: dict[str, Any]) -> None:
+    qdrant = compose["services"]["qdrant"]
+    assert re.fullmatch(r"qdrant/qdrant:v\d+\.\d+\.\d+", qdrant["image"])
+    assert any(v.endswith(":/qdrant/storage") and v.split(":")[0] in compose["volumes"] for v in qdrant["volumes"])
+    assert qdrant["healthcheck"]["test"][0] == "CMD" and "/readyz" in " ".join(qdrant["healthcheck"]["test"])
+    assert "QDRANT_API_KEY" in environment(qdrant)["QDRANT__SERVICE__API_KEY"]
+
+
+def test_watch_daemon_has_a_gpu_read_only_photos_and_a_model_volume(compose: dict[str, Any]) -> None:
+    watch = compose["services"]["watch"]
+    devices = watch["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
+    assert any(v.endswith(":/photos:ro") for v in watch["volumes"])
+    models = [v for v in watch["volumes"] if v.endswith(":/models")]
+    assert models and models[0].split(":")[0] in compose["volumes"]
+    env = environment(watch)
+    assert env["HF_HOME"].startswith("/models/") and env["INDEXER_STORE__QDRANT_URL"] == "http://qdrant:6333"
+    assert "QDRANT_API_KEY" in env["INDEXER_STORE__API_KEY"]
+    assert watch["depends_on"]["qdrant"]["condition"] == "service_healthy"
+
+
+def test_search_service_needs_a_key_and_sees_the_same_photos(compose: dict[str, Any]) -> None:
+    serve = compose["services"]["serve"]
+    env = environment(serve)
+    assert env["INDEXER_SERVE__API_KEY_FILE"] == "/run/secrets/indexer_api_key"
+    assert "indexer_api_key" in serve["secrets"] and "indexer_api_key" in compose["secrets"]
+    assert any(v.endswith(":/photos:ro") for v in serve["volumes"])
+    assert env["INDEXER_SERVE__ROOTS"] == '["/photos"]'
+    published = interpolate(serve["ports"][0], example_env())
+    assert published.startswith("127.0.0.1:"), "published on loopback unless the user says otherwise"
+    assert serve["image"] == compose["services"]["watch"]["image"]  # one image, built once
+
+
+@pytest.mark.parametrize("service", ["watch", "serve"])
+def test_services_run_real_indexer_commands(compose: dict[str, Any], service: str) -> None:
+    args = build_parser().parse_args(compose["services"][service]["command"])
+    assert args.command == service
+
+
+def all_indexer_variables(compose: dict[str, Any]) -> dict[str, str]:
+    found = {k: v for svc in compose["services"].values() for k, v in environment(svc).items()}
+    found.update(example_env())
+    return {k: v for k, v in found.items() if k.startswith("INDEXER_")}
+
+
+def test_every_indexer_variable_is_a_real_setting(compose: dict[str, Any]) -> None:
+    variables = all_indexer_variables(compose)
+    settings_vars = [v for v in variables if v not in ("INDEXER_API_KEY", "INDEXER_PUBLISH", "INDEXER_COLLECTION")]
+    assert len(settings_vars) >= 8
+    unknown = [v for v in settings_vars if not setting_exists(v)]
+    assert unknown == [], f"not settings: {unknown}"
+
+
+@pytest.mark.parametrize("service", ["watch", "serve"])
+def test_service_environment_loads_as_valid_settings(
+    compose: dict[str, Any], service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = example_env()
+    for key, value in environment(compose["services"][service]).items():
+        if key.startswith("INDEXER_"):
+            monkeypatch.setenv(key, interpolate(value, env))
+    settings = load_settings()
+    assert settings.store.qdrant_url == "http://qdrant:6333" and settings.store.api_key == env["QDRANT_API_KEY"]
+    if service == "serve":
+        assert settings.serve.roots == ["/photos"] and settings.model.device == "cpu"
+    else:
+        assert settings.watch.control_port == 8001 and settings.model.device == "cuda"
+
+
+def test_variables_used_by_compose_are_documented_in_the_env_example() -> None:
+    used = {m.group(1) for m in INTERPOLATION.finditer(COMPOSE.read_text())}
+    assert used <= set(example_env()), used - set(example_env())
+
+
+def test_dockerfile_is_slim_python_with_pinned_torch_and_the_indexer_entrypoint() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    assert re.search(r'^ENTRYPOINT \["indexer"\]', text, re.M)
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for package in ("torch", "torchvision"):
+        pin = next(d for d in pins if d.startswith(f"{package}=="))
+        assert pin in text, f"Dockerfile must install {pin} as pyproject.toml pins it"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
