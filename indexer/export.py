@@ -1,22 +1,42 @@
-"""Vectors to files: the output of ``indexer embed`` (Parquet or .npy), written batch by batch.
+"""Vectors to and from files: ``indexer embed`` output, store export/import, and temporary vector dumps.
 
-Parquet columns: path, sha256, width, height, embedding (list<float32>). A ``.npy`` output holds the (N, dim)
-float32 matrix; the paths of its rows, in order, go to ``FILE.paths.txt`` beside it. Files are written under a
-temporary name and renamed when complete, so a crash never leaves a half-written file under the final name.
+``indexer embed`` writes Parquet (columns path, sha256, width, height, embedding list<float32>) or ``.npy`` (the
+(N, dim) float32 matrix; the paths of its rows, in order, in ``FILE.paths.txt`` beside it).
+
+``indexer export`` writes a store to Parquet: columns id, path, sha256, metadata (the rest of the payload, as a
+JSON object), vector (list<float32>); the schema metadata records ``dim`` and ``model`` as the embed files do.
+``indexer import`` reads either kind into any backend: the way to move an embedded store to a Qdrant server, or
+to load vectors made elsewhere.
+
+Files are written under a temporary name and renamed when complete, so a crash never leaves a half-written file
+under the final name. ``dump_vectors`` copies a store's vectors into a raw float32 file that dedup and cluster
+read a block at a time (the process holds only the blocks it reads, never the whole matrix).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from indexer.errors import ConfigError
-from indexer.records import ImageMeta
+from indexer.errors import ConfigError, StoreError
+from indexer.records import ImageMeta, SearchFilter, StoredPoint, dirs_of, point_id
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from indexer.store import VectorStore
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet", ".npy")
 
@@ -126,3 +146,310 @@ class NpyWriter(_AtomicFile):
         self.output.with_name(self.output.name.removesuffix(".npy") + ".paths.txt").write_text(
             "".join(p + "\n" for p in self._paths)
         )
+
+
+# --- store export and import ----------------------------------------------------------------------------------
+
+EXPORT_FORMAT = b"indexer-export"
+EXPORT_VERSION = b"1"
+# Payload fields that get their own column, or are derived from the path on import.
+_OWN_COLUMNS = ("path", "sha256", "dirs")
+_PIL_FORMATS = {
+    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP",
+    ".tif": "TIFF", ".tiff": "TIFF", ".heic": "HEIF", ".heif": "HEIF", ".avif": "AVIF",
+}  # fmt: skip
+
+
+def _export_schema(dim: int, model_id: str) -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("path", pa.string()),
+            ("sha256", pa.string()),
+            ("metadata", pa.string()),
+            ("vector", pa.list_(pa.float32())),
+        ],
+        metadata={b"dim": str(dim).encode(), b"model": model_id.encode(), b"format": EXPORT_FORMAT,
+                  b"version": EXPORT_VERSION},
+    )  # fmt: skip
+
+
+def _vector_column(vectors: npt.NDArray[np.float32]) -> pa.ListArray:
+    import pyarrow as pa
+
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), type=pa.float32())
+    offsets = pa.array(np.arange(0, vectors.size + 1, max(vectors.shape[1], 1), dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def _export_table(points: list[StoredPoint], schema: pa.Schema) -> pa.Table:
+    import pyarrow as pa
+
+    meta = [{k: v for k, v in p.payload.items() if k not in _OWN_COLUMNS} for p in points]
+    columns = [
+        pa.array([p.id for p in points], pa.string()),
+        pa.array([p.path for p in points], pa.string()),
+        pa.array([str(p.payload.get("sha256", "")) for p in points], pa.string()),
+        pa.array([json.dumps(m, sort_keys=True) for m in meta], pa.string()),
+        _vector_column(np.stack([p.vector for p in points if p.vector is not None])),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def export_store(
+    store: VectorStore, output: Path, *, filter: SearchFilter | None = None, batch_size: int = 1000
+) -> int:
+    """Write every point (matching the filter) with its vector to ``output`` (.parquet); returns how many."""
+    import pyarrow.parquet as pq
+
+    if output.suffix.lower() != ".parquet":
+        raise ConfigError("--output", f"{output}: use a .parquet file name")
+    if not output.parent.exists():
+        raise ConfigError("--output", f"directory {output.parent} does not exist")
+    info = store.model_info()
+    if info is None:
+        raise StoreError(f"the store {store.location} is empty: nothing to export")
+    schema = _export_schema(info[1], info[0])
+    target = _AtomicFile(output)
+    written = 0
+    try:
+        with pq.ParquetWriter(str(target.partial), schema) as writer:
+            for batch in _chunks(store.scroll(filter=filter, with_vectors=True, batch_size=batch_size), batch_size):
+                writer.write_table(_export_table(batch, schema))
+                written += len(batch)
+    except BaseException:
+        target.discard()
+        raise
+    target.commit()
+    log.info("exported %d points to %s", written, output)
+    return written
+
+
+def _chunks(points: Iterator[StoredPoint], size: int) -> Iterator[list[StoredPoint]]:
+    batch: list[StoredPoint] = []
+    for point in points:
+        batch.append(point)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass(slots=True)
+class ImportSummary:
+    """What an import did. ``unverified``: rows of an embed file whose image is missing or changed since it was
+    embedded; they are imported without size/mtime, so the next ``indexer index`` embeds those files again."""
+
+    imported: int = 0
+    unverified: list[str] = field(default_factory=list)
+    model: str = ""
+    dim: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"imported": self.imported, "unverified": self.unverified, "model": self.model, "dim": self.dim}
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """An opened Parquet file to import: which kind it is, its model and dim."""
+
+    file: Any  # pyarrow.parquet.ParquetFile
+    path: Path
+    model_id: str
+    dim: int
+    vector_column: str  # "vector" (export) or "embedding" (embed output)
+
+
+def _open_source(path: Path) -> _Source:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise ConfigError("FILE", f"{path} does not exist")
+    try:
+        pf = pq.ParquetFile(str(path))
+    except Exception as exc:
+        raise ConfigError("FILE", f"{path} is not a Parquet file ({exc})") from None
+    meta = pf.schema_arrow.metadata or {}
+    names = set(pf.schema_arrow.names)
+    column = "vector" if {"id", "vector", "metadata"} <= names else "embedding" if "embedding" in names else ""
+    if not column or not {"path", "sha256"} <= names:
+        raise ConfigError("FILE", f"{path}: neither an `indexer export` nor an `indexer embed` file")
+    if b"model" not in meta or b"dim" not in meta:
+        raise ConfigError("FILE", f"{path} does not record the model that made its vectors")
+    return _Source(pf, path, meta[b"model"].decode(), int(meta[b"dim"]), column)
+
+
+def import_file(
+    store: VectorStore, source: Path, *, batch_size: int = 1000, optimize_after: int = 1000
+) -> ImportSummary:
+    """Upsert every row of an export or embed Parquet file into the store (same model required)."""
+    src = _open_source(source)
+    store.ensure_collection(src.model_id, src.dim)
+    summary = ImportSummary(model=src.model_id, dim=src.dim)
+    now = time.time()
+    for batch in src.file.iter_batches(batch_size=batch_size):
+        points = _points_of(batch, src, now, summary, first_row=summary.imported)
+        store.upsert(points)
+        summary.imported += len(points)
+    if summary.imported >= max(1, optimize_after):
+        store.optimize()
+    store.flush()
+    log.info("imported %d points from %s", summary.imported, source)
+    return summary
+
+
+def _points_of(batch: Any, src: _Source, now: float, summary: ImportSummary, first_row: int) -> list[StoredPoint]:
+    vectors = _batch_vectors(batch.column(src.vector_column), src, first_row)
+    paths: list[str] = batch.column("path").to_pylist()
+    shas: list[str] = batch.column("sha256").to_pylist()
+    if src.vector_column == "vector":
+        ids, metas = batch.column("id").to_pylist(), batch.column("metadata").to_pylist()
+        payloads = [_exported_payload(p, s, m) for p, s, m in zip(paths, shas, metas, strict=True)]
+    else:
+        ids = [point_id(p) for p in paths]
+        sizes = zip(batch.column("width").to_pylist(), batch.column("height").to_pylist(), strict=True)
+        payloads = [
+            _embedded_payload(p, s, w, h, src.model_id, now, summary)
+            for p, s, (w, h) in zip(paths, shas, sizes, strict=True)
+        ]
+    return [StoredPoint(i, pl, v) for i, pl, v in zip(ids, payloads, vectors, strict=True)]
+
+
+def _batch_vectors(column: Any, src: _Source, first_row: int) -> npt.NDArray[np.float32]:
+    """The list<float32> column as an (n, dim) matrix; a row of another length is an error naming the row."""
+    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero((lengths != src.dim) | np.isnan(lengths.astype(np.float64)))
+    if bad.size:
+        row = first_row + int(bad[0])
+        raise ConfigError("FILE", f"{src.path}: row {row} has {lengths[bad[0]]} values, not {src.dim}")
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float32).reshape(-1, src.dim)
+
+
+def _exported_payload(path: str, sha256: str, metadata: str) -> dict[str, Any]:
+    payload = json.loads(metadata) if metadata else {}
+    if not isinstance(payload, dict):
+        raise ConfigError("FILE", f"the metadata of {path} is not a JSON object")
+    return {**payload, "path": path, "dirs": dirs_of(path), "sha256": sha256}
+
+
+def _embedded_payload(
+    path: str, sha256: str, width: int, height: int, model_id: str, now: float, summary: ImportSummary
+) -> dict[str, Any]:
+    """The payload `indexer index` would store. Size and mtime only when the file still has the embedded
+    content (its sha256 is checked): they are what tells a later index run that the file is unchanged."""
+    payload: dict[str, Any] = {
+        "path": path,
+        "dirs": dirs_of(path),
+        "sha256": sha256,
+        "width": width,
+        "height": height,
+        "format": _PIL_FORMATS.get(Path(path).suffix.lower(), Path(path).suffix.lstrip(".").upper()),
+        "model": model_id,
+        "indexed_at": now,
+    }
+    st = _unchanged_stat(Path(path), sha256)
+    if st is None:
+        summary.unverified.append(path)
+    else:
+        payload.update(size=st.st_size, mtime=st.st_mtime_ns / 1e9, mtime_ns=st.st_mtime_ns)
+    return payload
+
+
+def _unchanged_stat(path: Path, sha256: str) -> os.stat_result | None:
+    from indexer.decode import hash_file
+
+    try:
+        before = os.stat(path)
+        same = hash_file(path) == sha256
+        after = os.stat(path)
+    except OSError:
+        return None
+    unchanged = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+    return after if same and unchanged else None
+
+
+# --- vector dumps for dedup and cluster ---------------------------------------------------------------------------
+
+
+class VectorFile:
+    """An (n, dim) float32 matrix in a raw file, read a row range or a few rows at a time.
+
+    Reads go through the page cache into fresh arrays, so the process holds only what it asked for: the matrix
+    itself may be larger than memory.
+    """
+
+    def __init__(self, path: Path, dim: int) -> None:
+        self.path = path
+        self.dim = dim
+        self._row_bytes = dim * 4
+        self.count = path.stat().st_size // self._row_bytes if dim else 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self, start: int, stop: int) -> npt.NDArray[np.float32]:
+        """Rows [start, stop) as a new array."""
+        stop = min(stop, self.count)
+        if stop <= start:
+            return np.zeros((0, self.dim), np.float32)
+        flat = np.fromfile(self.path, np.float32, count=(stop - start) * self.dim, offset=start * self._row_bytes)
+        return flat.reshape(stop - start, self.dim)
+
+    def take(self, indices: Sequence[int]) -> npt.NDArray[np.float32]:
+        """The rows at these indices, in that order."""
+        out = np.empty((len(indices), self.dim), np.float32)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for k, index in enumerate(indices):
+                if not 0 <= index < self.count:
+                    raise IndexError(f"row {index} of {self.count}")
+                out[k] = np.frombuffer(os.pread(fd, self._row_bytes, index * self._row_bytes), np.float32)
+        finally:
+            os.close(fd)
+        return out
+
+    def blocks(self, size: int) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        """(start, rows) for consecutive blocks of ``size`` rows."""
+        for start in range(0, self.count, size):
+            yield start, self.rows(start, start + size)
+
+
+@dataclass(frozen=True, slots=True)
+class VectorDump:
+    """A store's vectors copied out: row i of ``matrix`` is the point ``ids[i]``, whose sha256 is ``sha256s[i]``."""
+
+    ids: list[str]
+    sha256s: list[str]
+    matrix: VectorFile
+
+
+def dump_vectors(
+    store: VectorStore, directory: Path, *, filter: SearchFilter | None = None, batch_size: int = 1000
+) -> VectorDump:
+    """Copy the vectors (L2-normalised) of every point matching the filter into ``directory/vectors.f32``."""
+    info = store.model_info()
+    if info is None:
+        raise StoreError(f"the store {store.location} is empty: run `indexer index PATH` first")
+    dim = info[1]
+    path = directory / "vectors.f32"
+    ids: list[str] = []
+    shas: list[str] = []
+    with path.open("wb") as fh:
+        for batch in _chunks(store.scroll(filter=filter, with_vectors=True, batch_size=batch_size), batch_size):
+            fh.write(_unit_rows([p.vector for p in batch], dim).tobytes())
+            ids.extend(p.id for p in batch)
+            shas.extend(str(p.payload.get("sha256") or "") for p in batch)
+    log.info("copied %d vectors (%d-d) out of %s", len(ids), dim, store.location)
+    return VectorDump(ids, shas, VectorFile(path, dim))
+
+
+def _unit_rows(vectors: list[npt.NDArray[np.float32] | None], dim: int) -> npt.NDArray[np.float32]:
+    matrix = np.stack([np.zeros(dim, np.float32) if v is None else v for v in vectors]).astype(np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    out = np.zeros_like(matrix)
+    np.divide(matrix, norms, out=out, where=norms > 0)
+    return out

@@ -100,10 +100,13 @@ class WatchSettings(_Section):
     paths: list[str] = Field(default_factory=list)
     max_wait: float = Field(default=0.5, gt=0)
     stable_seconds: float = Field(default=1.0, gt=0)
+    unclosed_timeout: float = Field(default=300.0, gt=0)
     poll: bool = False
     poll_interval: float = Field(default=1.0, gt=0)
     rescan_interval: float = Field(default=3600.0, ge=0)
     mass_delete_fraction: float = Field(default=0.5, gt=0, le=1)
+    mass_delete_min: int = Field(default=10, ge=0)
+    confirm_delay: float = Field(default=600.0, gt=0)
     queue_size: int = Field(default=10_000, ge=1)
     control_host: str = "127.0.0.1"
     control_port: int = Field(default=0, ge=0, le=65535)
@@ -121,13 +124,16 @@ class ServeSettings(_Section):
     thumbnail_dir: str = ""
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
     max_upload_mb: float = Field(default=20.0, gt=0)
+    threads: int = Field(default=1, ge=0, le=1024)
 
 
 class DedupSettings(_Section):
-    """Duplicate tiers (cosine thresholds; "exact" means same sha256)."""
+    """Duplicate tiers (cosine thresholds; "exact" means same sha256) and the neighbour pass."""
 
     near_threshold: float = Field(default=0.95, ge=-1, le=1)
     similar_threshold: float = Field(default=0.90, ge=-1, le=1)
+    block_size: int = Field(default=4096, ge=1)
+    report_max_groups: int = Field(default=500, ge=1)
 
 
 class ClusterSettings(_Section):
@@ -135,6 +141,8 @@ class ClusterSettings(_Section):
 
     k: int = Field(default=0, ge=0)
     seed: int = 0
+    max_k: int = Field(default=50, ge=2)
+    sample: int = Field(default=10_000, ge=2)
 
 
 class Settings(BaseSettings):

@@ -50,6 +50,9 @@ def _add_search(sub: Any) -> None:
     p.add_argument("text", nargs="*", help="what to look for, e.g. 'a dog on the beach'")
     p.add_argument("--image", type=Path, action="append", default=[], metavar="FILE", help="images like this one")
     p.add_argument("--not", dest="negative", action="append", default=[], metavar="TEXT", help="what to avoid")
+    p.add_argument("--not-image", type=Path, action="append", default=[], metavar="FILE", help="images unlike this one")
+    p.add_argument("--like", action="append", default=[], metavar="ID", help="indexed images like this one (its id)")
+    p.add_argument("--not-like", action="append", default=[], metavar="ID", help="indexed images to move away from")
     p.add_argument("--limit", "-k", type=int, metavar="K", help="number of results (default 10)")
     p.add_argument("--offset", type=int, default=0, metavar="N", help="skip the first N results")
     p.add_argument("--threshold", type=float, metavar="S", help="minimum cosine score")
@@ -57,6 +60,9 @@ def _add_search(sub: Any) -> None:
     p.add_argument("--format", dest="formats", action="append", default=[], metavar="FMT", help="e.g. JPEG, PNG")
     p.add_argument("--min-width", type=int, metavar="PX")
     p.add_argument("--min-height", type=int, metavar="PX")
+    p.add_argument("--mtime-from", metavar="WHEN", help="modified at or after (ISO date/time or unix seconds)")
+    p.add_argument("--mtime-to", metavar="WHEN", help="modified at or before (ISO date/time or unix seconds)")
+    p.add_argument("--cluster", type=int, metavar="ID", help="only images of this cluster (see indexer cluster)")
     common_options(p)
     model_options(p)
     p.set_defaults(handler=cmd_search)
@@ -98,19 +104,28 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.search import Query, search
 
     text = " ".join(args.text).strip()
-    if not text and not args.image:
-        raise ConfigError("query", "give a TEXT to search for, or --image FILE")
+    if not text and not args.image and not args.like:
+        raise ConfigError("query", "give a TEXT to search for, --image FILE or --like ID")
     query = Query(
         texts=(text,) if text else (),
         images=tuple(args.image),
         negative_texts=tuple(args.negative),
+        ids=tuple(args.like),
+        negative_images=tuple(args.not_image),
+        negative_ids=tuple(args.not_like),
         limit=args.limit or settings.search.limit,
         offset=args.offset,
         threshold=args.threshold if args.threshold is not None else settings.search.threshold,
         filter=_filter(args),
     )
-    with store_from_settings(settings) as store:
-        hits = search(store, LazyModel(settings.model), query)
+    url = _daemon_url(settings)
+    if url is not None:
+        from indexer.daemon import search_via_daemon
+
+        hits = search_via_daemon(url, settings, query)
+    else:
+        with store_from_settings(settings) as store:
+            hits = search(store, LazyModel(settings.model), query)
     if args.json:
         print(json.dumps([{"id": h.id, "score": h.score, **h.payload} for h in hits], indent=2))
     else:
@@ -122,14 +137,29 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _filter(args: argparse.Namespace) -> SearchFilter | None:
+    from indexer.search import parse_time
+
     folder = str(Path(args.folder).expanduser().absolute()) if args.folder else None
     found = SearchFilter(
         path_prefix=folder,
         formats=tuple(f.upper() for f in args.formats),
         min_width=args.min_width,
         min_height=args.min_height,
+        mtime_from=parse_time(args.mtime_from, "--mtime-from") if args.mtime_from else None,
+        mtime_to=parse_time(args.mtime_to, "--mtime-to") if args.mtime_to else None,
+        cluster=args.cluster,
     )
     return None if found.is_empty() else found
+
+
+def _daemon_url(settings: Settings) -> str | None:
+    """The control URL of a running `indexer watch` holding the embedded store, if any: search and status ask it
+    (the store opens in one process only, and a second opener disturbs the holder)."""
+    if settings.store.qdrant_url:
+        return None
+    from indexer.daemon import find_daemon
+
+    return find_daemon(settings.store.dir)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -138,6 +168,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     s = settings.store
     if not s.qdrant_url and not s.dir.exists():
         info: dict[str, Any] = {"store": str(s.dir), "model": None, "images": 0, "failed": 0, "failures": []}
+    elif (url := _daemon_url(settings)) is not None:
+        from indexer.daemon import status_via_daemon
+
+        info = status_via_daemon(url, args.failures)
     else:
         with store_from_settings(settings) as store:
             model = store.model_info()
@@ -150,6 +184,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "failures": [{"path": f.path, "reason": f.reason, "at": f.at} for f in store.failures(args.failures)],
             }
     _print_status(info, args.json)
+    if not args.json and info.get("daemon"):
+        daemon = info["daemon"]
+        print(f"daemon:   pid {daemon['pid']} at {daemon['url']}, {daemon['phase']}, {daemon['queue']} waiting")
     return EXIT_OK
 
 

@@ -1,9 +1,290 @@
-"""`indexer dedup / cluster / export / import`: whole-library tools over the stored vectors."""
+"""`indexer dedup / cluster / export / import`: whole-library tools over the stored vectors.
+
+None of them needs the model: they read (and write) the store only. Heavy modules load inside the handlers.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options
+from indexer.errors import ConfigError
+from indexer.records import SearchFilter
+from indexer.settings import Settings
+
+if TYPE_CHECKING:
+    from indexer.cluster import ClusterReport
+    from indexer.dedup import Action, ActionPlan, DedupReport
+    from indexer.store import VectorStore
+
+TIER_CHOICES = ("exact", "near", "similar")
 
 
 def register(sub: Any) -> None:
-    """Add this module's subcommands to the parser (none yet)."""
+    """Add dedup, cluster, export and import to the parser."""
+    _add_dedup(sub)
+    _add_cluster(sub)
+    _add_export(sub)
+    _add_import(sub)
+
+
+def _add_dedup(sub: Any) -> None:
+    p = sub.add_parser(
+        "dedup",
+        help="find duplicate images; move or delete the extra copies only when asked",
+        description="Tiers: exact (same sha256), near (cosine >= dedup.near_threshold, default 0.95: crops, "
+        "resizes, re-encodes), similar (cosine >= dedup.similar_threshold, default 0.90). Each group has a "
+        "suggested keeper (highest resolution, then oldest). Without --move-to or --delete nothing changes.",
+    )
+    p.add_argument("--tier", choices=TIER_CHOICES, default="near", help="which duplicates (default: near)")
+    p.add_argument("--threshold", type=float, metavar="S", help="cosine threshold instead of the tier's setting")
+    p.add_argument("--folder", metavar="DIR", help="only images under this folder")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="also write the groups as CSV")
+    p.add_argument("--html", type=Path, metavar="FILE", help="also write a contact sheet with thumbnails")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument(
+        "--move-to",
+        type=Path,
+        metavar="DIR",
+        help="keep each keeper, move its duplicates under DIR (same relative paths)",
+    )
+    act.add_argument("--delete", action="store_true", help="keep each keeper, delete its duplicates (needs --yes)")
+    p.add_argument("--yes", action="store_true", help="confirm --delete")
+    common_options(p)
+    p.set_defaults(handler=cmd_dedup)
+
+
+def _add_cluster(sub: Any) -> None:
+    p = sub.add_parser("cluster", help="k-means clusters of the stored images; search them with --cluster ID")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--k", type=int, metavar="N", help="number of clusters (default: cluster.k, 0 = --auto)")
+    how.add_argument("--auto", action="store_true", help="choose the number of clusters by silhouette")
+    p.add_argument("--html", type=Path, metavar="FILE", help="also write an overview page with thumbnails")
+    common_options(p)
+    p.set_defaults(handler=cmd_cluster)
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="write the store (ids, paths, metadata, vectors) to a Parquet file")
+    p.add_argument("--output", "-o", type=Path, required=True, metavar="FILE", help="FILE.parquet")
+    p.add_argument("--folder", metavar="DIR", help="only images under this folder")
+    common_options(p)
+    p.set_defaults(handler=cmd_export)
+
+
+def _add_import(sub: Any) -> None:
+    p = sub.add_parser("import", help="load an `indexer export` or `indexer embed` Parquet file into the store")
+    p.add_argument("file", type=Path, metavar="FILE")
+    common_options(p)
+    p.set_defaults(handler=cmd_import)
+
+
+def _open_store(settings: Settings) -> VectorStore:
+    """The store of the settings (as `pipeline.store_from_settings`, without importing the model stack)."""
+    from indexer.store import open_store
+
+    s = settings.store
+    return open_store(
+        store_dir=s.dir, qdrant_url=s.qdrant_url or None, api_key=s.api_key or None, collection=s.collection
+    )
+
+
+def _folder_filter(folder: str | None) -> SearchFilter | None:
+    if not folder:
+        return None
+    path = Path(folder).expanduser().absolute()
+    if not path.is_dir():
+        raise ConfigError("--folder", f"{path} is not a directory")
+    return SearchFilter(path_prefix=str(path))
+
+
+def _check_output(path: Path | None, flag: str) -> None:
+    if path is not None and not path.absolute().parent.is_dir():
+        raise ConfigError(flag, f"directory {path.absolute().parent} does not exist")
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+# --- dedup -----------------------------------------------------------------------------------------------------
+
+
+def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.dedup import find_duplicates, tier_threshold
+
+    threshold = tier_threshold(args.tier, settings.dedup, args.threshold)
+    if args.yes and not args.delete:
+        raise ConfigError("--yes", "confirms --delete, which was not given")
+    for path, flag in ((args.csv, "--csv"), (args.html, "--html")):
+        _check_output(path, flag)
+    flt = _folder_filter(args.folder)
+    with _open_store(settings) as store:
+        report = find_duplicates(store, args.tier, threshold=threshold, filter=flt, block=settings.dedup.block_size)
+        _write_dedup_files(report, args, settings)
+        if args.move_to is None and not args.delete:
+            _print_dedup(report, None, args.json)
+            return EXIT_OK
+        return _act(report, args, store, flt)
+
+
+def _write_dedup_files(report: DedupReport, args: argparse.Namespace, settings: Settings) -> None:
+    if args.csv is not None:
+        _write_csv(report, args.csv)
+    if args.html is not None:
+        from indexer.report import dedup_page, write_page
+
+        write_page(args.html, dedup_page(report, settings.dedup.report_max_groups))
+
+
+def _act(report: DedupReport, args: argparse.Namespace, store: VectorStore, flt: SearchFilter | None) -> int:
+    """Print the dry-run summary, then (unless --delete lacks --yes) move or delete, file by file."""
+    from indexer.dedup import apply_plan, plan_actions
+
+    root = Path(flt.path_prefix) if flt is not None and flt.path_prefix else None
+    plan = plan_actions(report, move_to=args.move_to, delete=args.delete, root=root)
+    out = sys.stderr if args.json else sys.stdout
+    if not args.json:
+        _print_dedup(report, None, False)
+    _print_plan(plan, args, out)
+    if args.delete and not args.yes:
+        raise ConfigError("--delete", f"nothing was deleted: add --yes to delete the {len(plan.actions)} files above")
+    apply_plan(plan, store, on_each=lambda action, error: _print_done(action, error, out))
+    if args.json:
+        _print_dedup(report, plan, True)
+    else:
+        verb = "moved" if args.move_to is not None else "deleted"
+        print(f"{verb} {len(plan.done)} files, {len(plan.failed)} failed, {len(plan.skipped)} left alone", file=out)
+    return EXIT_FAILURES if plan.problems else EXIT_OK
+
+
+def _print_plan(plan: ActionPlan, args: argparse.Namespace, out: TextIO) -> None:
+    if args.move_to is not None:
+        head = f"dry run: move {len(plan.actions)} files ({_human_bytes(plan.bytes)}) to {args.move_to.absolute()}"
+    else:
+        head = f"dry run: delete {len(plan.actions)} files ({_human_bytes(plan.bytes)})"
+    print(f"{head}; keepers stay; {len(plan.skipped)} duplicates left alone", file=out)
+    for a in plan.actions:
+        print(f"  {a.kind} {a.item.path}" + (f" -> {a.target}" if a.target is not None else ""), file=out)
+    for s in plan.skipped:
+        print(f"  leave {s.path}: {s.reason}", file=out)
+    out.flush()
+
+
+def _print_done(action: Action, error: str | None, out: TextIO) -> None:
+    if error is not None:
+        print(f"skipping {action.item.path}: {error}", file=out)
+    elif action.kind == "move":
+        print(f"moved {action.item.path} -> {action.target}", file=out)
+    else:
+        print(f"deleted {action.item.path}", file=out)
+    out.flush()
+
+
+def _print_dedup(report: DedupReport, plan: ActionPlan | None, as_json: bool) -> None:
+    if as_json:
+        doc = report.as_dict() | ({"actions": plan.as_dict()} if plan is not None else {})
+        print(json.dumps(doc, indent=2))
+        return
+    what = "exact copies (same sha256)" if report.threshold is None else f"cosine >= {report.threshold:.3f}"
+    print(
+        f"{report.tier} tier, {what}: {len(report.groups)} groups, {report.duplicates} duplicates among "
+        f"{report.scanned} images ({_human_bytes(report.duplicate_bytes)} in duplicates)"
+    )
+    for group in report.groups:
+        k = group.keeper
+        print(f"\nkeep    {k.path}  {k.width}x{k.height}")
+        for m in group.members:
+            notes = ("  exact copy" if m.exact else "") + ("" if m.direct else "  (linked via another duplicate)")
+            print(f"  {m.score:.4f}  {m.item.path}  {m.item.width}x{m.item.height}{notes}")
+
+
+CSV_COLUMNS = ("group", "role", "path", "score", "exact", "direct", "width", "height", "size", "mtime", "sha256", "id")
+
+
+def _write_csv(report: DedupReport, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        for number, group in enumerate(report.groups, 1):
+            k = group.keeper
+            writer.writerow([number, "keeper", k.path, "", "", "", k.width, k.height, k.size, k.mtime, k.sha256, k.id])
+            for m in group.members:
+                it = m.item
+                row = [number, "duplicate", it.path, f"{m.score:.6f}", m.exact, m.direct, it.width, it.height]
+                writer.writerow([*row, it.size, it.mtime, it.sha256, it.id])
+    os.replace(partial, path)
+
+
+# --- cluster ---------------------------------------------------------------------------------------------------
+
+
+def cmd_cluster(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.cluster import cluster_store, resolve_k
+
+    k = resolve_k(args.k, args.auto, settings.cluster)
+    _check_output(args.html, "--html")
+    with _open_store(settings) as store:
+        report = cluster_store(store, settings.cluster, k=k)
+    if args.html is not None:
+        from indexer.report import cluster_page, write_page
+
+        write_page(args.html, cluster_page(report))
+    _print_clusters(report, args.json)
+    return EXIT_OK
+
+
+def _print_clusters(report: ClusterReport, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    how = f"k chosen by silhouette {report.silhouette:.3f}" if report.silhouette is not None else f"k = {report.k}"
+    print(f"{len(report.clusters)} clusters of {report.points} images ({how}); search one with --cluster ID")
+    for c in report.clusters:
+        print(f"cluster {c.id}: {c.size} images, e.g. " + ", ".join(c.representatives[:3]))
+
+
+# --- export and import -------------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.export import export_store
+
+    flt = _folder_filter(args.folder)
+    with _open_store(settings) as store:
+        written = export_store(store, args.output, filter=flt)
+    if args.json:
+        print(json.dumps({"exported": written, "output": str(args.output)}))
+    else:
+        print(f"exported {written} images to {args.output}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.export import import_file
+
+    with _open_store(settings) as store:
+        summary = import_file(store, args.file, optimize_after=settings.store.optimize_after)
+        location = store.location
+    if args.json:
+        print(json.dumps(summary.as_dict() | {"store": location}, indent=2))
+        return EXIT_OK
+    print(f"imported {summary.imported} images ({summary.model}, {summary.dim}-d) into {location}")
+    if summary.unverified:
+        print(
+            f"{len(summary.unverified)} files are missing or changed since they were embedded: "
+            "the next `indexer index` embeds them again"
+        )
+    return EXIT_OK

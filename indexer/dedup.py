@@ -1,0 +1,629 @@
+"""Duplicates in the store: three tiers, groups with a suggested keeper, and the explicit actions on them.
+
+    exact    same sha256: payload only, no vectors and no model
+    near     cosine >= dedup.near_threshold (crops, resizes, re-encodes); exact copies are near-duplicates too
+    similar  cosine >= dedup.similar_threshold (only when asked)
+
+Near and similar: the vectors are copied out of the store into a temporary file (`export.dump_vectors`), and one
+pass of blocked matrix products (``block x block`` scores at a time, never ``n x n``) lists every pair at or above
+the threshold, exactly: no approximate index can miss a pair. Union-find joins the pairs into groups. Memory: the
+ids, the union-find array and a few blocks; the temporary file (n x dim float32) is read through the page cache.
+
+Keeper: the highest resolution, then the oldest (mtime), then the first path. Every other member carries its cosine
+to the keeper. Groups are single-linkage, so a member joined only through another member can score below the
+threshold: it is reported with ``direct=False`` and the actions never touch it.
+
+Actions (`plan_actions`, `apply_plan`) move or delete the direct members, never the keeper, and only after checking
+that keeper and member are still the files that were indexed; a move never replaces an existing file. The store
+follows: a moved file's point is re-keyed to its new path with its vector kept, a deleted file's point is removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from indexer.errors import ConfigError, StoreError
+from indexer.export import VectorDump, VectorFile, dump_vectors
+from indexer.records import FileEntry, SearchFilter, StoredPoint
+from indexer.settings import DedupSettings
+
+if TYPE_CHECKING:
+    from indexer.store import VectorStore
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["exact", "near", "similar"]
+TIERS: tuple[Tier, ...] = ("exact", "near", "similar")
+DEFAULT_BLOCK = 4096
+
+
+# --- records ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A stored image as dedup sees it (from its payload)."""
+
+    id: str
+    path: str
+    sha256: str
+    width: int
+    height: int
+    mtime: float
+    size: int  # -1 when the payload has none
+    mtime_ns: int  # -1 when the payload has none
+
+    @classmethod
+    def from_point(cls, point: StoredPoint) -> Item:
+        p = point.payload
+        return cls(
+            id=point.id,
+            path=point.path,
+            sha256=str(p.get("sha256") or ""),
+            width=int(p.get("width") or 0),
+            height=int(p.get("height") or 0),
+            mtime=float(p.get("mtime") or 0.0),
+            size=_int_or(p.get("size"), -1),
+            mtime_ns=_int_or(p.get("mtime_ns"), -1),
+        )
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "path": self.path,
+            "sha256": self.sha256,
+            "width": self.width,
+            "height": self.height,
+            "size": self.size,
+            "mtime": self.mtime,
+        }
+
+
+def _int_or(value: Any, default: int) -> int:
+    return default if value is None else int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A duplicate of a group's keeper: its cosine to the keeper, whether it is a byte-identical copy, and
+    whether it is within the threshold of the keeper itself (``direct``) rather than only through another member."""
+
+    item: Item
+    score: float
+    exact: bool
+    direct: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.item.as_dict(), "score": round(self.score, 6), "exact": self.exact, "direct": self.direct}
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A keeper and its duplicates, best score first."""
+
+    keeper: Item
+    members: tuple[Member, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"keeper": self.keeper.as_dict(), "members": [m.as_dict() for m in self.members]}
+
+
+@dataclass(frozen=True, slots=True)
+class DedupReport:
+    """The groups of one tier over ``scanned`` stored images."""
+
+    tier: Tier
+    threshold: float | None  # None for the exact tier
+    scanned: int
+    groups: tuple[Group, ...]
+
+    @property
+    def duplicates(self) -> int:
+        return sum(len(g.members) for g in self.groups)
+
+    @property
+    def duplicate_bytes(self) -> int:
+        return sum(max(m.item.size, 0) for g in self.groups for m in g.members)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tier": self.tier,
+            "threshold": self.threshold,
+            "scanned": self.scanned,
+            "duplicates": self.duplicates,
+            "duplicate_bytes": self.duplicate_bytes,
+            "groups": [g.as_dict() for g in self.groups],
+        }
+
+
+def tier_threshold(tier: str, settings: DedupSettings, explicit: float | None = None) -> float | None:
+    """The cosine threshold of a tier (None for exact); ``explicit`` (``--threshold``) overrides it."""
+    if tier not in TIERS:
+        raise ConfigError("--tier", f"{tier!r} is not one of {', '.join(TIERS)}")
+    if tier == "exact":
+        if explicit is not None:
+            raise ConfigError("--threshold", "the exact tier compares sha256, not scores: drop --threshold")
+        return None
+    if explicit is not None and not -1.0 <= explicit <= 1.0:
+        raise ConfigError("--threshold", f"{explicit} is not a cosine score in [-1, 1]")
+    if explicit is not None:
+        return explicit
+    return settings.near_threshold if tier == "near" else settings.similar_threshold
+
+
+# --- finding groups --------------------------------------------------------------------------------------------
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 (path halving, union by size)."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+        self.size = [1] * n
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size[rb]
+
+    def union_pairs(self, left: npt.NDArray[np.int64], right: npt.NDArray[np.int64]) -> None:
+        for a, b in zip(left.tolist(), right.tolist(), strict=True):
+            self.union(a, b)
+
+    def components(self) -> list[list[int]]:
+        """Every set of two or more elements, each sorted, in order of its smallest element."""
+        sets: dict[int, list[int]] = {}
+        for x in range(len(self.parent)):
+            root = self.find(x)
+            if self.size[root] > 1:
+                sets.setdefault(root, []).append(x)
+        return list(sets.values())
+
+
+def neighbour_pairs(
+    matrix: VectorFile, threshold: float, block: int = DEFAULT_BLOCK
+) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """Every pair (i < j) of rows whose dot product is >= threshold, as index arrays, one block pair at a time.
+
+    Only the upper triangle of blocks is computed (n²/2 dot products), ``block x block`` scores at a time.
+    """
+    if block < 1:
+        raise ValueError(f"block must be positive, not {block}")
+    n = len(matrix)
+    for r0, rows in matrix.blocks(block):
+        for c0 in range(r0, n, block):
+            cols = rows if c0 == r0 else matrix.rows(c0, c0 + block)
+            pairs = _pairs_in_block(rows, cols, r0, c0, threshold)
+            if pairs is not None:
+                yield pairs
+
+
+def _pairs_in_block(
+    rows: npt.NDArray[np.float32], cols: npt.NDArray[np.float32], r0: int, c0: int, threshold: float
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+    scores = rows @ cols.T
+    if r0 == c0:
+        np.fill_diagonal(scores, -np.inf)  # a row and itself
+    # Row maxima first: most rows have no neighbour, and a max is much cheaper than a full nonzero().
+    hot = np.flatnonzero(scores.max(axis=1) >= threshold)
+    if hot.size == 0:
+        return None
+    i, j = np.nonzero(scores[hot] >= threshold)
+    left, right = (r0 + hot[i]).astype(np.int64), (c0 + j).astype(np.int64)
+    keep = left < right
+    return left[keep], right[keep]
+
+
+def choose_keeper(items: Sequence[Item]) -> Item:
+    """The highest resolution, then the oldest, then the first path."""
+    return min(items, key=lambda it: (-it.pixels, it.mtime, it.path))
+
+
+def find_duplicates(
+    store: VectorStore,
+    tier: Tier,
+    *,
+    threshold: float | None = None,
+    filter: SearchFilter | None = None,
+    block: int = DEFAULT_BLOCK,
+    workdir: Path | None = None,
+) -> DedupReport:
+    """The duplicate groups of one tier among the stored images (matching the filter).
+
+    ``threshold`` is required for near/similar (see `tier_threshold`). ``workdir`` holds the temporary vector
+    file (default: the system temp directory).
+    """
+    if store.model_info() is None:
+        raise StoreError(f"the store {store.location} is empty: run `indexer index PATH` first")
+    if tier == "exact":
+        scanned, components = _sha_components(store, filter)
+        groups = [_exact_group(points) for points in _retrieve_all(store, components)]
+        return _report(tier, None, scanned, groups)
+    if threshold is None:
+        raise ValueError("near and similar tiers need a threshold")
+    with tempfile.TemporaryDirectory(prefix="indexer-dedup-", dir=workdir) as tmp:
+        dump = dump_vectors(store, Path(tmp), filter=filter)
+        index_groups = _vector_components(dump, threshold, block)
+        groups = _scored_groups(store, dump, index_groups, threshold)
+    return _report(tier, threshold, len(dump.ids), groups)
+
+
+def _report(tier: Tier, threshold: float | None, scanned: int, groups: list[Group]) -> DedupReport:
+    report = DedupReport(
+        tier, threshold, scanned, tuple(sorted(groups, key=lambda g: (-len(g.members), g.keeper.path)))
+    )
+    log.info("%s tier: %d groups, %d duplicates among %d images", tier, len(groups), report.duplicates, scanned)
+    return report
+
+
+def _sha_components(store: VectorStore, flt: SearchFilter | None) -> tuple[int, list[list[str]]]:
+    """(points scanned, ids grouped by sha256 for every hash held by two points or more); payload only."""
+    first: dict[str, str] = {}
+    dupes: dict[str, list[str]] = {}
+    scanned = 0
+    for point in store.scroll(filter=flt):
+        scanned += 1
+        sha = str(point.payload.get("sha256") or "")
+        if not sha:
+            continue
+        if sha in first:
+            dupes.setdefault(sha, [first[sha]]).append(point.id)
+        else:
+            first[sha] = point.id
+    return scanned, list(dupes.values())
+
+
+def _retrieve_all(store: VectorStore, components: list[list[str]]) -> Iterator[list[StoredPoint]]:
+    """The stored points of each component (those still in the store), two or more per component."""
+    found = {p.id: p for p in store.retrieve([i for comp in components for i in comp])}
+    for comp in components:
+        points = [found[i] for i in comp if i in found]
+        if len(points) > 1:
+            yield points
+
+
+def _exact_group(points: list[StoredPoint]) -> Group:
+    items = [Item.from_point(p) for p in points]
+    keeper = choose_keeper(items)
+    members = [Member(it, 1.0, True, True) for it in sorted(items, key=lambda it: it.path) if it is not keeper]
+    return Group(keeper, tuple(members))
+
+
+def _vector_components(dump: VectorDump, threshold: float, block: int) -> list[list[int]]:
+    """Row indices grouped by union-find over the pairs at or above threshold (and over equal sha256s)."""
+    uf = UnionFind(len(dump.ids))
+    first: dict[str, int] = {}
+    for index, sha in enumerate(dump.sha256s):
+        if sha:
+            uf.union(first.setdefault(sha, index), index)
+    pairs = 0
+    for left, right in neighbour_pairs(dump.matrix, threshold, block):
+        uf.union_pairs(left, right)
+        pairs += len(left)
+    log.info("%d pairs at cosine >= %.3f among %d vectors", pairs, threshold, len(dump.ids))
+    return uf.components()
+
+
+def _scored_groups(store: VectorStore, dump: VectorDump, components: list[list[int]], threshold: float) -> list[Group]:
+    found = {p.id: Item.from_point(p) for p in store.retrieve([dump.ids[i] for c in components for i in c])}
+    groups = []
+    for comp in components:
+        rows = [i for i in comp if dump.ids[i] in found]
+        if len(rows) > 1:
+            groups.append(_scored_group([found[dump.ids[i]] for i in rows], dump.matrix.take(rows), threshold))
+    return groups
+
+
+def _scored_group(items: list[Item], vectors: npt.NDArray[np.float32], threshold: float) -> Group:
+    keeper_at = items.index(choose_keeper(items))
+    keeper = items[keeper_at]
+    scores = (vectors @ vectors[keeper_at]).tolist()
+    members = []
+    for item, score in zip(items, scores, strict=True):
+        if item is not keeper:
+            exact = bool(item.sha256) and item.sha256 == keeper.sha256
+            members.append(Member(item, float(score), exact, exact or score >= threshold))
+    members.sort(key=lambda m: (-m.score, m.item.path))
+    return Group(keeper, tuple(members))
+
+
+# --- actions ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """Move (to ``target``) or delete one duplicate; its keeper stays."""
+
+    kind: Literal["move", "delete"]
+    item: Item
+    keeper: Item
+    score: float
+    target: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"action": self.kind, "path": self.item.path, "keeper": self.keeper.path, "score": round(self.score, 6)}
+        return out | ({"to": str(self.target)} if self.target is not None else {})
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A duplicate that is left alone, and why. ``problem``: it was meant to be acted on but could not be (missing,
+    changed since indexed, its keeper gone...), as opposed to left alone by design (linked only through another
+    member, a symbolic link, a hard link of its keeper)."""
+
+    path: str
+    reason: str
+    problem: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "reason": self.reason, "problem": self.problem}
+
+
+@dataclass(slots=True)
+class ActionPlan:
+    """What an action run will do (the dry-run summary) and, once applied, what it did."""
+
+    actions: list[Action] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    done: list[Action] = field(default_factory=list)
+    failed: list[Skipped] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(max(a.item.size, 0) for a in self.actions)
+
+    @property
+    def problems(self) -> int:
+        """Duplicates that were meant to be acted on but could not be (the run exits 1)."""
+        return len(self.failed) + sum(s.problem for s in self.skipped)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "planned": [a.as_dict() for a in self.actions],
+            "skipped": [s.as_dict() for s in self.skipped],
+            "done": [a.as_dict() for a in self.done],
+            "failed": [f.as_dict() for f in self.failed],
+        }
+
+
+def common_root(report: DedupReport) -> Path:
+    """The deepest directory holding every file of the report's groups."""
+    parents = {str(Path(it.path).parent) for g in report.groups for it in (g.keeper, *(m.item for m in g.members))}
+    return Path(os.path.commonpath(sorted(parents))) if parents else Path("/")
+
+
+def plan_actions(
+    report: DedupReport, *, move_to: Path | None = None, delete: bool = False, root: Path | None = None
+) -> ActionPlan:
+    """Decide what to move (under ``move_to``, keeping paths relative to ``root``) or delete, file by file.
+
+    Raises ConfigError, before anything is done, when a destination exists already.
+    """
+    if (move_to is None) == (not delete):
+        raise ConfigError("--move-to/--delete", "give exactly one of --move-to DIR and --delete")
+    target_root = None if move_to is None else Path(move_to).expanduser().absolute()
+    if target_root is not None and target_root.exists() and not target_root.is_dir():
+        raise ConfigError("--move-to", f"{target_root} is not a directory")
+    base = root or common_root(report)
+    plan = ActionPlan()
+    for group in report.groups:
+        _plan_group(group, plan, target_root, base)
+    _refuse_existing_targets(plan)
+    return plan
+
+
+def _plan_group(group: Group, plan: ActionPlan, target_root: Path | None, base: Path) -> None:
+    keeper_problem = _keeper_problem(group.keeper)
+    for member in group.members:
+        by_design = _left_alone(member, group.keeper)
+        problem = None if by_design else keeper_problem or _file_problem(member.item)
+        if by_design or problem:
+            plan.skipped.append(Skipped(member.item.path, by_design or problem or "", problem=not by_design))
+            continue
+        target = None if target_root is None else _target(member.item.path, target_root, base)
+        kind: Literal["move", "delete"] = "delete" if target is None else "move"
+        plan.actions.append(Action(kind, member.item, group.keeper, member.score, target))
+
+
+def _target(path: str, target_root: Path, base: Path) -> Path:
+    try:
+        relative = Path(path).relative_to(base)
+    except ValueError:
+        relative = Path(path).relative_to(Path(path).anchor)
+    return target_root / relative
+
+
+def _refuse_existing_targets(plan: ActionPlan) -> None:
+    taken = [str(a.target) for a in plan.actions if a.target is not None and os.path.lexists(a.target)]
+    if taken:
+        shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+        raise ConfigError("--move-to", f"destination exists already: {shown}; nothing was moved")
+
+
+def _keeper_problem(keeper: Item) -> str | None:
+    """Why the keeper cannot vouch for its duplicates (gone, or not what was indexed), or None."""
+    try:
+        st = os.stat(keeper.path)
+    except OSError as exc:
+        return f"its keeper {keeper.path} is missing ({exc.strerror or exc})"
+    if (st.st_size, st.st_mtime_ns) != (keeper.size, keeper.mtime_ns):
+        return f"its keeper {keeper.path} changed since it was indexed (run `indexer index` first)"
+    return None
+
+
+def _left_alone(member: Member, keeper: Item) -> str | None:
+    """Why this duplicate is not for the actions at all, or None."""
+    if not member.direct:
+        return f"joined only through another duplicate (cosine {member.score:.4f} to the keeper): left alone"
+    if os.path.islink(member.item.path):
+        return "is a symbolic link: left alone"
+    return _same_file_problem(member.item, keeper)
+
+
+def _file_problem(item: Item) -> str | None:
+    try:
+        st = os.lstat(item.path)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if (st.st_size, st.st_mtime_ns) != (item.size, item.mtime_ns):
+        return "changed since it was indexed (run `indexer index` first)"
+    return None
+
+
+def _same_file_problem(item: Item, keeper: Item) -> str | None:
+    try:
+        same = os.path.samefile(item.path, keeper.path)
+    except OSError:
+        same = False
+    return "is the same file as its keeper (a hard link): left alone" if same else None
+
+
+Progress = Callable[[Action, str | None], None]
+
+
+def apply_plan(plan: ActionPlan, store: VectorStore, on_each: Progress | None = None) -> ActionPlan:
+    """Carry the plan out, file by file, re-checking each file first; the store follows every change.
+
+    ``on_each(action, error)`` is called after each file (error None when it was done). A file that cannot be
+    moved or deleted is recorded in ``plan.failed`` and the rest goes on.
+    """
+    from indexer.pipeline import move_point
+
+    for action in plan.actions:
+        error = _recheck(action) or _apply_one(action, store, move_point)
+        if error is None:
+            plan.done.append(action)
+        else:
+            plan.failed.append(Skipped(action.item.path, error))
+            log.warning("skipping %s: %s", action.item.path, error)
+        if on_each is not None:
+            on_each(action, error)
+    store.flush()
+    return plan
+
+
+def _recheck(action: Action) -> str | None:
+    return (
+        _keeper_problem(action.keeper) or _file_problem(action.item) or _same_file_problem(action.item, action.keeper)
+    )
+
+
+def _apply_one(action: Action, store: VectorStore, move_point: Callable[..., None]) -> str | None:
+    """Move or delete one file, then make the store follow; an OSError reason when the file could not be."""
+    source = Path(action.item.path)
+    try:
+        if action.kind == "delete":
+            os.unlink(source)
+        else:
+            assert action.target is not None
+            move_file(source, action.target)
+    except FileExistsError:
+        return f"destination {action.target} appeared meanwhile: left in place"
+    except OSError as exc:
+        return f"{exc.strerror or exc}"
+    _follow(action, store, move_point)
+    return None
+
+
+def _follow(action: Action, store: VectorStore, move_point: Callable[..., None]) -> None:
+    """The store follows the file: a moved point keeps its vector under the new path, a deleted one leaves."""
+    done = f"deleted {action.item.path}" if action.target is None else f"moved {action.item.path} -> {action.target}"
+    try:
+        if action.target is None:
+            store.delete([action.item.id])
+        else:
+            st = os.stat(action.target)
+            old = StoredPoint(action.item.id, {"path": action.item.path})
+            move_point(store, old, FileEntry(action.target, st.st_size, st.st_mtime_ns))
+    except (StoreError, RuntimeError, OSError) as exc:
+        raise StoreError(
+            f"{done}, but the store could not follow ({exc}): run `indexer index` on the folder to catch up"
+        ) from exc
+
+
+# Errors of os.link that mean "no hard link here" (another filesystem, or links unsupported or not allowed).
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
+
+
+def move_file(source: Path, target: Path) -> None:
+    """Move a file without ever replacing one: FileExistsError if ``target`` exists.
+
+    On one filesystem: a hard link at the target, then the source name is removed. Across filesystems: a copy
+    (data, mode, times) under a temporary name beside the target, fsynced, published without replacing, and only
+    then the source removed. A crash at any point leaves the file under one name or both, never none.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        _copy_and_publish(source, target)
+    os.unlink(source)
+
+
+def _copy_and_publish(source: Path, target: Path) -> None:
+    partial = target.with_name(f".{target.name}.indexer-partial")
+    try:
+        shutil.copy2(source, partial)
+        if os.path.getsize(partial) != os.path.getsize(source):
+            raise OSError(errno.EIO, f"copy of {source} is incomplete")
+        _fsync(partial)
+        _publish(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(partial: Path, target: Path) -> None:
+    """Give the finished copy its name, refusing to replace anything."""
+    try:
+        os.link(partial, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        if os.path.lexists(target):  # no hard links on this filesystem: check, then rename
+            raise FileExistsError(errno.EEXIST, "destination exists", str(target)) from None
+        os.rename(partial, target)
