@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from indexer.model import LazyModel
-from indexer.pipeline import run_embed
-from indexer.settings import load_settings
+# torch and the pipeline are imported inside the functions: decode workers start by importing this __main__
+# module (forkserver preload), and the real CLI's __main__ does not import torch either.
 
 CACHE = Path(__file__).parent / "data" / "jpeg-12mp"
 
@@ -46,6 +44,7 @@ def make_photos(folder: Path, count: int, size: tuple[int, int] = (4000, 3000)) 
 def baseline(paths: list[Path], model_name: str, batch: int) -> tuple[float, np.ndarray]:
     """The sequential reference: full decode, open_clip preprocess, fp32 forward; returns (seconds, vectors)."""
     import open_clip
+    import torch
 
     net, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
     net.eval()
@@ -58,11 +57,14 @@ def baseline(paths: list[Path], model_name: str, batch: int) -> tuple[float, np.
     return time.perf_counter() - start, np.concatenate(out)
 
 
-def indexer_embed(folder: Path, model_name: str, batch: int) -> tuple[float, int]:
+def indexer_embed(folder: Path, model_name: str, batch: int, dtype: str, workers: int) -> tuple[float, int]:
     """The real pipeline, model built beforehand; returns (seconds, images embedded)."""
-    settings = load_settings(
-        None, {"model": {"name": model_name, "pretrained": "none", "device": "cpu", "batch_size": batch}}
-    )
+    from indexer.model import LazyModel
+    from indexer.pipeline import run_embed
+    from indexer.settings import load_settings
+
+    model_settings = {"name": model_name, "pretrained": "none", "device": "cpu", "batch_size": batch, "dtype": dtype}
+    settings = load_settings(None, {"model": model_settings, "decode": {"workers": workers}})
     model = LazyModel(settings.model)
     model.get()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,10 +74,14 @@ def indexer_embed(folder: Path, model_name: str, batch: int) -> tuple[float, int
 
 
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--dtype", default="auto", help="the indexer's model dtype (auto: its own choice)")
+    parser.add_argument("--workers", type=int, default=0, help="decode workers (0: the indexer's default)")
     args = parser.parse_args()
     folder = CACHE
     paths = make_photos(folder, args.count)
@@ -83,7 +89,7 @@ def main() -> None:
         f"{len(paths)} JPEGs of 4000x3000 in {folder}; model {args.model} (random weights); "
         f"torch threads {torch.get_num_threads()}"
     )
-    ours_s, n = indexer_embed(folder, args.model, args.batch)
+    ours_s, n = indexer_embed(folder, args.model, args.batch, args.dtype, args.workers)
     base_s, _ = baseline(paths, args.model, args.batch)
     print(f"baseline (sequential, full decode, fp32): {len(paths) / base_s:7.2f} images/s  ({base_s:.1f} s)")
     print(f"indexer embed:                            {n / ours_s:7.2f} images/s  ({ours_s:.1f} s)")

@@ -72,7 +72,7 @@ for _plugin in ("Bmp", "Gif", "Png", "Tiff", "WebP", "Avif"):
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _RESIZE_MODES = ("shortest", "squash")
-_DRAFT_MIN_SHORT = 2  # after a JPEG draft the shortest side stays >= this many times image_size
+_DRAFT_MIN_SHORT = 1  # after a JPEG draft the shortest side stays >= image_size (DCT scaling is a box filter)
 _EXACT_RESIZE_MAX_ASPECT = 16  # beyond this aspect ratio resize only the crop box (bounded memory)
 _TRANSPOSE = {  # EXIF orientation → transpose, as ImageOps.exif_transpose does it
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -430,14 +430,24 @@ def decode_file(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decod
 # ---------------------------------------------------------------------------------------------------
 # The worker pool
 
+WORKER_NICENESS = 10
 _crash_on: list[str] = []  # test hook, filled by _init_worker in worker processes only
 
 
 def _init_worker(crash_on: str | None) -> None:
     """Worker start-up: leave Ctrl-C to the parent; arm the test-only crash hook."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _lower_priority()
     if crash_on:
         _crash_on.append(crash_on)
+
+
+def _lower_priority() -> None:
+    """Decode workers yield the CPU to the model's threads: a multi-threaded matrix product that loses one
+    thread to a decoder waits for it at every barrier, so sharing the cores evenly is slower than letting
+    the decoders fill the gaps (measured on 2 cores: see bench/README.md)."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
 
 
 def _decode_in_worker(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decoded | Failure:

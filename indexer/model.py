@@ -11,10 +11,13 @@ the Hugging Face cache (``HF_HOME``, or ``model.dir`` used as the cache director
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +185,11 @@ def load_model(settings: ModelSettings) -> ClipModel:
 
 def _load(source: ModelSource, settings: ModelSettings) -> ClipModel:
     device = resolve_device(settings.device)
-    dtype = choose_dtype(device, settings.dtype)
-    net = _build(source, device, dtype)
+    chosen = choose_dtype(device, settings.dtype)
+    net = _build(source, device, chosen or torch.float32)
+    dtype = chosen or calibrate_cpu_dtype(net, source.model_id)
+    if dtype != torch.float32 and chosen is None:
+        net = net.to(dtype)
     batch = settings.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
     log.info("model %s on %s (%s), batch %d", source.model_id, device, str(dtype).removeprefix("torch."), batch)
     return ClipModel(net, source, device, dtype, batch)
@@ -201,18 +207,98 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def choose_dtype(device: torch.device, requested: str) -> torch.dtype:
-    """GPU: bf16 where supported, else fp16. CPU: bf16 where the CPU computes it natively, else fp32.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    fp16 on a CPU is emulated and slow, so ``auto`` never picks it there. bf16 vectors stay within cosine 0.999 of
-    fp32 (tests/test_model.py checks it), and ran about 2x faster than fp32 on a 2-core AVX512-BF16 Xeon.
+
+def choose_dtype(device: torch.device, requested: str) -> torch.dtype | None:
+    """GPU: bf16 where supported, else fp16. CPU: fp32, or None — "measure it" — where the CPU has native bf16.
+
+    fp16 on a CPU is emulated and slow, so ``auto`` never picks it there. Whether bf16 beats fp32 on a CPU depends
+    on the CPU *and* the torch build (on one 2-core AVX512-BF16 Xeon bf16 ran 2x faster with one build and 1.5x
+    slower with another), so it is measured once per model, torch and CPU: see :func:`calibrate_cpu_dtype`.
     """
-    explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if requested in explicit:
-        return explicit[requested]
+    if requested in DTYPES:
+        return DTYPES[requested]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return None if cpu_has_native_bf16() else torch.float32
+
+
+def calibrate_cpu_dtype(net: Any, model_id: str, cache: Path | None = None) -> torch.dtype:
+    """The faster of fp32 and bf16 for ``net`` on this CPU, among those whose image vectors keep cosine ≥ 0.999
+    to fp32. Measured once (a warm-up and a timed forward of two images each) and remembered in ``cache``."""
+    cache = cache or dtype_cache_file()
+    key = f"{model_id} | torch {torch.__version__} | {cpu_name()} | {torch.get_num_threads()} threads"
+    remembered = _read_json(cache).get(key)
+    if remembered in DTYPES:
+        return DTYPES[remembered]
+    size = _image_size(net)
+    probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    fp32_s, fp32_v = forward_seconds(net, probe)
+    low = copy.deepcopy(net).to(torch.bfloat16)
+    bf16_s, bf16_v = forward_seconds(low, probe.to(torch.bfloat16))
+    del low
+    cosine = float(F.cosine_similarity(fp32_v.float(), bf16_v.float()).min())
+    name = "bf16" if cosine >= 0.999 and bf16_s < 0.9 * fp32_s else "fp32"
+    log.info(
+        "CPU dtype for %s: fp32 %.0f ms, bf16 %.0f ms per image (cosine %.5f) → %s (remembered in %s)",
+        model_id,
+        fp32_s * 500,
+        bf16_s * 500,
+        cosine,
+        name,
+        cache,
+    )
+    _write_json(cache, {**_read_json(cache), key: name})
+    return DTYPES[name]
+
+
+@torch.inference_mode()
+def forward_seconds(net: Any, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Seconds for one forward pass of the image tower after a warm-up pass, and its output."""
+    net.encode_image(images)
+    start = time.perf_counter()
+    out: torch.Tensor = net.encode_image(images)
+    return time.perf_counter() - start, out
+
+
+def _image_size(net: Any) -> int:
+    size = net.visual.image_size
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def dtype_cache_file() -> Path:
+    """``$XDG_CACHE_HOME/indexer/cpu-dtype.json`` (``~/.cache/indexer/cpu-dtype.json`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "indexer" / "cpu-dtype.json"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.machine()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Best effort (a read-only home just means measuring again next time), atomic."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -374,10 +460,9 @@ def _build(source: ModelSource, device: torch.device, dtype: torch.dtype) -> Any
 
 
 def _preprocess_spec(pp: dict[str, Any], net: Any) -> PreprocessSpec:
-    size = net.visual.image_size
     default = PreprocessSpec()
     return PreprocessSpec(
-        image_size=int(size[0] if isinstance(size, tuple | list) else size),
+        image_size=_image_size(net),
         mean=tuple(pp.get("mean", default.mean)),  # type: ignore[arg-type]
         std=tuple(pp.get("std", default.std)),  # type: ignore[arg-type]
         interpolation=str(pp.get("interpolation", default.interpolation)),

@@ -11,6 +11,7 @@ import torch
 from indexer.errors import ConfigError, WeightsNotFoundError
 from indexer.model import (
     ClipModel,
+    calibrate_cpu_dtype,
     choose_dtype,
     encode_text_until_eot,
     find_pretrained_weights,
@@ -83,13 +84,56 @@ def test_dtype_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert choose_dtype(cpu, "fp32") == torch.float32 and choose_dtype(cpu, "fp16") == torch.float16
     monkeypatch.setattr("indexer.model.cpu_has_native_bf16", lambda: True)
-    assert choose_dtype(cpu, "auto") == torch.bfloat16
+    assert choose_dtype(cpu, "auto") is None  # measured: see the calibration tests
     monkeypatch.setattr("indexer.model.cpu_has_native_bf16", lambda: False)
     assert choose_dtype(cpu, "auto") == torch.float32  # never fp16 on a CPU
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert choose_dtype(torch.device("cuda"), "auto") == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert choose_dtype(torch.device("cuda"), "auto") == torch.bfloat16
+
+
+def test_cpu_dtype_calibration_picks_the_faster_dtype_and_remembers_it(
+    shapes_clip: ClipModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from indexer import model as model_module
+
+    real = model_module.forward_seconds
+    calls: list[torch.dtype] = []
+
+    def bf16_twice_as_fast(net: object, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+        _seconds, out = real(net, images)
+        calls.append(images.dtype)
+        return (0.1 if images.dtype == torch.bfloat16 else 0.2), out
+
+    monkeypatch.setattr(model_module, "forward_seconds", bf16_twice_as_fast)
+    cache = tmp_path / "dtype.json"
+    assert calibrate_cpu_dtype(shapes_clip.net, "m1", cache) == torch.bfloat16
+    assert calls == [torch.float32, torch.bfloat16] and "m1 | torch" in cache.read_text()
+    assert calibrate_cpu_dtype(shapes_clip.net, "m1", cache) == torch.bfloat16  # remembered: no new timing
+    assert len(calls) == 2
+    monkeypatch.setattr(
+        model_module, "forward_seconds", lambda n, i: (0.2 if i.dtype == torch.bfloat16 else 0.1, real(n, i)[1])
+    )
+    assert calibrate_cpu_dtype(shapes_clip.net, "m2", cache) == torch.float32
+    assert next(shapes_clip.net.parameters()).dtype == torch.float32  # the model itself is left as it was
+
+
+def test_cpu_dtype_calibration_refuses_bf16_that_changes_the_vectors(
+    shapes_clip: ClipModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from indexer import model as model_module
+
+    real = model_module.forward_seconds
+
+    def fast_but_wrong(net: object, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+        _seconds, out = real(net, images)
+        if images.dtype == torch.bfloat16:
+            return 0.01, torch.flip(out, dims=[0])  # vectors of the wrong images
+        return 1.0, out
+
+    monkeypatch.setattr(model_module, "forward_seconds", fast_but_wrong)
+    assert calibrate_cpu_dtype(shapes_clip.net, "m3", tmp_path / "d.json") == torch.float32
 
 
 def test_cuda_oom_halves_the_batch_and_keeps_order(shapes_clip: ClipModel, monkeypatch: pytest.MonkeyPatch) -> None:
