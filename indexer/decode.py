@@ -242,7 +242,7 @@ def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
 
 def draft_scale(width: int, height: int, image_size: int) -> int:
     """The JPEG DCT scale (1, 2, 4 or 8) to decode at: the largest that keeps the shortest side
-    at least 2 × image_size. Orientation does not matter: a rotation does not change the shortest side."""
+    at least image_size. Orientation does not matter: a rotation does not change the shortest side."""
     short = min(width, height)
     for scale in (8, 4, 2):
         if short // scale >= _DRAFT_MIN_SHORT * image_size:

@@ -191,11 +191,13 @@ def test_exif_orientation(tmp_path: Path, orientation: int, size: tuple[int, int
 
 
 def test_draft_scale_rule() -> None:
-    assert draft_scale(4000, 3000, 224) == 4  # 3000 // 4 = 750 >= 448, 3000 // 8 = 375 < 448
-    assert draft_scale(3000, 4000, 224) == 4
-    assert draft_scale(3584, 4000, 224) == 8
-    assert draft_scale(896, 5000, 224) == 2
-    assert draft_scale(895, 5000, 224) == 1
+    # The largest DCT scale that keeps the shortest side >= image_size.
+    assert draft_scale(4000, 3000, 224) == 8  # 3000 // 8 = 375 >= 224
+    assert draft_scale(3000, 4000, 224) == 8
+    assert draft_scale(1792, 4000, 224) == 8
+    assert draft_scale(1791, 4000, 224) == 4  # 1791 // 8 = 223 < 224, // 4 = 447
+    assert draft_scale(448, 5000, 224) == 2
+    assert draft_scale(447, 5000, 224) == 1
     assert draft_scale(100, 100, 224) == 1
 
 
@@ -205,7 +207,7 @@ def test_draft_reduces_decode_and_keeps_quality(tmp_path: Path) -> None:
     drafted = load_image(data, LIMITS, draft_to=SPEC.image_size)
     full = load_image(data, LIMITS)
     assert full.image.size == (4000, 3000)
-    assert drafted.image.size == (1000, 750)  # DCT scale 1/4: shortest side 750 >= 2 x 224
+    assert drafted.image.size == (500, 375)  # DCT scale 1/8: shortest side 375 >= 224
     assert (drafted.width, drafted.height) == (full.width, full.height) == (4000, 3000)
     cos = _cosine(_normalized(preprocess(drafted.image, SPEC), SPEC), _normalized(preprocess(full.image, SPEC), SPEC))
     assert cos >= 0.999
@@ -217,7 +219,7 @@ def test_draft_reduces_decode_and_keeps_quality(tmp_path: Path) -> None:
 def test_draft_with_rotation_reports_original_displayed_size(tmp_path: Path) -> None:
     path = _save(tmp_path / "rot.jpg", _marked(2000, 1000, 200), "JPEG", quality=90, exif=_exif(6))
     drafted = load_image(path.read_bytes(), LIMITS, draft_to=224)
-    assert drafted.image.size == (500, 1000)  # stored 2000x1000 at 1/2, then rotated
+    assert drafted.image.size == (250, 500)  # stored 2000x1000 at 1/4, then rotated
     assert (drafted.width, drafted.height) == (1000, 2000)
     assert _is_red(_corner(drafted.image, "top-right"))
     meta = _ok(decode_file(path, SPEC, LIMITS)).meta
