@@ -10,6 +10,6 @@ fi
 stamp=.venv/.indexer-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,test]'
+  .venv/bin/python -m pip install -q -e '.[dev,test,heif]'
   touch "$stamp"
 fi
