@@ -14,7 +14,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -33,12 +32,10 @@ from indexer.errors import ConfigError
 from indexer.records import StoredPoint, point_id
 from indexer.settings import ServeSettings
 from indexer.store import EdgeStore
-from tests.conftest import SHAPES_MODEL
+from tests.clirun import INDEXER, MODEL, run
 from tests.fixtures.shapes import write_dataset
 from tests.live_server import OLD_MTIME, Corpus, class_of, make_corpus, serve
 
-INDEXER = str(Path(sys.executable).parent / "indexer")
-MODEL = ["--model", str(SHAPES_MODEL), "--device", "cpu"]
 UPLOAD_MB = 1.0
 
 
@@ -418,13 +415,6 @@ def test_page_is_self_contained(client: httpx.Client) -> None:
 
 
 # --- the real console script ----------------------------------------------------------------------------------
-
-
-def run(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([INDEXER, *args], capture_output=True, text=True, timeout=300)
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.badfiles import write_bad_corpus
-from tests.conftest import SHAPES_MODEL
+from tests.clirun import INDEXER, MODEL, run, run_json
 from tests.fixtures.shapes import write_dataset
-
-INDEXER = str(Path(sys.executable).parent / "indexer")
-MODEL = ["--model", str(SHAPES_MODEL), "--device", "cpu"]
-
-
-def run(*args: str, check: int | None = 0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [INDEXER, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
-    )
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
-
-
-def run_json(*args: str, check: int | None = 0) -> Any:
-    return json.loads(run(*args, "--json", check=check).stdout)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,7 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,22 +16,9 @@ from indexer.pipeline import run_index
 from indexer.records import SearchFilter, StoredPoint, point_id
 from indexer.settings import ClusterSettings
 from indexer.store import EdgeStore
-from tests.conftest import SHAPES_MODEL, shapes_settings
+from tests.clirun import MODEL, run, run_json
+from tests.conftest import shapes_settings
 from tests.fixtures.shapes import class_of, write_dataset
-
-INDEXER = str(Path(sys.executable).parent / "indexer")
-MODEL = ["--model", str(SHAPES_MODEL), "--device", "cpu"]
-
-
-def run(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([INDEXER, *args], capture_output=True, text=True, timeout=300)
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
-
-
-def run_json(*args: str) -> Any:
-    return json.loads(run(*args, "--json").stdout)
 
 
 @pytest.fixture(scope="module")

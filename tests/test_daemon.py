@@ -12,7 +12,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,11 +21,9 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from tests.conftest import SHAPES_MODEL
+from tests.clirun import INDEXER, MODEL
 from tests.fixtures.shapes import draw_shape, write_dataset
 
-INDEXER = str(Path(sys.executable).parent / "indexer")
-MODEL = ["--model", str(SHAPES_MODEL), "--device", "cpu"]
 BASE_ENV = {
     "INDEXER_WATCH__STABLE_SECONDS": "0.3",
     "INDEXER_WATCH__RESCAN_INTERVAL": "0",  # events must do the work, not a periodic rescan

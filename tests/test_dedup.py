@@ -15,8 +15,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +41,9 @@ from indexer.pipeline import run_index
 from indexer.records import StoredPoint, dirs_of, point_id
 from indexer.settings import DedupSettings
 from indexer.store import EdgeStore
-from tests.conftest import SHAPES_MODEL, shapes_settings
+from tests.clirun import MODEL, run
+from tests.conftest import shapes_settings
 from tests.fixtures.shapes import CLASSES, draw_shape
-
-INDEXER = str(Path(sys.executable).parent / "indexer")
-MODEL = ["--model", str(SHAPES_MODEL), "--device", "cpu"]
 
 # One base image per class, drawn with seeds [SEED, class index, VARIANT[class index]].
 SEED = 1234
@@ -122,13 +118,6 @@ NEAR = {
     "green-square": {"green-copy"},
 }
 SIMILAR = {**NEAR, "yellow-circle": {"yellow-other"}}
-
-
-def run(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([INDEXER, *args], capture_output=True, text=True, timeout=300)
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
 
 
 def groups_by_name(doc: dict[str, Any], files: dict[str, Path]) -> dict[str, set[str]]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,21 +24,9 @@ from indexer.pipeline import run_embed, run_index
 from indexer.records import RunSummary, StoredPoint
 from indexer.settings import ClusterSettings
 from indexer.store import EdgeStore, QdrantServerStore, VectorStore
+from tests.clirun import run, run_json
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
-
-INDEXER = str(Path(sys.executable).parent / "indexer")
-
-
-def run(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([INDEXER, *args], capture_output=True, text=True, timeout=300)
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
-
-
-def run_json(*args: str) -> Any:
-    return json.loads(run(*args, "--json").stdout)
 
 
 @pytest.fixture(scope="module")
