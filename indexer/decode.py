@@ -119,16 +119,25 @@ def hash_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _stat(path: Path, limits: DecodeLimits) -> os.stat_result:
-    """Stat a file and reject what cannot be an acceptable image before reading any byte."""
+@contextlib.contextmanager
+def _os_errors(other: str) -> Iterator[None]:
+    """Turn the OS errors of touching one file into a short reason (``other``: the prefix for the rest)."""
     try:
-        st = os.stat(path)
+        yield
     except FileNotFoundError:
         raise _Unusable("file vanished before it could be read") from None
     except PermissionError:
         raise _Unusable("permission denied") from None
+    except IsADirectoryError:
+        raise _Unusable("is a directory") from None
     except OSError as exc:
-        raise _Unusable(f"cannot stat file: {exc.strerror or exc}") from None
+        raise _Unusable(f"{other}: {exc.strerror or exc}") from None
+
+
+def _stat(path: Path, limits: DecodeLimits) -> os.stat_result:
+    """Stat a file and reject what cannot be an acceptable image before reading any byte."""
+    with _os_errors("cannot stat file"):
+        st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
         raise _Unusable("is a directory")
     if not stat.S_ISREG(st.st_mode):
@@ -147,18 +156,9 @@ def _check_file_size(size: int, limits: DecodeLimits) -> None:
 def _read(path: Path, limits: DecodeLimits) -> tuple[bytes, os.stat_result]:
     """Read a file's bytes once; returns them with the stat taken before reading."""
     st = _stat(path, limits)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limits.max_file_bytes + 1)
-            after = os.fstat(f.fileno())
-    except FileNotFoundError:
-        raise _Unusable("file vanished before it could be read") from None
-    except PermissionError:
-        raise _Unusable("permission denied") from None
-    except IsADirectoryError:
-        raise _Unusable("is a directory") from None
-    except OSError as exc:
-        raise _Unusable(f"read error: {exc.strerror or exc}") from None
+    with _os_errors("read error"), open(path, "rb") as f:
+        data = f.read(limits.max_file_bytes + 1)
+        after = os.fstat(f.fileno())
     _check_file_size(len(data), limits)
     same = (after.st_ino, after.st_dev, after.st_size, after.st_mtime_ns) == (
         st.st_ino,
