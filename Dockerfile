@@ -1,7 +1,7 @@
 # The indexer image: `indexer` is the entrypoint (watch, serve, index, search, ...).
 #
 #   docker build -t indexer .          # torch 2.14.1 from PyPI: bundles CUDA, runs on the GPU (NVIDIA container
-#                                      # toolkit) and on the CPU; what docker-compose.yml builds (~7 GB)
+#                                      # toolkit) and on the CPU; what docker-compose.yml builds (6.5 GB)
 #   docker build -t indexer:cpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #                                      # CPU-only torch: a much smaller image
 #

@@ -170,8 +170,12 @@ def test_dockerfile_is_fit_for_real_use() -> None:
         return next(i for i, line in enumerate(lines) if line.startswith(prefix))
 
     torch = next(i for i, line in enumerate(lines) if "torch==" in line)
+    context = next(i for i, line in enumerate(lines) if line.startswith("COPY") and "--from=" not in line)
     # torch before anything from the build context, the dependencies before the code.
-    assert torch < first("COPY") < first("COPY indexer")
+    assert torch < context < first("COPY indexer")
+    # The CA text is an argument of its own stage only: it does not show in the history of the image's layers.
+    stages = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    assert len(stages) == 2 and stages[0] < first("ARG EXTRA_CA_CERTS") < stages[1]
     deps = next(i for i, line in enumerate(lines) if "pip install '.[heif]'" in line)
     assert first("COPY pyproject.toml") < deps < first("COPY indexer")
 

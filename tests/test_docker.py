@@ -2,7 +2,7 @@
 
 scripts/docker_smoke.sh does the work (engine, base image, `docker build`, `indexer index`/`search` in containers,
 the compose file's serve service checked through its published port, then cleanup); these tests run it and check
-what it reports. The lane is opt-in (INDEXER_DOCKER_TESTS=1, which .ci/run sets) because it builds a ~7 GB image,
+what it reports. The lane is opt-in (INDEXER_DOCKER_TESTS=1, which .ci/run sets) because it builds a 6.5 GB image,
 and it needs a Docker engine that answers, or root to install and start one.
 """
 
@@ -39,7 +39,7 @@ def engine_answers() -> bool:
 def why_not_docker() -> str | None:
     """The reason the lane cannot run here, or None."""
     if os.environ.get("INDEXER_DOCKER_TESTS") != "1":
-        return "docker lane is opt-in: set INDEXER_DOCKER_TESTS=1 (.ci/run does); it builds a ~7 GB image"
+        return "docker lane is opt-in: set INDEXER_DOCKER_TESTS=1 (.ci/run does); it builds a 6.5 GB image"
     if engine_answers():
         return None
     if os.geteuid() != 0:
