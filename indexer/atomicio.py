@@ -63,30 +63,34 @@ def fsync_dir(directory: Path) -> None:
 
 class AtomicFile:
     """Write to ``self.partial`` (a temporary name beside ``output``); ``commit()`` publishes it durably,
-    ``discard()`` deletes it."""
+    ``discard()`` deletes it. ``durable=False`` (caches that can be rebuilt) skips the two fsyncs: still atomic,
+    but a crash may lose the newest file."""
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, *, durable: bool = True) -> None:
         self.output = output
         self.partial = temp_name(output)
+        self.durable = durable
 
     def commit(self) -> None:
         """fsync the temporary file, rename it over the output, fsync the directory."""
         try:
-            fsync_path(self.partial)
+            if self.durable:
+                fsync_path(self.partial)
             os.replace(self.partial, self.output)
         except BaseException:
             self.discard()
             raise
-        fsync_dir(self.output.parent)
+        if self.durable:
+            fsync_dir(self.output.parent)
 
     def discard(self) -> None:
         self.partial.unlink(missing_ok=True)
 
 
 @contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
+def atomic_path(target: Path, *, durable: bool = True) -> Iterator[Path]:
     """The temporary path to write; published over target when the block ends normally, deleted otherwise."""
-    file = AtomicFile(target)
+    file = AtomicFile(target, durable=durable)
     try:
         yield file.partial
     except BaseException:
@@ -109,9 +113,9 @@ def atomic_open(
                 yield fh
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Replace target with data atomically and durably."""
-    with atomic_path(target) as partial:
+def atomic_write_bytes(target: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace target with data atomically (and durably, unless durable=False)."""
+    with atomic_path(target, durable=durable) as partial:
         partial.write_bytes(data)
 
 

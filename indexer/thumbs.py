@@ -92,6 +92,6 @@ def make_thumbnail(data: bytes, size: int, limits: DecodeLimits, source: Path = 
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
-    """Write data to target atomically (`indexer.atomicio`), making its directory first."""
+    """Write data to target atomically (`indexer.atomicio`), making its directory first; a cache, so no fsync."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, data)
+    atomic_write_bytes(target, data, durable=False)

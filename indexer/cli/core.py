@@ -19,6 +19,8 @@ from indexer.errors import ConfigError
 from indexer.records import SearchFilter
 from indexer.settings import SEARCH_LIMIT, Settings
 
+FLAGS: dict[str, str] = {}  # flag → setting, applied by main(): none here beyond the common ones
+
 
 def register(sub: Any) -> None:
     """Add the core subcommands to the parser."""

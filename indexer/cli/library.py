@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 TIER_CHOICES = ("exact", "near", "similar")
 
+FLAGS: dict[str, str] = {}  # flag → setting, applied by main(): none here beyond the common ones
+
 
 def register(sub: Any) -> None:
     """Add dedup, cluster, export and import to the parser."""

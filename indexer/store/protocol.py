@@ -17,13 +17,6 @@ MAX_FAILURES = 10_000  # the failure log keeps the latest this many files
 WRITE_BATCH = 256  # points per upsert / delete / set_payload call
 READ_BATCH = 1000  # ids per retrieve call, hashes per find_by_sha256 scroll
 
-STORE_FORMAT = "indexer-store"
-STORE_VERSION = 1
-STORE_FILE = "store.json"
-SHARD_DIR = "shard"
-FAILURES_FILE = "failures.json"
-LOCK_FILE = "lock"
-
 # Payload fields the filters use, and the index type each gets.
 KEYWORD_FIELDS = ("path", "dirs", "sha256", "format")
 INTEGER_FIELDS = ("width", "height", "cluster")
