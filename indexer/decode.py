@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
+from indexer import formats
 from indexer.errors import DecodeError, IndexerError
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
@@ -57,15 +58,12 @@ __all__ = [
     "preprocess",
 ]
 
-SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
-)
+SUPPORTED_EXTENSIONS = formats.SUPPORTED_EXTENSIONS
 
 CRASH_ENV = "INDEXER_TEST_CRASH_ON"  # test-only, see the module docstring
 
 # The only Pillow formats we open, whatever the file is called: no EPS (Ghostscript), PSD, ICO, ...
-# HEIF comes before AVIF so that pillow-heif, when present, gets "mif1" files first.
-_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
+_FORMATS = formats.FORMATS
 for _plugin in ("Bmp", "Gif", "Png", "Tiff", "WebP", "Avif"):
     with contextlib.suppress(ImportError):
         importlib.import_module(f"PIL.{_plugin}ImagePlugin")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from indexer.atomicio import NO_LINK_ERRNOS, fsync_path, publish_new, temp_name
 from indexer.errors import ConfigError, StoreError
 from indexer.export import VectorDump, VectorFile, dump_vectors
 from indexer.records import FileEntry, SearchFilter, StoredPoint
@@ -518,7 +519,7 @@ def apply_plan(plan: ActionPlan, store: VectorStore, on_each: Progress | None = 
     ``on_each(action, error)`` is called after each file (error None when it was done). A file that cannot be
     moved or deleted is recorded in ``plan.failed`` and the rest goes on.
     """
-    from indexer.pipeline import move_point
+    from indexer.payload import move_point
 
     for action in plan.actions:
         error = _recheck(action) or _apply_one(action, store, move_point)
@@ -572,10 +573,6 @@ def _follow(action: Action, store: VectorStore, move_point: Callable[..., None])
         ) from exc
 
 
-# Errors of os.link that mean "no hard link here" (another filesystem, or links unsupported or not allowed).
-_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
-
-
 def move_file(source: Path, target: Path) -> None:
     """Move a file without ever replacing one: FileExistsError if ``target`` exists.
 
@@ -589,41 +586,19 @@ def move_file(source: Path, target: Path) -> None:
     except FileExistsError:
         raise
     except OSError as exc:
-        if exc.errno not in _NO_LINK:
+        if exc.errno not in NO_LINK_ERRNOS:
             raise
         _copy_and_publish(source, target)
     os.unlink(source)
 
 
 def _copy_and_publish(source: Path, target: Path) -> None:
-    partial = target.with_name(f".{target.name}.indexer-partial")
+    partial = temp_name(target)
     try:
         shutil.copy2(source, partial)
         if os.path.getsize(partial) != os.path.getsize(source):
             raise OSError(errno.EIO, f"copy of {source} is incomplete")
-        _fsync(partial)
-        _publish(partial, target)
+        fsync_path(partial)
+        publish_new(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(partial: Path, target: Path) -> None:
-    """Give the finished copy its name, refusing to replace anything."""
-    try:
-        os.link(partial, target)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno not in _NO_LINK:
-            raise
-        if os.path.lexists(target):  # no hard links on this filesystem: check, then rename
-            raise FileExistsError(errno.EEXIST, "destination exists", str(target)) from None
-        os.rename(partial, target)

@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from indexer.atomicio import AtomicFile, atomic_write_text
 from indexer.errors import ConfigError, StoreError
-from indexer.records import ImageMeta, SearchFilter, StoredPoint, dirs_of, point_id
+from indexer.payload import embedded_payload, exported_payload
+from indexer.records import ImageMeta, SearchFilter, StoredPoint, point_id
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,21 +63,7 @@ def open_embedding_writer(output: Path, dim: int, model_id: str) -> EmbeddingWri
     return ParquetWriter(output, dim, model_id) if suffix == ".parquet" else NpyWriter(output, dim)
 
 
-class _AtomicFile:
-    """Write to ``FILE.partial``, rename to ``FILE`` on success, delete on error."""
-
-    def __init__(self, output: Path) -> None:
-        self.output = output
-        self.partial = output.with_name(output.name + ".partial")
-
-    def commit(self) -> None:
-        os.replace(self.partial, self.output)
-
-    def discard(self) -> None:
-        self.partial.unlink(missing_ok=True)
-
-
-class ParquetWriter(_AtomicFile):
+class ParquetWriter(AtomicFile):
     """Streams row groups, one per batch: memory stays bounded whatever the number of images."""
 
     def __init__(self, output: Path, dim: int, model_id: str) -> None:
@@ -120,7 +108,7 @@ class ParquetWriter(_AtomicFile):
             self.discard()
 
 
-class NpyWriter(_AtomicFile):
+class NpyWriter(AtomicFile):
     """Collects rows and writes the matrix at the end (N x dim float32) plus ``FILE.paths.txt``."""
 
     def __init__(self, output: Path, dim: int) -> None:
@@ -143,8 +131,9 @@ class NpyWriter(_AtomicFile):
         with self.partial.open("wb") as fh:
             np.save(fh, matrix)
         self.commit()
-        self.output.with_name(self.output.name.removesuffix(".npy") + ".paths.txt").write_text(
-            "".join(p + "\n" for p in self._paths)
+        atomic_write_text(
+            self.output.with_name(self.output.name.removesuffix(".npy") + ".paths.txt"),
+            "".join(p + "\n" for p in self._paths),
         )
 
 
@@ -154,10 +143,6 @@ EXPORT_FORMAT = b"indexer-export"
 EXPORT_VERSION = b"1"
 # Payload fields that get their own column, or are derived from the path on import.
 _OWN_COLUMNS = ("path", "sha256", "dirs")
-_PIL_FORMATS = {
-    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP",
-    ".tif": "TIFF", ".tiff": "TIFF", ".heic": "HEIF", ".heif": "HEIF", ".avif": "AVIF",
-}  # fmt: skip
 
 
 def _export_schema(dim: int, model_id: str) -> pa.Schema:
@@ -212,7 +197,7 @@ def export_store(
     if info is None:
         raise StoreError(f"the store {store.location} is empty: nothing to export")
     schema = _export_schema(info[1], info[0])
-    target = _AtomicFile(output)
+    target = AtomicFile(output)
     written = 0
     try:
         with pq.ParquetWriter(str(target.partial), schema) as writer:
@@ -333,30 +318,16 @@ def _exported_payload(path: str, sha256: str, metadata: str) -> dict[str, Any]:
     payload = json.loads(metadata) if metadata else {}
     if not isinstance(payload, dict):
         raise ConfigError("FILE", f"the metadata of {path} is not a JSON object")
-    return {**payload, "path": path, "dirs": dirs_of(path), "sha256": sha256}
+    return exported_payload(path, sha256, payload)
 
 
 def _embedded_payload(
     path: str, sha256: str, width: int, height: int, model_id: str, now: float, summary: ImportSummary
 ) -> dict[str, Any]:
-    """The payload `indexer index` would store. Size and mtime only when the file still has the embedded
-    content (its sha256 is checked): they are what tells a later index run that the file is unchanged."""
-    payload: dict[str, Any] = {
-        "path": path,
-        "dirs": dirs_of(path),
-        "sha256": sha256,
-        "width": width,
-        "height": height,
-        "format": _PIL_FORMATS.get(Path(path).suffix.lower(), Path(path).suffix.lstrip(".").upper()),
-        "model": model_id,
-        "indexed_at": now,
-    }
     st = _unchanged_stat(Path(path), sha256)
     if st is None:
         summary.unverified.append(path)
-    else:
-        payload.update(size=st.st_size, mtime=st.st_mtime_ns / 1e9, mtime_ns=st.st_mtime_ns)
-    return payload
+    return embedded_payload(path, sha256, width, height, model_id, now, st)
 
 
 def _unchanged_stat(path: Path, sha256: str) -> os.stat_result | None:

@@ -20,21 +20,21 @@ from indexer.decode import SUPPORTED_EXTENSIONS, DecodePool, default_workers, ha
 from indexer.embed import EmbeddedBatch, embed_batches
 from indexer.errors import ConfigError
 from indexer.model import LazyModel
+from indexer.payload import move_point as move_point  # re-exported: callers import it from here
+from indexer.payload import payload_for as payload_for
 from indexer.records import (
     DecodeLimits,
     Failure,
     FileEntry,
-    ImageMeta,
     PreprocessSpec,
     RunSummary,
     SearchFilter,
     StoredPoint,
-    dirs_of,
     point_id,
 )
 from indexer.scan import normalise_root, scan
 from indexer.settings import Settings
-from indexer.store import VectorStore, open_store
+from indexer.store import VectorStore, open_store_from_settings
 from indexer.watch import ChangeKind, FileChange
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,7 @@ class NoProgress:
 
 def store_from_settings(settings: Settings) -> VectorStore:
     """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge."""
-    s = settings.store
-    return open_store(
-        store_dir=s.dir, qdrant_url=s.qdrant_url or None, api_key=s.api_key or None, collection=s.collection
-    )
+    return open_store_from_settings(settings)
 
 
 def check_roots(paths: Sequence[str | Path]) -> list[Path]:
@@ -201,17 +198,6 @@ def _moved_from(
     return candidates.pop() if candidates else None
 
 
-def move_point(store: VectorStore, old: StoredPoint, entry: FileEntry) -> None:
-    """Re-key a point to the file's new path, keeping its vector (a move is never re-embedded)."""
-    found = store.retrieve([old.id], with_vectors=True)
-    if not found or found[0].vector is None:
-        raise RuntimeError(f"point {old.id} ({old.path}) vanished during the move")
-    payload = {**found[0].payload, **_file_fields(entry.path, entry.size, entry.mtime_ns)}
-    store.upsert([StoredPoint(point_id(entry.path), payload, found[0].vector)])
-    store.delete([old.id])
-    log.info("moved %s -> %s (vector kept)", old.path, entry.path)
-
-
 def embed_into_store(
     plan: Plan,
     settings: Settings,
@@ -262,29 +248,6 @@ def remove_gone(plan: Plan, store: VectorStore, summary: RunSummary) -> None:
     store.clear_failures(list(plan.gone))
     summary.removed += len(plan.gone)
     log.info("removed %d points whose files are gone", len(plan.gone))
-
-
-def payload_for(meta: ImageMeta, model_id: str, indexed_at: float) -> dict[str, Any]:
-    """The payload stored with each vector."""
-    return {
-        **_file_fields(meta.path, meta.size, meta.mtime_ns),
-        "sha256": meta.sha256,
-        "width": meta.width,
-        "height": meta.height,
-        "format": meta.format.upper(),
-        "model": model_id,
-        "indexed_at": indexed_at,
-    }
-
-
-def _file_fields(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
-    return {
-        "path": str(path),
-        "dirs": dirs_of(path),
-        "size": size,
-        "mtime": mtime_ns / 1e9,
-        "mtime_ns": mtime_ns,
-    }
 
 
 def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> DecodePool:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from indexer.atomicio import atomic_write_text
 from indexer.records import DecodeLimits
 
 if TYPE_CHECKING:
@@ -119,6 +120,4 @@ def cluster_page(report: ClusterReport, images: int = CLUSTER_IMAGES) -> str:
 
 def write_page(path: Path, page: str) -> None:
     """Write the page atomically (a temporary file renamed into place)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(page, encoding="utf-8")
-    os.replace(partial, path)
+    atomic_write_text(path, page)

@@ -28,6 +28,7 @@ from indexer.decode import decode_file, load_image, preprocess
 from indexer.errors import ConfigError, DecodeError, IndexerError, ModelMismatchError, StoreError
 from indexer.model import ClipModel, LazyModel
 from indexer.records import DecodeLimits, Failure, Hit, SearchFilter
+from indexer.settings import SEARCH_LIMIT, SEARCH_THRESHOLD
 from indexer.store import VectorStore
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,9 @@ class Query:
     texts: tuple[str, ...] = ()
     images: tuple[Path, ...] = ()
     negative_texts: tuple[str, ...] = ()
-    limit: int = 10
+    limit: int = SEARCH_LIMIT
     offset: int = 0
-    threshold: float | None = None
+    threshold: float | None = SEARCH_THRESHOLD
     filter: SearchFilter | None = None
     ids: tuple[str, ...] = ()
     uploads: tuple[bytes, ...] = ()

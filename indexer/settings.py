@@ -87,11 +87,21 @@ class IndexSettings(_Section):
     include_hidden: bool = False
 
 
+# The search defaults, in one place: the settings, the store, `search.Query` and the CLI read them from here.
+SEARCH_LIMIT = 10  # results per query when none is asked
+SEARCH_LIMIT_MAX = 10_000  # the most `search.limit` may be set to
+SEARCH_THRESHOLD: float | None = None  # minimum cosine score when none is asked (None: no minimum)
+
+
 class SearchSettings(_Section):
     """Defaults for queries."""
 
-    limit: int = Field(default=10, ge=1, le=10_000)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    limit: int = Field(default=SEARCH_LIMIT, ge=1, le=SEARCH_LIMIT_MAX)
+    threshold: float | None = Field(default=SEARCH_THRESHOLD, ge=-1.0, le=1.0)
+
+    def resolve(self, limit: int | None, threshold: float | None) -> tuple[int, float | None]:
+        """A query's limit and threshold: the ones asked, else these defaults (a limit of 0 counts as none)."""
+        return limit or self.limit, threshold if threshold is not None else self.threshold
 
 
 class WatchSettings(_Section):

@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from indexer.atomicio import atomic_write_bytes
 from indexer.decode import load_image
 from indexer.errors import DecodeError
 from indexer.records import DecodeLimits
@@ -93,13 +92,6 @@ def make_thumbnail(data: bytes, size: int, limits: DecodeLimits, source: Path = 
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
-    """Write data to target via a temp file in the same directory and a rename."""
+    """Write data to target atomically (`indexer.atomicio`), making its directory first; a cache, so no fsync."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data, durable=False)

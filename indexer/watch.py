@@ -358,7 +358,7 @@ def _handler_class() -> type[Any]:
     """The watchdog handler class (watchdog imported on first use, not at import time)."""
     from watchdog.events import FileSystemEventHandler
 
-    class _Handler(FileSystemEventHandler):  # type: ignore[misc]
+    class _Handler(FileSystemEventHandler):
         """Translate one root's watchdog events into FsEvents, filtered."""
 
         def __init__(self, root: Path, keep: PathFilter, closes: bool, sink: Sink) -> None:

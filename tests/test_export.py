@@ -16,15 +16,16 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from indexer.cluster import cluster_store
 from indexer.export import export_store, import_file
 from indexer.model import LazyModel
 from indexer.pipeline import run_embed, run_index
-from indexer.records import RunSummary, StoredPoint
+from indexer.records import RunSummary, StoredPoint, point_id
 from indexer.settings import ClusterSettings
 from indexer.store import EdgeStore, QdrantServerStore, VectorStore
-from tests.clirun import run, run_json
+from tests.clirun import MODEL, run, run_json
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
 
@@ -138,6 +139,23 @@ def test_embed_output_imports_and_only_changed_files_are_embedded_again(tmp_path
         assert store.count() == 6 and store.model_info() == (model.model_id, model.dim)
     again = index(folder, tmp_path / "store", model)
     assert (again.unchanged, again.indexed) == (5, 1)
+
+
+def test_a_jpe_file_embedded_then_imported_is_found_by_format_jpeg(tmp_path: Path) -> None:
+    """`.jpe` is a JPEG extension: `indexer import` of an `indexer embed` file stores it as JPEG, as `indexer
+    index` does, so `--format JPEG` finds it (it was stored as "JPE" while the formats had four tables)."""
+    folder = tmp_path / "photos"
+    png = write_dataset(folder, 3, seed=9)
+    jpe = folder / "red-circle-camera.jpe"
+    Image.open(png[0]).convert("RGB").save(jpe, format="JPEG")
+    out = tmp_path / "vecs.parquet"
+    run("embed", str(folder), "--output", str(out), *MODEL)
+    run("import", str(out), "--store", str(tmp_path / "store"))
+    hits = run_json("search", "a red circle", "--format", "JPEG", "--store", str(tmp_path / "store"), *MODEL)
+    assert [h["path"] for h in hits] == [str(jpe)]
+    with EdgeStore(tmp_path / "store") as store:
+        (point,) = store.retrieve([point_id(str(jpe))])
+        assert point.payload["format"] == "JPEG"
 
 
 def test_import_refuses_a_store_of_another_model(indexed: tuple[Path, Path], tmp_path: Path) -> None:

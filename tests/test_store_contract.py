@@ -21,10 +21,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from indexer import store as store_mod
 from indexer.errors import ModelMismatchError, StoreBusyError, StoreError
 from indexer.records import Failure, SearchFilter, StoredPoint, point_id
 from indexer.store import EdgeStore, QdrantServerStore, VectorStore, open_store
+from indexer.store import protocol as store_mod
 
 DIM = 16
 MODEL = "test-model"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from indexer import __version__
 from indexer.cli import core, library, serve, watch
-from indexer.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, overrides_from_args
+from indexer.cli.common import COMMON_FLAGS, EXIT_ERROR, EXIT_INTERRUPTED, overrides_from_args
 from indexer.errors import IndexerError
 from indexer.settings import Settings, load_settings
 
@@ -24,6 +24,8 @@ log = logging.getLogger("indexer")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 COMMAND_MODULES = (core, watch, serve, library)
+# Every flag that sets a setting (argparse dest → dotted setting): the common ones and each module's FLAGS.
+SETTING_FLAGS: dict[str, str] = {**COMMON_FLAGS, **{k: v for m in COMMAND_MODULES for k, v in m.FLAGS.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     handler: Handler = args.handler
     try:
-        settings = load_settings(args.config, overrides_from_args(args))
+        settings = load_settings(args.config, overrides_from_args(args, SETTING_FLAGS))
         return handler(args, settings)
     except IndexerError as exc:
         print(f"indexer: error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,24 @@ from typing import Any
 from indexer.records import RunSummary
 
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# Each CLI module declares its flags → settings once, as a FLAGS table (argparse dest → dotted setting);
+# main() applies them all in one place. These are the flags of common_options and model_options.
+COMMON_FLAGS: dict[str, str] = {
+    "store_dir": "store.dir",
+    "qdrant_url": "store.qdrant_url",
+    "api_key": "store.api_key",
+    "collection": "store.collection",
+    "model_name": "model.name",
+    "pretrained": "model.pretrained",
+    "weights": "model.weights",
+    "model_dir": "model.dir",
+    "device": "model.device",
+    "dtype": "model.dtype",
+    "batch_size": "model.batch_size",
+    "workers": "decode.workers",
+}
 
 
 def common_options(parser: argparse.ArgumentParser) -> None:
@@ -37,27 +56,19 @@ def model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, metavar="N", help="decode worker processes (0: one per CPU)")
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given as flags (flags win over environment, file and defaults)."""
-    table = {
-        "store_dir": ("store", "dir"),
-        "qdrant_url": ("store", "qdrant_url"),
-        "api_key": ("store", "api_key"),
-        "collection": ("store", "collection"),
-        "model_name": ("model", "name"),
-        "pretrained": ("model", "pretrained"),
-        "weights": ("model", "weights"),
-        "model_dir": ("model", "dir"),
-        "device": ("model", "device"),
-        "dtype": ("model", "dtype"),
-        "batch_size": ("model", "batch_size"),
-        "workers": ("decode", "workers"),
-    }
+def overrides_from_args(args: argparse.Namespace, flags: Mapping[str, str] = COMMON_FLAGS) -> dict[str, Any]:
+    """The settings given as flags, as nested dicts for `load_settings` (flags win over environment, file and
+    defaults): each ``flags`` entry maps an argparse dest to a dotted setting; flags left out (None) are skipped."""
     out: dict[str, Any] = {}
-    for attr, (section, key) in table.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out.setdefault(section, {})[key] = value
+    for dest, dotted in flags.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        *sections, key = dotted.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
     return out
 
 

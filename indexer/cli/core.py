@@ -17,7 +17,9 @@ from indexer.cli.common import (
 )
 from indexer.errors import ConfigError
 from indexer.records import SearchFilter
-from indexer.settings import Settings
+from indexer.settings import SEARCH_LIMIT, Settings
+
+FLAGS: dict[str, str] = {}  # flag → setting, applied by main(): none here beyond the common ones
 
 
 def register(sub: Any) -> None:
@@ -53,7 +55,7 @@ def _add_search(sub: Any) -> None:
     p.add_argument("--not-image", type=Path, action="append", default=[], metavar="FILE", help="images unlike this one")
     p.add_argument("--like", action="append", default=[], metavar="ID", help="indexed images like this one (its id)")
     p.add_argument("--not-like", action="append", default=[], metavar="ID", help="indexed images to move away from")
-    p.add_argument("--limit", "-k", type=int, metavar="K", help="number of results (default 10)")
+    p.add_argument("--limit", "-k", type=int, metavar="K", help=f"number of results (default {SEARCH_LIMIT})")
     p.add_argument("--offset", type=int, default=0, metavar="N", help="skip the first N results")
     p.add_argument("--threshold", type=float, metavar="S", help="minimum cosine score")
     p.add_argument("--folder", metavar="DIR", help="only images under this folder")
@@ -106,6 +108,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     text = " ".join(args.text).strip()
     if not text and not args.image and not args.like:
         raise ConfigError("query", "give a TEXT to search for, --image FILE or --like ID")
+    limit, threshold = settings.search.resolve(args.limit, args.threshold)
     query = Query(
         texts=(text,) if text else (),
         images=tuple(args.image),
@@ -113,9 +116,9 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         ids=tuple(args.like),
         negative_images=tuple(args.not_image),
         negative_ids=tuple(args.not_like),
-        limit=args.limit or settings.search.limit,
+        limit=limit,
         offset=args.offset,
-        threshold=args.threshold if args.threshold is not None else settings.search.threshold,
+        threshold=threshold,
         filter=_filter(args),
     )
     url = _daemon_url(settings)
@@ -163,26 +166,19 @@ def _daemon_url(settings: Settings) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.pipeline import store_from_settings
+    from indexer.status import missing_store_status, store_status
+    from indexer.store import open_store_from_settings
 
     s = settings.store
     if not s.qdrant_url and not s.dir.exists():
-        info: dict[str, Any] = {"store": str(s.dir), "model": None, "images": 0, "failed": 0, "failures": []}
+        info: dict[str, Any] = missing_store_status(s.dir)
     elif (url := _daemon_url(settings)) is not None:
         from indexer.daemon import status_via_daemon
 
         info = status_via_daemon(url, args.failures)
     else:
-        with store_from_settings(settings) as store:
-            model = store.model_info()
-            info = {
-                "store": store.location,
-                "model": model[0] if model else None,
-                "dim": model[1] if model else None,
-                "images": store.count() if model else 0,
-                "failed": store.failure_count(),
-                "failures": [{"path": f.path, "reason": f.reason, "at": f.at} for f in store.failures(args.failures)],
-            }
+        with open_store_from_settings(settings) as store:
+            info = store_status(store, args.failures)
     _print_status(info, args.json)
     if not args.json and info.get("daemon"):
         daemon = info["daemon"]

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from indexer.atomicio import atomic_open
 from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options
 from indexer.errors import ConfigError
 from indexer.records import SearchFilter
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from indexer.store import VectorStore
 
 TIER_CHOICES = ("exact", "near", "similar")
+
+FLAGS: dict[str, str] = {}  # flag → setting, applied by main(): none here beyond the common ones
 
 
 def register(sub: Any) -> None:
@@ -85,16 +87,6 @@ def _add_import(sub: Any) -> None:
     p.set_defaults(handler=cmd_import)
 
 
-def _open_store(settings: Settings) -> VectorStore:
-    """The store of the settings (as `pipeline.store_from_settings`, without importing the model stack)."""
-    from indexer.store import open_store
-
-    s = settings.store
-    return open_store(
-        store_dir=s.dir, qdrant_url=s.qdrant_url or None, api_key=s.api_key or None, collection=s.collection
-    )
-
-
 def _folder_filter(folder: str | None) -> SearchFilter | None:
     if not folder:
         return None
@@ -123,6 +115,7 @@ def _human_bytes(n: int) -> str:
 
 def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.dedup import find_duplicates, tier_threshold
+    from indexer.store import open_store_from_settings
 
     threshold = tier_threshold(args.tier, settings.dedup, args.threshold)
     if args.yes and not args.delete:
@@ -130,7 +123,7 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     for path, flag in ((args.csv, "--csv"), (args.html, "--html")):
         _check_output(path, flag)
     flt = _folder_filter(args.folder)
-    with _open_store(settings) as store:
+    with open_store_from_settings(settings) as store:
         report = find_duplicates(store, args.tier, threshold=threshold, filter=flt, block=settings.dedup.block_size)
         _write_dedup_files(report, args, settings)
         if args.move_to is None and not args.delete:
@@ -214,8 +207,7 @@ CSV_COLUMNS = ("group", "role", "path", "score", "exact", "direct", "width", "he
 
 
 def _write_csv(report: DedupReport, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_COLUMNS)
         for number, group in enumerate(report.groups, 1):
@@ -225,7 +217,6 @@ def _write_csv(report: DedupReport, path: Path) -> None:
                 it = m.item
                 row = [number, "duplicate", it.path, f"{m.score:.6f}", m.exact, m.direct, it.width, it.height]
                 writer.writerow([*row, it.size, it.mtime, it.sha256, it.id])
-    os.replace(partial, path)
 
 
 # --- cluster ---------------------------------------------------------------------------------------------------
@@ -233,10 +224,11 @@ def _write_csv(report: DedupReport, path: Path) -> None:
 
 def cmd_cluster(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.cluster import cluster_store, resolve_k
+    from indexer.store import open_store_from_settings
 
     k = resolve_k(args.k, args.auto, settings.cluster)
     _check_output(args.html, "--html")
-    with _open_store(settings) as store:
+    with open_store_from_settings(settings) as store:
         report = cluster_store(store, settings.cluster, k=k)
     if args.html is not None:
         from indexer.report import cluster_page, write_page
@@ -261,9 +253,10 @@ def _print_clusters(report: ClusterReport, as_json: bool) -> None:
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.export import export_store
+    from indexer.store import open_store_from_settings
 
     flt = _folder_filter(args.folder)
-    with _open_store(settings) as store:
+    with open_store_from_settings(settings) as store:
         written = export_store(store, args.output, filter=flt)
     if args.json:
         print(json.dumps({"exported": written, "output": str(args.output)}))
@@ -274,8 +267,9 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.export import import_file
+    from indexer.store import open_store_from_settings
 
-    with _open_store(settings) as store:
+    with open_store_from_settings(settings) as store:
         summary = import_file(store, args.file, optimize_after=settings.store.optimize_after)
         location = store.location
     if args.json:

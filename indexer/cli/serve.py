@@ -8,13 +8,17 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from indexer.cli.common import EXIT_OK, common_options, model_options
-from indexer.errors import ConfigError
 from indexer.settings import Settings
 
 log = logging.getLogger(__name__)
+
+FLAGS = {  # flag → setting, applied by main()
+    "host": "serve.host",
+    "port": "serve.port",
+    "api_key_file": "serve.api_key_file",
+    "roots": "serve.roots",
+}
 
 
 def register(sub: Any) -> None:
@@ -23,39 +27,27 @@ def register(sub: Any) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; any other needs an API key)")
     p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
     p.add_argument("--api-key-file", metavar="FILE", help="file holding the bearer token clients must send")
-    p.add_argument("--root", dest="roots", action="append", metavar="DIR", help="folder whose files may be sent")
+    p.add_argument(
+        "--root", dest="roots", action="append", type=_absolute, metavar="DIR", help="folder whose files may be sent"
+    )
     common_options(p)
     model_options(p)
     p.set_defaults(handler=cmd_serve)
-
-
-def _serve_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
-    """The serve flags on top of the settings (flags win)."""
-    updates = {
-        "host": args.host,
-        "port": args.port,
-        "api_key_file": args.api_key_file,
-        "roots": [str(Path(r).expanduser().absolute()) for r in args.roots] if args.roots else None,
-    }
-    for key, value in updates.items():
-        if value is not None:
-            try:
-                setattr(settings.serve, key, value)
-            except ValidationError as exc:
-                raise ConfigError(f"serve.{key}", f"{exc.errors()[0]['msg']} (got {value!r})") from None
-    return settings
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Check the address and key, open the store, load the model, then serve until Ctrl-C / SIGTERM."""
     from indexer.api import check_bind, resolve_api_key
 
-    settings = _serve_overrides(args, settings)
     if not args.verbose:  # a long-running command: serve's log level comes from the settings
         logging.getLogger("indexer").setLevel(settings.log_level)
     key = resolve_api_key(settings.serve)
     check_bind(settings.serve.host, key)  # before anything slow: a refused address fails in a moment
     return _run(settings, key)
+
+
+def _absolute(folder: str) -> str:
+    return str(Path(folder).expanduser().absolute())
 
 
 class _Terminated(Exception):

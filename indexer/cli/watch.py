@@ -8,10 +8,17 @@ import logging
 import sys
 from typing import Any
 
-from indexer.cli.common import common_options, model_options, overrides_from_args
-from indexer.settings import Settings, load_settings
+from indexer.cli.common import common_options, model_options
+from indexer.settings import Settings
 
 log = logging.getLogger("indexer")
+
+FLAGS = {  # flag → setting, applied by main()
+    "poll": "watch.poll",
+    "max_wait": "watch.max_wait",
+    "control_port": "watch.control_port",
+    "json_logs": "watch.json_logs",
+}
 
 
 def register(sub: Any) -> None:
@@ -39,23 +46,9 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_watch)
 
 
-def watch_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``[watch]`` settings given as flags."""
-    flags = {
-        "poll": args.poll,
-        "max_wait": args.max_wait,
-        "control_port": args.control_port,
-        "json_logs": args.json_logs,
-    }
-    return {key: value for key, value in flags.items() if value is not None}
-
-
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.watch import check_watch_roots
 
-    flags = watch_overrides(args)
-    if flags:  # the common flags are applied by main(); the watch ones join them here, with the same precedence
-        settings = load_settings(args.config, {**overrides_from_args(args), "watch": flags})
     roots = check_watch_roots(args.paths or settings.watch.paths)  # before the heavy imports: usage errors are quick
     setup_daemon_logging(settings, args.verbose)
 

@@ -1,0 +1,170 @@
+"""The Edge store's directory: ``store.json`` (model and format version), the directory lock, the failure file,
+and the check that refuses a directory that is not a store."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from indexer.atomicio import atomic_write_json, is_temp_name
+from indexer.errors import StoreBusyError, StoreError
+from indexer.records import Failure
+from indexer.store import protocol
+from indexer.store.base import _reason
+from indexer.store.protocol import FailureRecord
+
+STORE_FORMAT = "indexer-store"
+STORE_VERSION = 1
+STORE_FILE = "store.json"
+SHARD_DIR = "shard"
+FAILURES_FILE = "failures.json"
+LOCK_FILE = "lock"
+
+
+@dataclass(frozen=True, slots=True)
+class _StoreMeta:
+    """The contents of store.json."""
+
+    model_id: str
+    dim: int
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "model_id": self.model_id,
+            "dim": self.dim,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: object, source: Path) -> _StoreMeta:
+        if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
+            raise StoreError(f"{source} is not an indexer store file")
+        version = data.get("version")
+        if not isinstance(version, int) or version > STORE_VERSION:
+            raise StoreError(f"{source} has store format version {version!r}; this indexer reads up to 1")
+        model_id, dim, created = data.get("model_id"), data.get("dim"), data.get("created_at", 0.0)
+        if not isinstance(model_id, str) or not isinstance(dim, int) or not isinstance(created, int | float):
+            raise StoreError(f"{source} is damaged: model_id, dim or created_at missing or of the wrong type")
+        return cls(model_id, dim, float(created))
+
+
+def _check_store_directory(directory: Path) -> None:
+    """Refuse a path that is not a directory, or a directory that is not (the start of) a store."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise StoreError(f"the store path {directory} is not a directory")
+    if (directory / STORE_FILE).exists():
+        return
+    names = {p.name for p in directory.iterdir() if not is_temp_name(p.name)}
+    shard = directory / SHARD_DIR
+    if shard.is_dir() and not any(shard.iterdir()):
+        names.discard(SHARD_DIR)
+    foreign = sorted(names - {FAILURES_FILE, LOCK_FILE})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise StoreError(
+            f"{directory} is not an indexer store: it has no {STORE_FILE} but holds {shown}; "
+            "choose an empty or new directory for the store (--store DIR)"
+        )
+
+
+def _read_meta(directory: Path) -> _StoreMeta | None:
+    path = directory / STORE_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {_reason(exc)}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise StoreError(f"{path} is damaged (not JSON): {_reason(exc)}") from exc
+    return _StoreMeta.from_json(data, path)
+
+
+class _FailureFile:
+    """The Edge store's failure log: a dict by path, saved to failures.json atomically on every change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: dict[str, FailureRecord] = self._load()
+
+    def _load(self) -> dict[str, FailureRecord]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            rows = data["failures"]
+            records = [FailureRecord(str(r["path"]), str(r["reason"]), float(r["at"])) for r in rows]
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{self.path} is damaged ({_reason(exc)}); delete it to start a new log") from exc
+        return {r.path: r for r in records}
+
+    def _save(self) -> None:
+        rows = [{"path": r.path, "reason": r.reason, "at": r.at} for r in self._entries.values()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, {"version": 1, "failures": rows})
+
+    def record(self, failures: Sequence[Failure], at: float) -> None:
+        for f in failures:
+            self._entries.pop(str(f.path), None)  # re-insert: dict order is age order
+            self._entries[str(f.path)] = FailureRecord(str(f.path), f.reason, at)
+        excess = len(self._entries) - protocol.MAX_FAILURES
+        for path in [r.path for r in self.newest(len(self._entries))[::-1][: max(excess, 0)]]:
+            del self._entries[path]
+        self._save()
+
+    def clear(self, paths: Sequence[str]) -> None:
+        removed = [self._entries.pop(str(p), None) for p in paths]
+        if any(r is not None for r in removed):
+            self._save()
+
+    def newest(self, limit: int) -> list[FailureRecord]:
+        # Stable sort of the insertion order reversed: ties keep the newest-inserted first.
+        rows = list(self._entries.values())[::-1]
+        return sorted(rows, key=lambda r: r.at, reverse=True)[: max(limit, 0)]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _DirLock:
+    """An exclusive flock on ``directory/lock``, taken before the shard is touched.
+
+    Edge's own WAL lock refuses a second opener, but the attempt itself damages the holder's id-tracker journal
+    (its next flush fails); a lock of our own makes the second opener fail before it reaches the shard.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise StoreBusyError(self.directory, f"held by pid {holder}" if holder else "") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

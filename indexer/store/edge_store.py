@@ -1,0 +1,323 @@
+"""EdgeStore: the embedded store, a Qdrant Edge shard (the Qdrant engine in-process) in a directory."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import qdrant_edge as edge
+
+from indexer.atomicio import create_json_exclusive
+from indexer.errors import IndexerError, StoreBusyError, StoreError
+from indexer.payload import normalise_payload
+from indexer.records import Failure, Hit, StoredPoint
+from indexer.store.base import _as_vector, _check_model, _reason, _stamp, _StoreBase, _vector_list
+from indexer.store.directory import (
+    FAILURES_FILE,
+    SHARD_DIR,
+    STORE_FILE,
+    _check_store_directory,
+    _DirLock,
+    _FailureFile,
+    _read_meta,
+    _StoreMeta,
+)
+from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
+from indexer.store.protocol import FLOAT_FIELDS, INTEGER_FIELDS, KEYWORD_FIELDS, FailureRecord, Vector
+
+
+def _edge_error(exc: Exception, directory: Path, what: str) -> StoreError:
+    """Translate an Edge exception; the WAL lock held by another process becomes StoreBusyError."""
+    text = _reason(exc)
+    if "WouldBlock" in text or "Resource temporarily unavailable" in text:
+        return StoreBusyError(directory, "its write-ahead log is locked")
+    return StoreError(f"the store at {directory} failed to {what}: {text}")
+
+
+def _edge_filter(conds: list[_Cond]) -> edge.Filter | None:
+    if not conds:
+        return None
+    return edge.Filter(must=[_edge_condition(c) for c in conds])
+
+
+def _edge_condition(cond: _Cond) -> edge.FieldCondition | edge.Filter:
+    if isinstance(cond, _Match):
+        return edge.FieldCondition(cond.key, match=edge.MatchValue(cond.value))
+    if isinstance(cond, _AnyOf):
+        return edge.FieldCondition(cond.key, match=edge.MatchAny(list(cond.values)))
+    if isinstance(cond, _Range):
+        return edge.FieldCondition(cond.key, range=edge.RangeFloat(gte=cond.gte, lte=cond.lte))
+    return edge.Filter(should=[_edge_condition(c) for c in cond.options])
+
+
+def _edge_point(record: edge.Record, with_vectors: bool) -> StoredPoint:
+    vector = _as_vector(record.vector) if with_vectors else None
+    return StoredPoint(id=str(record.id), payload=dict(record.payload or {}), vector=vector)
+
+
+def _edge_ids(ids: Sequence[str]) -> list[edge.PointId]:
+    return list(ids)
+
+
+class EdgeStore(_StoreBase):
+    """The embedded store: a Qdrant Edge shard in `directory/shard`, model info in `directory/store.json`,
+    the failure log in `directory/failures.json`. One process at a time may open a directory."""
+
+    def __init__(self, directory: Path, *, indexing_threshold_kb: int | None = None) -> None:
+        """Open (or prepare to create) the store in directory; the shard is created by ensure_collection.
+
+        indexing_threshold_kb: segments bigger than this get an HNSW index on optimize() (Edge's default
+        when None); only used when the shard is created.
+        """
+        self.directory = Path(directory).expanduser().absolute()
+        self.location = str(self.directory)
+        self._indexing_threshold_kb = indexing_threshold_kb
+        self._closed = False
+        self._shard: edge.EdgeShard | None = None
+        _check_store_directory(self.directory)
+        self._lock = _DirLock(self.directory)
+        if self.directory.is_dir():
+            self._lock.acquire()
+        try:
+            self._meta = _read_meta(self.directory)
+            self._failure_log = _FailureFile(self.directory / FAILURES_FILE)
+            if self._meta is not None:
+                self._shard = self._open_shard(self._meta.dim)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def _shard_path(self) -> Path:
+        return self.directory / SHARD_DIR
+
+    def _edge_config(self, dim: int) -> edge.EdgeConfig:
+        optimizers = None
+        if self._indexing_threshold_kb is not None:
+            optimizers = edge.EdgeOptimizersConfig(indexing_threshold=self._indexing_threshold_kb)
+        vectors = edge.EdgeVectorParams(size=dim, distance=edge.Distance.Cosine)
+        return edge.EdgeConfig(vectors=vectors, optimizers=optimizers)
+
+    def _open_shard(self, dim: int) -> edge.EdgeShard:
+        """Load the shard, or create it if missing (a new store, or a crash right after store.json)."""
+        path = str(self._shard_path)
+        if (self._shard_path / "edge_config.json").exists():
+            try:
+                return edge.EdgeShard.load(path)
+            except Exception as exc:
+                raise _edge_error(exc, self.directory, "open") from exc
+        try:
+            return edge.EdgeShard.create(path, self._edge_config(dim))
+        except Exception as exc:
+            raise _edge_error(exc, self.directory, "create its shard") from exc
+
+    def model_info(self) -> tuple[str, int] | None:
+        """(model_id, dim) from store.json, or None before ensure_collection."""
+        self._check_open()
+        return None if self._meta is None else (self._meta.model_id, self._meta.dim)
+
+    def ensure_collection(self, model_id: str, dim: int) -> None:
+        """Create store.json and the shard if missing; else check that they are for this model and dim."""
+        self._check_open()
+        if self._meta is None:
+            self._create(model_id, dim)
+        meta = cast(_StoreMeta, self._meta)
+        _check_model(meta.model_id, meta.dim, model_id, dim, self.location)
+
+    def _create(self, model_id: str, dim: int) -> None:
+        """store.json first (exclusively: a racing process's file wins), then the shard; undo on failure."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        meta = _StoreMeta(model_id, dim, time.time())
+        if not create_json_exclusive(self.directory / STORE_FILE, meta.to_json()):
+            theirs = _read_meta(self.directory)
+            if theirs is None:  # the racer's creation failed and was undone
+                raise StoreError(f"the store at {self.directory} changed while opening it; try again")
+            _check_model(theirs.model_id, theirs.dim, model_id, dim, self.location)
+            self._shard, self._meta = self._open_shard(theirs.dim), theirs
+            return
+        had_shard = self._shard_path.exists()
+        try:
+            self._shard = self._open_shard(dim)
+        except StoreBusyError:
+            raise
+        except StoreError:
+            (self.directory / STORE_FILE).unlink(missing_ok=True)
+            if not had_shard:
+                shutil.rmtree(self._shard_path, ignore_errors=True)
+            raise
+        self._meta = meta
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the store at {self.directory} is closed")
+
+    def _live_shard(self) -> edge.EdgeShard | None:
+        self._check_open()
+        return self._shard
+
+    def _writable_shard(self) -> edge.EdgeShard:
+        shard = self._live_shard()
+        if shard is None:
+            raise StoreError(f"the store at {self.directory} has no collection yet: ensure_collection first")
+        return shard
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except IndexerError:
+            raise
+        except Exception as exc:
+            raise _edge_error(exc, self.directory, what) from exc
+
+    def optimize(self) -> None:
+        """Create the payload indexes if missing, then run Edge's optimizers (merge segments, build the
+        HNSW index); blocks until done. Filters work without the indexes; they make big stores fast.
+        (Each index costs an fsync'd WAL entry, so they are made here, not per ensure_collection.)"""
+        shard = self._live_shard()
+        if shard is not None:
+            with self._errors("optimize"):
+                _create_edge_indexes(shard)
+                shard.optimize()
+
+    def indexed_vectors_count(self) -> int:
+        """How many vectors are in HNSW-indexed segments (0 until optimize() builds an index)."""
+        shard = self._live_shard()
+        if shard is None:
+            return 0
+        with self._errors("read its info"):
+            return shard.info().indexed_vectors_count
+
+    def flush(self) -> None:
+        """Flush the shard to disk (the failure log is written on every change)."""
+        shard = self._live_shard()
+        if shard is not None:
+            with self._errors("flush"):
+                shard.flush()
+
+    def close(self) -> None:
+        """Flush and close the shard, releasing the directory; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        shard, self._shard = self._shard, None
+        try:
+            if shard is not None:
+                with self._errors("close"):
+                    shard.close()
+        finally:
+            self._lock.release()
+
+    # -- primitives ------------------------------------------------------------------------------------
+    def _upsert_batch(self, points: list[StoredPoint]) -> None:
+        shard = self._writable_shard()
+        with self._errors("upsert"):
+            edge_points = [
+                edge.Point(p.id, _vector_list(cast(Vector, p.vector)), normalise_payload(p.payload)) for p in points
+            ]
+            shard.update(edge.UpdateOperation.upsert_points(edge_points))
+
+    def _delete_batch(self, ids: list[str]) -> None:
+        shard = self._live_shard()
+        if shard is not None:
+            with self._errors("delete"):
+                shard.update(edge.UpdateOperation.delete_points(_edge_ids(ids)))
+
+    def _set_payload_batch(self, ids: list[str], payload: dict[str, Any]) -> None:
+        shard = self._live_shard()
+        if shard is None:
+            return
+        by_id = edge.Filter(must=[edge.HasIdCondition(set(_edge_ids(ids)))])
+        with self._errors("set payload"):
+            shard.update(edge.UpdateOperation.set_payload_by_filter(by_id, payload))
+
+    def _retrieve_batch(self, ids: list[str], with_vectors: bool) -> list[StoredPoint]:
+        shard = self._live_shard()
+        if shard is None:
+            return []
+        with self._errors("retrieve"):
+            records = shard.retrieve(_edge_ids(ids), with_payload=True, with_vector=with_vectors)
+        return [_edge_point(r, with_vectors) for r in records]
+
+    def _scroll(self, conds: list[_Cond], with_vectors: bool, batch_size: int) -> Iterator[StoredPoint]:
+        flt = _edge_filter(conds)
+        offset: edge.PointId | None = None
+        while (shard := self._live_shard()) is not None:
+            request = edge.ScrollRequest(
+                offset=offset, limit=batch_size, filter=flt, with_payload=True, with_vector=with_vectors
+            )
+            with self._errors("scroll"):
+                records, offset = shard.scroll(request)
+            yield from (_edge_point(r, with_vectors) for r in records)
+            if offset is None:
+                return
+
+    def _query(
+        self, vector: list[float], limit: int, offset: int, threshold: float | None, conds: list[_Cond]
+    ) -> list[Hit]:
+        shard = self._live_shard()
+        if shard is None:
+            return []
+        with self._errors("search"):
+            # Exact while nothing is HNSW-indexed; after optimize() the index serves the indexed segments
+            # and Edge still scans the small unindexed remainder exactly.
+            exact = shard.info().indexed_vectors_count == 0
+            request = edge.QueryRequest(
+                limit=limit,
+                offset=offset,
+                query=edge.Query.Nearest(vector),
+                with_payload=True,
+                filter=_edge_filter(conds),
+                score_threshold=threshold,
+                params=edge.SearchParams(exact=True) if exact else None,
+            )
+            found = shard.query(request)
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in found]
+
+    def _count(self, conds: list[_Cond]) -> int:
+        shard = self._live_shard()
+        if shard is None:
+            return 0
+        with self._errors("count"):
+            return shard.count(edge.CountRequest(exact=True, filter=_edge_filter(conds)))
+
+    # -- failure log -----------------------------------------------------------------------------------
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        """Add or update entries (by path, stamped now); keeps the latest MAX_FAILURES."""
+        self._check_open()
+        if failures:
+            self._failure_log.record(failures, _stamp())
+
+    def clear_failures(self, paths: Sequence[str]) -> None:
+        """Drop the entries of these paths."""
+        self._check_open()
+        self._failure_log.clear(paths)
+
+    def failures(self, limit: int = 20) -> list[FailureRecord]:
+        """The newest entries, newest first."""
+        self._check_open()
+        return self._failure_log.newest(limit)
+
+    def failure_count(self) -> int:
+        """How many entries the failure log holds."""
+        self._check_open()
+        return len(self._failure_log)
+
+
+def _create_edge_indexes(shard: edge.EdgeShard) -> None:
+    """Payload indexes for the filtered fields that lack one."""
+    kinds = [
+        *((f, edge.PayloadSchemaType.Keyword) for f in KEYWORD_FIELDS),
+        *((f, edge.PayloadSchemaType.Integer) for f in INTEGER_FIELDS),
+        *((f, edge.PayloadSchemaType.Float) for f in FLOAT_FIELDS),
+    ]
+    have = shard.info().payload_schema
+    for field, kind in kinds:
+        if field not in have:
+            shard.update(edge.UpdateOperation.create_field_index(field, kind))
