@@ -16,7 +16,11 @@
         ├── UnauthorizedError       a missing or wrong API key                                → HTTP 401
         └── UnsupportedMediaError   a body that is not declared as JSON                       → HTTP 415
 
-    InotifyLimitError (indexer.watch) is an OSError, not an IndexerError: the watcher falls back to polling.
+    InotifyLimitError               an OSError, not an IndexerError: a root needs more inotify watches than the
+                                    system grants; the watcher catches it and falls back to polling
+
+Private control flow stays where it is raised and caught: ``decode._Unusable`` (a file's reason, turned into a
+Failure) and ``cli.serve._Terminated`` (SIGTERM, turned into a clean exit).
 
 Exit codes (`exit_code_for`, used by `indexer.cli`): every IndexerError that stops a command exits 2; a run that
 finished with some failed files exits 1 (decided by the command, not here); Ctrl-C exits 130.
@@ -138,6 +142,10 @@ class NotServableError(IndexerError):
 
 class PayloadTooLargeError(IndexerError):
     """A request body or an uploaded image above its limit (serve.max_upload_mb)."""
+
+
+class InotifyLimitError(OSError):
+    """A root needs more inotify watches than the system grants."""
 
 
 class AccessError(IndexerError):
