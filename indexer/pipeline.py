@@ -1,41 +1,52 @@
-"""The only module that wires the stages: scan → diff against the store → decode pool → embed → store.
+"""The only module that wires the stages: scan → plan (diff against the store) → decode pool → embed → store.
 
-``run_index`` makes the store equal to the files under the given roots (incrementally: unchanged files are not
-read, moved files keep their vectors, vanished files leave the store). ``run_embed`` is the seed's job: vectors to
-a file, no store.
+One `Indexer` holds the settings, the store, the model and the decoders, and runs one loop, plan → apply (moves) →
+embed → remove, for `indexer index` (``index``, through ``run_index``), the watch daemon's reconciliation
+(``sync``) and its event batches (``apply_changes``). Unchanged files are not read, moved files keep their vectors,
+vanished files leave the store (the daemon's are returned instead, for its deletion guard to decide).
+``run_embed`` does what NeMo Curator's stage does: vectors to a file, no store.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol, Self
 
-from indexer.decode import SUPPORTED_EXTENSIONS, DecodePool, default_workers, hash_file
+from indexer.decode import DecodePool, default_workers
 from indexer.embed import EmbeddedBatch, embed_batches
 from indexer.errors import ConfigError
 from indexer.model import LazyModel
 from indexer.payload import move_point as move_point  # re-exported: callers import it from here
 from indexer.payload import payload_for as payload_for
+from indexer.plan import (
+    Plan,
+    Wanted,
+    defer_fresh,
+    find_moves,
+    plan_changes,
+    plan_roots,
+    scan_entries,
+    sort_changes,
+    unchanged,
+)
 from indexer.records import (
     DecodeLimits,
     Failure,
     FileEntry,
     PreprocessSpec,
     RunSummary,
-    SearchFilter,
     StoredPoint,
     point_id,
 )
-from indexer.scan import normalise_root, scan
+from indexer.scan import normalise_root
 from indexer.settings import Settings
 from indexer.store import VectorStore, open_store_from_settings
-from indexer.watch import ChangeKind, FileChange
+from indexer.watch import FileChange
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +91,194 @@ def check_roots(paths: Sequence[str | Path]) -> list[Path]:
     return roots
 
 
-# --- index -----------------------------------------------------------------------------------------------------
+# --- the write path ------------------------------------------------------------------------------------------
+
+Stop = Callable[[], bool]
+OnBatch = Callable[[EmbeddedBatch], None]
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
-class Plan:
-    """What an index run has to do, from comparing the disk with the store."""
+class SyncResult:
+    """What a daemon step did. ``gone``: stored points whose files are gone, not yet removed (the caller's deletion
+    policy decides). ``deferred``: files too fresh to take (maybe still being written): the caller watches them."""
 
-    to_embed: list[FileEntry] = field(default_factory=list)
+    summary: RunSummary
     gone: dict[str, StoredPoint] = field(default_factory=dict)
-    stored_paths: set[str] = field(default_factory=set)
+    deferred: list[FileEntry] = field(default_factory=list)
+
+
+class Indexer:
+    """Settings, store, model and decoders on one object, and the one write loop: plan → apply → embed → remove.
+
+    The caller owns the store and the model; the Indexer owns its decoders (made on first need, closed by
+    ``close()`` or at the end of a ``with`` block).
+    """
+
+    def __init__(
+        self, settings: Settings, store: VectorStore, model: LazyModel, progress: Progress | None = None
+    ) -> None:
+        self.settings, self.store, self.model = settings, store, model
+        self.progress: Progress = progress or NoProgress()
+        self._decoders: Decoders | None = None
+
+    def index(self, paths: Sequence[str | Path]) -> RunSummary:
+        """`indexer index`: bring the store up to date with the files under ``paths``, deletions included.
+        Ctrl-C keeps every batch already stored."""
+        roots = check_roots(paths)
+        summary = self._start()
+        plan = plan_roots(roots, self.settings, self.store, summary)
+        try:
+            self._run(plan, summary, remove=True, optimize=True)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            self.close(wait=False)
+            log.warning("interrupted: finished batches are stored; the next run resumes from there")
+        finally:
+            self.progress.close()
+        return summary
+
+    def sync(
+        self, roots: Sequence[Path], *, fresh_seconds: float = 0.0, stop: Stop = _never, on_batch: OnBatch | None = None
+    ) -> SyncResult:
+        """The daemon's reconciliation: `index`'s diff of existing ``roots``, moves and embeddings applied,
+        deletions returned. Files modified less than ``fresh_seconds`` ago are deferred, not read."""
+        summary = self._start()
+        plan = plan_roots(roots, self.settings, self.store, summary)
+        deferred = defer_fresh(plan, fresh_seconds)
+        self._run(plan, summary, stop=stop, on_batch=on_batch)
+        return SyncResult(summary, plan.gone, deferred)
+
+    def apply_changes(
+        self, changes: Sequence[FileChange], *, stop: Stop = _never, on_batch: OnBatch | None = None
+    ) -> SyncResult:
+        """A batch of complete changes from the watcher: renames keep their vectors, new and changed files are
+        embedded (unchanged ones skipped), and the points of files gone are returned, not removed."""
+        summary = self._start()
+        wanted = sort_changes(changes)
+        wanted.upserts = self._apply_renames(wanted, summary) + wanted.upserts
+        plan = plan_changes(wanted, self.store, summary)
+        self._run(plan, summary, stop=stop, on_batch=on_batch)
+        return SyncResult(summary, plan.gone)
+
+    def remove(self, points: Sequence[StoredPoint], summary: RunSummary) -> None:
+        """Points whose files left the disk leave the store."""
+        if not points:
+            return
+        self.store.delete([p.id for p in points])
+        self.store.clear_failures([p.path for p in points])
+        summary.removed += len(points)
+        self.store.flush()
+        log.info("removed %d points whose files are gone", len(points))
+
+    def close(self, wait: bool = True) -> None:
+        """Shut the decoders down (the store and the model are the caller's)."""
+        if self._decoders is not None:
+            self._decoders.close(wait)
+            self._decoders = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(wait=exc_type is None)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def _start(self) -> RunSummary:
+        self.store.ensure_collection(self.model.model_id, self.model.dim)
+        return RunSummary()
+
+    def _run(
+        self,
+        plan: Plan,
+        summary: RunSummary,
+        *,
+        remove: bool = False,
+        optimize: bool = False,
+        stop: Stop = _never,
+        on_batch: OnBatch | None = None,
+    ) -> None:
+        try:
+            for old, entry in find_moves(plan):
+                move_point(self.store, old, entry)
+                summary.moved += 1
+            self._embed(plan, summary, stop, on_batch)
+            if remove:
+                self.remove(list(plan.gone.values()), summary)
+                plan.gone = {}
+        finally:
+            self._record(summary, optimize)
+
+    def _apply_renames(self, wanted: Wanted, summary: RunSummary) -> list[FileEntry]:
+        """A rename whose file is unchanged keeps its vector; otherwise the old point goes and the file is embedded."""
+        to_embed: list[FileEntry] = []
+        for src, entry in wanted.moves:
+            found = self.store.retrieve([point_id(src)])
+            if found and unchanged(entry, found[0]):
+                move_point(self.store, found[0], entry)
+                summary.moved += 1
+            else:
+                if found:
+                    wanted.gone.add(str(src))
+                to_embed.append(entry)
+        return to_embed
+
+    def _embed(self, plan: Plan, summary: RunSummary, stop: Stop, on_batch: OnBatch | None) -> None:
+        """Decode, embed and upsert the plan's files batch by batch; ``stop()`` is asked after every batch (what is
+        left is not lost: it is still on disk for the next scan)."""
+        if not plan.to_embed:
+            return
+        clip = self.model.get()
+        self.progress.start(len(plan.to_embed), "embedding")
+        decoded = self.decoders().for_files(len(plan.to_embed)).imap(e.path for e in plan.to_embed)
+        try:
+            for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
+                self._take(item, plan, summary, on_batch)
+                if stop():
+                    summary.interrupted = True
+                    return
+        finally:
+            decoded.close()  # cancels the files submitted to decode workers and not consumed
+
+    def _take(self, item: EmbeddedBatch | Failure, plan: Plan, summary: RunSummary, on_batch: OnBatch | None) -> None:
+        if isinstance(item, Failure):
+            log.warning("skipping %s: %s", item.path, item.reason)
+            summary.add_failure(item)
+            if str(item.path) in plan.stored_paths:  # it changed into something unreadable: drop the stale vector
+                self.store.delete([point_id(item.path)])
+            self.progress.advance(1)
+            return
+        now = time.time()
+        points = [
+            StoredPoint(point_id(meta.path), payload_for(meta, self.model.model_id, now), vector)
+            for meta, vector in zip(item.metas, item.vectors, strict=True)
+        ]
+        self.store.upsert(points)
+        self.store.clear_failures([str(m.path) for m in item.metas])
+        summary.indexed += len(points)
+        self.progress.advance(len(points))
+        if on_batch is not None:
+            on_batch(item)
+
+    def decoders(self) -> Decoders:
+        """The decoders, made on first need (the model's preprocessing decides their output)."""
+        if self._decoders is None:
+            clip = self.model.get()
+            self._decoders = Decoders(self.settings, clip.preprocess, clip.batch_size)
+        return self._decoders
+
+    def _record(self, summary: RunSummary, optimize: bool) -> None:
+        if summary.failures:
+            self.store.record_failures(summary.failures)
+        if optimize and summary.indexed + summary.moved >= max(1, self.settings.store.optimize_after):
+            self.store.optimize()
+        self.store.flush()
 
 
 def run_index(
@@ -99,155 +288,9 @@ def run_index(
     model: LazyModel,
     progress: Progress | None = None,
 ) -> RunSummary:
-    """Bring the store up to date with the files under ``paths``. Ctrl-C keeps every batch already stored."""
-    progress = progress or NoProgress()
-    roots = check_roots(paths)
-    store.ensure_collection(model.model_id, model.dim)
-    summary = RunSummary()
-    plan = make_plan(roots, settings, store, summary)
-    try:
-        apply_moves(plan, store, summary)
-        embed_into_store(plan, settings, store, model, summary, progress)
-        remove_gone(plan, store, summary)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        log.warning("interrupted: finished batches are stored; the next run resumes from there")
-    finally:
-        progress.close()
-        _finish(store, summary, settings)
-    return summary
-
-
-def _finish(store: VectorStore, summary: RunSummary, settings: Settings) -> None:
-    if summary.failures:
-        store.record_failures(summary.failures)
-    if summary.indexed + summary.moved >= max(1, settings.store.optimize_after):
-        store.optimize()
-    store.flush()
-
-
-def make_plan(roots: list[Path], settings: Settings, store: VectorStore, summary: RunSummary) -> Plan:
-    """Diff the disk against the store: which files to embed, which stored points are gone."""
-    stored: dict[str, StoredPoint] = {}
-    for root in roots:
-        for point in store.scroll(filter=SearchFilter(path_prefix=str(root))):
-            stored[point.path] = point
-    plan = Plan(stored_paths=set(stored))
-    for entry in _scan(roots, settings, summary):
-        old = stored.pop(str(entry.path), None)
-        if old is not None and _unchanged(entry, old):
-            summary.unchanged += 1
-        else:
-            plan.to_embed.append(entry)
-    plan.gone = stored
-    log.info("%d to embed, %d unchanged, %d gone from disk", len(plan.to_embed), summary.unchanged, len(plan.gone))
-    return plan
-
-
-def _scan(roots: list[Path], settings: Settings, summary: RunSummary) -> Iterator[FileEntry]:
-    return scan(
-        roots,
-        SUPPORTED_EXTENSIONS,
-        follow_symlinks=settings.index.follow_symlinks,
-        include_hidden=settings.index.include_hidden,
-        on_error=summary.add_failure,
-    )
-
-
-def _unchanged(entry: FileEntry, point: StoredPoint) -> bool:
-    return bool(point.payload.get("size") == entry.size and point.payload.get("mtime_ns") == entry.mtime_ns)
-
-
-def apply_moves(plan: Plan, store: VectorStore, summary: RunSummary) -> None:
-    """New files with the content (sha256) of a vanished point take over its vector: a move, not a re-embed."""
-    by_sha = _gone_by_sha(plan.gone)
-    if not by_sha:
-        return
-    sizes = {int(p.payload.get("size", -1)) for p in plan.gone.values()}
-    remaining: list[FileEntry] = []
-    for entry in plan.to_embed:
-        old = _moved_from(entry, plan, sizes, by_sha)
-        if old is None:
-            remaining.append(entry)
-        else:
-            move_point(store, old, entry)
-            del plan.gone[old.path]
-            summary.moved += 1
-    plan.to_embed = remaining
-
-
-def _gone_by_sha(gone: dict[str, StoredPoint]) -> dict[str, list[StoredPoint]]:
-    by_sha: dict[str, list[StoredPoint]] = {}
-    for point in gone.values():
-        sha = point.payload.get("sha256")
-        if sha:
-            by_sha.setdefault(str(sha), []).append(point)
-    return by_sha
-
-
-def _moved_from(
-    entry: FileEntry, plan: Plan, sizes: set[int], by_sha: dict[str, list[StoredPoint]]
-) -> StoredPoint | None:
-    if str(entry.path) in plan.stored_paths or entry.size not in sizes:
-        return None
-    try:
-        sha = hash_file(entry.path)
-    except OSError:
-        return None  # the decode stage will report it
-    candidates = by_sha.get(sha)
-    return candidates.pop() if candidates else None
-
-
-def embed_into_store(
-    plan: Plan,
-    settings: Settings,
-    store: VectorStore,
-    model: LazyModel,
-    summary: RunSummary,
-    progress: Progress,
-) -> None:
-    """Decode, embed and upsert every file of the plan, one batch at a time."""
-    if not plan.to_embed:
-        return
-    clip = model.get()
-    progress.start(len(plan.to_embed), "embedding")
-    paths = (e.path for e in plan.to_embed)
-    with decode_pool(settings, clip.preprocess, len(plan.to_embed), clip.batch_size) as pool:
-        for item in embed_batches(pool.imap(paths), clip.encode_pixels, clip.batch_size):
-            if isinstance(item, Failure):
-                _failed(item, plan, store, summary)
-                progress.advance(1)
-            else:
-                _store_batch(item, model.model_id, store, summary)
-                progress.advance(len(item.metas))
-
-
-def _failed(failure: Failure, plan: Plan, store: VectorStore, summary: RunSummary) -> None:
-    log.warning("skipping %s: %s", failure.path, failure.reason)
-    summary.add_failure(failure)
-    if str(failure.path) in plan.stored_paths:  # it changed into something unreadable: drop the stale vector
-        store.delete([point_id(failure.path)])
-
-
-def _store_batch(batch: EmbeddedBatch, model_id: str, store: VectorStore, summary: RunSummary) -> None:
-    now = time.time()
-    points = [
-        StoredPoint(point_id(meta.path), payload_for(meta, model_id, now), vector)
-        for meta, vector in zip(batch.metas, batch.vectors, strict=True)
-    ]
-    store.upsert(points)
-    store.clear_failures([str(m.path) for m in batch.metas])
-    summary.indexed += len(points)
-
-
-def remove_gone(plan: Plan, store: VectorStore, summary: RunSummary) -> None:
-    """Points whose files left the disk leave the store."""
-    if not plan.gone:
-        return
-    store.delete([p.id for p in plan.gone.values()])
-    store.clear_failures(list(plan.gone))
-    summary.removed += len(plan.gone)
-    log.info("removed %d points whose files are gone", len(plan.gone))
+    """Bring the store up to date with the files under ``paths`` (`Indexer.index`)."""
+    with Indexer(settings, store, model, progress) as indexer:
+        return indexer.index(paths)
 
 
 def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> DecodePool:
@@ -264,62 +307,6 @@ def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size
         max_pixels=settings.decode.max_pixels, max_file_bytes=int(settings.decode.max_file_mb * 1024 * 1024)
     )
     return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
-
-
-# --- embed to a file -------------------------------------------------------------------------------------------
-
-
-def run_embed(
-    paths: Sequence[str | Path],
-    output: Path,
-    settings: Settings,
-    model: LazyModel,
-    progress: Progress | None = None,
-) -> RunSummary:
-    """Embed every image under ``paths`` into ``output`` (.parquet or .npy); no store involved."""
-    from indexer.export import open_embedding_writer
-
-    progress = progress or NoProgress()
-    roots = check_roots(paths)
-    summary = RunSummary()
-    entries = list(_scan(roots, settings, summary))
-    clip = model.get()
-    progress.start(len(entries), "embedding")
-    pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
-    with open_embedding_writer(output, clip.dim, model.model_id) as writer, pool:
-        try:
-            for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
-                _write_item(item, writer, summary, progress)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-        finally:
-            progress.close()
-    return summary
-
-
-def _write_item(item: EmbeddedBatch | Failure, writer: Any, summary: RunSummary, progress: Progress) -> None:
-    if isinstance(item, Failure):
-        log.warning("skipping %s: %s", item.path, item.reason)
-        summary.add_failure(item)
-        progress.advance(1)
-        return
-    writer.write(item.metas, item.vectors)
-    summary.indexed += len(item.metas)
-    progress.advance(len(item.metas))
-
-
-# --- watch: event batches and reconciliation for the daemon --------------------------------------------------------
-#
-# The daemon keeps the store equal to its roots with the same diff as `indexer index`, but it never deletes by
-# itself: the functions below apply moves and embeddings and *return* the points whose files are gone, so that the
-# daemon's deletion policy (never on a missing or emptied root, hold mass deletions) decides which to remove.
-
-Stop = Callable[[], bool]
-OnBatch = Callable[[EmbeddedBatch], None]
-
-
-def _never() -> bool:
-    return False
 
 
 class Decoders:
@@ -346,193 +333,43 @@ class Decoders:
             self._pool.close(wait)
 
 
-@dataclass
-class SyncResult:
-    """What a daemon step did. ``gone``: stored points whose files are gone, not yet removed (the caller's deletion
-    policy decides). ``deferred``: files too fresh to take (maybe still being written): the caller watches them."""
-
-    summary: RunSummary
-    gone: dict[str, StoredPoint] = field(default_factory=dict)
-    deferred: list[FileEntry] = field(default_factory=list)
+# --- embed to a file -------------------------------------------------------------------------------------------
 
 
-def sync_roots(
-    roots: Sequence[Path],
+def run_embed(
+    paths: Sequence[str | Path],
+    output: Path,
     settings: Settings,
-    store: VectorStore,
     model: LazyModel,
-    decoders: Decoders,
-    *,
-    fresh_seconds: float = 0.0,
-    stop: Stop = _never,
-    on_batch: OnBatch | None = None,
-) -> SyncResult:
-    """``indexer index``'s diff of existing ``roots`` against the store: moves and embeddings applied, deletions
-    returned. Files modified less than ``fresh_seconds`` ago are deferred, not read."""
-    store.ensure_collection(model.model_id, model.dim)
+    progress: Progress | None = None,
+) -> RunSummary:
+    """Embed every image under ``paths`` into ``output`` (.parquet or .npy); no store involved."""
+    from indexer.export import open_embedding_writer
+
+    progress = progress or NoProgress()
+    roots = check_roots(paths)
     summary = RunSummary()
-    plan = make_plan(list(roots), settings, store, summary)
-    deferred = _defer_fresh(plan, fresh_seconds)
-    try:
-        apply_moves(plan, store, summary)
-        embed_plan(plan, settings, store, model, summary, decoders, stop, on_batch)
-    finally:
-        _record(store, summary)
-    return SyncResult(summary, plan.gone, deferred)
-
-
-def _defer_fresh(plan: Plan, seconds: float) -> list[FileEntry]:
-    if seconds <= 0:
-        return []
-    newest_ns = time.time_ns() - int(seconds * 1e9)
-    deferred = [e for e in plan.to_embed if e.mtime_ns > newest_ns]
-    if deferred:
-        plan.to_embed = [e for e in plan.to_embed if e.mtime_ns <= newest_ns]
-    return deferred
-
-
-def embed_plan(
-    plan: Plan,
-    settings: Settings,
-    store: VectorStore,
-    model: LazyModel,
-    summary: RunSummary,
-    decoders: Decoders,
-    stop: Stop = _never,
-    on_batch: OnBatch | None = None,
-) -> None:
-    """Decode, embed and upsert the plan's files batch by batch; ``stop()`` is asked after every batch (what is
-    left is not lost: it is still on disk for the next scan)."""
-    if not plan.to_embed:
-        return
+    entries = list(scan_entries(roots, settings, summary.add_failure))
     clip = model.get()
-    pool = decoders.for_files(len(plan.to_embed))
-    decoded = pool.imap(e.path for e in plan.to_embed)
-    try:
-        for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
-            if isinstance(item, Failure):
-                _failed(item, plan, store, summary)
-            else:
-                _store_batch(item, model.model_id, store, summary)
-                if on_batch is not None:
-                    on_batch(item)
-            if stop():
-                summary.interrupted = True
-                return
-    finally:
-        decoded.close()  # cancels the files submitted to decode workers and not consumed
+    progress.start(len(entries), "embedding")
+    pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
+    with open_embedding_writer(output, clip.dim, model.model_id) as writer, pool:
+        try:
+            for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
+                _write_item(item, writer, summary, progress)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            progress.close()
+    return summary
 
 
-def _record(store: VectorStore, summary: RunSummary) -> None:
-    if summary.failures:
-        store.record_failures(summary.failures)
-    store.flush()
-
-
-def apply_changes(
-    changes: Sequence[FileChange],
-    settings: Settings,
-    store: VectorStore,
-    model: LazyModel,
-    decoders: Decoders,
-    *,
-    stop: Stop = _never,
-    on_batch: OnBatch | None = None,
-) -> SyncResult:
-    """Apply a batch of complete changes from the watcher: renames keep their vectors, new and changed files are
-    embedded (unchanged ones skipped), and the points of files gone are returned, not removed."""
-    store.ensure_collection(model.model_id, model.dim)
-    summary = RunSummary()
-    wanted = _sort_changes(changes)
-    gone_paths = wanted.gone
-    upserts = _apply_renames(wanted.moves, store, summary, gone_paths) + wanted.upserts
-    plan = _change_plan(upserts, gone_paths, wanted.trees, store, summary)
-    try:
-        apply_moves(plan, store, summary)
-        embed_plan(plan, settings, store, model, summary, decoders, stop, on_batch)
-    finally:
-        _record(store, summary)
-    return SyncResult(summary, plan.gone)
-
-
-@dataclass
-class _Wanted:
-    upserts: list[FileEntry] = field(default_factory=list)
-    moves: list[tuple[Path, FileEntry]] = field(default_factory=list)
-    gone: set[str] = field(default_factory=set)
-    trees: list[Path] = field(default_factory=list)
-
-
-def _sort_changes(changes: Sequence[FileChange]) -> _Wanted:
-    wanted = _Wanted()
-    for change in changes:
-        if change.kind is ChangeKind.DELETE_TREE:
-            wanted.trees.append(change.path)
-            continue
-        entry = _stat_entry(change.path) if change.kind is not ChangeKind.DELETE else None
-        if entry is None:
-            wanted.gone.add(str(change.path))
-            if change.src is not None:  # moved here, then deleted: the old point goes too
-                wanted.gone.add(str(change.src))
-        elif change.kind is ChangeKind.MOVE and change.src is not None:
-            wanted.moves.append((change.src, entry))
-        else:
-            wanted.upserts.append(entry)
-    return wanted
-
-
-def _stat_entry(path: Path) -> FileEntry | None:
-    """The file as it is now; None when it is gone (or not a regular file)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return FileEntry(path, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
-
-
-def _apply_renames(
-    moves: list[tuple[Path, FileEntry]], store: VectorStore, summary: RunSummary, gone: set[str]
-) -> list[FileEntry]:
-    """A rename whose file is unchanged keeps its vector; otherwise the old point goes and the file is embedded."""
-    to_embed: list[FileEntry] = []
-    for src, entry in moves:
-        found = store.retrieve([point_id(src)])
-        if found and _unchanged(entry, found[0]):
-            move_point(store, found[0], entry)
-            summary.moved += 1
-        else:
-            if found:
-                gone.add(str(src))
-            to_embed.append(entry)
-    return to_embed
-
-
-def _change_plan(
-    upserts: list[FileEntry], gone_paths: set[str], trees: list[Path], store: VectorStore, summary: RunSummary
-) -> Plan:
-    """A Plan for a batch of changes: files to embed (unchanged ones dropped) and points whose files are gone."""
-    stored = {p.path: p for p in store.retrieve([point_id(e.path) for e in upserts])}
-    plan = Plan(stored_paths=set(stored))
-    for entry in upserts:
-        old = stored.get(str(entry.path))
-        if old is not None and _unchanged(entry, old):
-            summary.unchanged += 1
-        else:
-            plan.to_embed.append(entry)
-    points = store.retrieve([point_id(p) for p in sorted(gone_paths)])
-    for tree in trees:
-        points.extend(store.scroll(filter=SearchFilter(path_prefix=str(tree))))
-    # Only what is really gone from disk: an event can be stale (a folder renamed away and back, a re-created file).
-    plan.gone = {p.path: p for p in points if not os.path.lexists(p.path)}
-    plan.stored_paths |= set(plan.gone)
-    return plan
-
-
-def remove_points(store: VectorStore, points: Sequence[StoredPoint], summary: RunSummary) -> None:
-    """Remove points whose files are gone (after the caller's deletion policy let them go)."""
-    if not points:
+def _write_item(item: EmbeddedBatch | Failure, writer: Any, summary: RunSummary, progress: Progress) -> None:
+    if isinstance(item, Failure):
+        log.warning("skipping %s: %s", item.path, item.reason)
+        summary.add_failure(item)
+        progress.advance(1)
         return
-    store.delete([p.id for p in points])
-    store.clear_failures([p.path for p in points])
-    summary.removed += len(points)
-    store.flush()
+    writer.write(item.metas, item.vectors)
+    summary.indexed += len(item.metas)
+    progress.advance(len(item.metas))

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.decode import decode_file, load_image, preprocess
-from indexer.errors import ConfigError, DecodeError, IndexerError, ModelMismatchError, StoreError
+from indexer.errors import ConfigError, DecodeError, ModelMismatchError, StoreError, UnknownImageError
 from indexer.model import ClipModel, LazyModel
 from indexer.records import DecodeLimits, Failure, Hit, SearchFilter
 from indexer.settings import SEARCH_LIMIT, SEARCH_THRESHOLD
@@ -34,15 +34,6 @@ from indexer.store import VectorStore
 log = logging.getLogger(__name__)
 
 Vector = npt.NDArray[np.float32]
-
-
-class UnknownImageError(IndexerError):
-    """A query names indexed images (by id) that the store does not hold; `ids` lists them."""
-
-    def __init__(self, ids: Sequence[str]) -> None:
-        shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
-        super().__init__(f"no indexed image with id {shown}")
-        self.ids = list(ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from indexer.errors import ConfigError
+from indexer.errors import ConfigError, InotifyLimitError
 from indexer.scan import normalise_root
 
 log = logging.getLogger(__name__)
@@ -430,10 +430,6 @@ def _visible(path: Path, root: Path) -> bool:
 
 
 # --- observers ----------------------------------------------------------------------------------------------------
-
-
-class InotifyLimitError(OSError):
-    """A root needs more inotify watches than the system grants."""
 
 
 def count_directories(root: Path) -> int:

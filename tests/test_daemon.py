@@ -99,7 +99,8 @@ class Daemon:
         status = self.get("/status")
         query = {"texts": ["a shape"], "limit": 100_000}
         body = json.dumps({"store": str(self.store), "model": status["model"], "query": query}).encode()
-        request = urllib.request.Request(self.url + "/search", data=body, method="POST")
+        headers = {"Content-Type": "application/json"}  # the control server refuses bodies not declared as JSON
+        request = urllib.request.Request(self.url + "/search", data=body, method="POST", headers=headers)
         with urllib.request.urlopen(request, timeout=60) as response:
             hits = json.loads(response.read())["hits"]
         return {h["payload"]["path"]: h["payload"] for h in hits}

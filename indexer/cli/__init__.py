@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 
 from indexer import __version__
 from indexer.cli import core, library, serve, watch
-from indexer.cli.common import COMMON_FLAGS, EXIT_ERROR, EXIT_INTERRUPTED, overrides_from_args
-from indexer.errors import IndexerError
+from indexer.cli.common import COMMON_FLAGS, EXIT_INTERRUPTED, overrides_from_args
+from indexer.errors import IndexerError, exit_code_for
 from indexer.settings import Settings, load_settings
 
 log = logging.getLogger("indexer")
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except IndexerError as exc:
         print(f"indexer: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         print("indexer: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,0 +1,88 @@
+"""The checks every HTTP surface makes before it reads a request: its Host, its key, its body's type and size.
+
+One implementation for `indexer serve` (ASGI middleware in `indexer.api.guards`) and the watch daemon's control
+endpoint (`indexer.daemon.control`, on http.server). Each check raises the IndexerError the surfaces answer with
+(`indexer.errors.body_for`), so both refuse the same requests with the same status and body. No web framework and
+no torch here: the daemon's control thread imports it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from indexer.errors import (
+    ConfigError,
+    HostNotAllowedError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+    UnsupportedMediaError,
+)
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and the name localhost."""
+    name = host.strip().lower().strip("[]")
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The host name of a Host header, without the port ('[::1]:8000' → '::1')."""
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def check_host(host: str) -> None:
+    """Without an API key only loopback Host headers are served: a DNS-rebinding guard (a page on evil.example
+    resolving its name to 127.0.0.1 sends ``Host: evil.example``)."""
+    if host and not is_loopback(host_name(host)):
+        raise HostNotAllowedError(f"host {host!r} not allowed: without an API key only localhost is served")
+
+
+def check_key(authorization: bytes, key: bytes) -> None:
+    """``Authorization: Bearer KEY``, compared in constant time."""
+    scheme, _, token = authorization.partition(b" ")
+    if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)):
+        raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer KEY'")
+
+
+def check_json(content_type: str) -> None:
+    """A body must be declared as JSON: a cross-origin page can post text/plain or a form without asking first."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaError(f"the body must be JSON (Content-Type: application/json), not {media or 'none'!r}")
+
+
+def declared_length(header: str | None, limit: int, setting: str) -> int | None:
+    """A Content-Length header as a number of bytes (None when absent); ConfigError when it is not a number,
+    PayloadTooLargeError when it is above ``limit`` (``setting`` names the limit)."""
+    if header is None:
+        return None
+    text = header.strip()
+    if not text.isdigit() or not text.isascii():
+        raise ConfigError("Content-Length", f"{header!r} is not a number of bytes")
+    size = int(text)
+    if size > limit:
+        raise too_large(limit, setting)
+    return size
+
+
+def too_large(limit: int, setting: str) -> PayloadTooLargeError:
+    """The error for a body above ``limit`` bytes, naming the setting that sets it."""
+    return PayloadTooLargeError(f"request body larger than {limit / (1024 * 1024):g} MiB ({setting})")
+
+
+def check_access(host: str, authorization: bytes, key: bytes, public: bool) -> None:
+    """Without a key: only loopback Host headers. With one: the bearer token, except on ``public`` routes."""
+    if not key:
+        check_host(host)
+    elif not public:
+        check_key(authorization, key)
