@@ -37,6 +37,7 @@ from indexer.api.models import (
 )
 from indexer.api.service import FileGuard, Metrics, Service, default_thumbnail_dir, engine_thread_init
 from indexer.errors import INTERNAL_ERROR, ConfigError, IndexerError, body_for, error_body, http_status_for
+from indexer.formats import MEDIA_TYPES
 from indexer.model import LazyModel
 from indexer.records import DecodeLimits
 from indexer.search import Query as SearchQuery
@@ -47,16 +48,6 @@ from indexer.thumbs import ThumbnailCache
 log = logging.getLogger(__name__)
 
 WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
-MEDIA_TYPES = {
-    "JPEG": "image/jpeg",
-    "PNG": "image/png",
-    "WEBP": "image/webp",
-    "GIF": "image/gif",
-    "BMP": "image/bmp",
-    "TIFF": "image/tiff",
-    "HEIF": "image/heif",
-    "AVIF": "image/avif",
-}
 _STATUSES = frozenset(s.value for s in HTTPStatus)
 # The page loads nothing from elsewhere: scripts, styles, images and fetches stay on this origin.
 PAGE_CSP = (

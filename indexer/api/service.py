@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from indexer.decode import SUPPORTED_EXTENSIONS
 from indexer.errors import DecodeError, NotServableError, UnknownImageError
+from indexer.formats import SUPPORTED_EXTENSIONS
 from indexer.model import LazyModel
 from indexer.records import DecodeLimits, Hit
 from indexer.search import Query as SearchQuery

@@ -29,12 +29,13 @@ from indexer.daemon.guard import DeletionGuard, Held, root_identity, root_state
 from indexer.daemon.metrics import Metrics
 from indexer.daemon.schedule import Scan, ScanKind, Scheduler
 from indexer.daemon.shared import LockedStore, SharedModel
-from indexer.decode import SUPPORTED_EXTENSIONS
 from indexer.embed import EmbeddedBatch
 from indexer.errors import StoreBusyError, StoreError
+from indexer.formats import SUPPORTED_EXTENSIONS
 from indexer.pipeline import Indexer, SyncResult, store_from_settings
 from indexer.records import Hit, RunSummary, SearchFilter
 from indexer.settings import Settings
+from indexer.status import store_status
 from indexer.store import STORE_FILE
 from indexer.watch import Coalescer, FileChange, FsEvent, Watcher, check_watch_roots, default_filter
 
@@ -501,17 +502,8 @@ class Daemon:
     def status(self, failures: int) -> dict[str, Any]:
         """What ``indexer status`` prints, plus the daemon's own state."""
         store = self._ready_store()
-        model = store.model_info()
         _, health = self.health()
-        return {
-            "store": store.location,
-            "model": model[0] if model else None,
-            "dim": model[1] if model else None,
-            "images": store.count() if model else 0,
-            "failed": store.failure_count(),
-            "failures": [{"path": f.path, "reason": f.reason, "at": f.at} for f in store.failures(failures)],
-            "daemon": {**health, "url": self.server.url if self.server else None},
-        }
+        return {**store_status(store, failures), "daemon": {**health, "url": self.server.url if self.server else None}}
 
     def search(self, request: dict[str, Any]) -> list[Hit]:
         """A search asked by ``indexer search`` (same model required)."""

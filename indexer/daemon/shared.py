@@ -18,7 +18,7 @@ import numpy.typing as npt
 from indexer.errors import ModelMismatchError, StoreBusyError, StoreError
 from indexer.model import ClipModel, LazyModel
 from indexer.records import Failure, Hit, SearchFilter, StoredPoint
-from indexer.settings import ModelSettings
+from indexer.settings import SEARCH_LIMIT, ModelSettings
 from indexer.store import FailureRecord, VectorStore
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class LockedStore:
         self,
         vector: npt.NDArray[np.float32],
         *,
-        limit: int = 10,
+        limit: int = SEARCH_LIMIT,
         offset: int = 0,
         threshold: float | None = None,
         filter: SearchFilter | None = None,
