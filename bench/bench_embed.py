@@ -5,12 +5,20 @@ overlapped. Indexer: the real `run_embed` pipeline (draft decode in worker proce
 with inference, bf16 on CPUs that have it). Both use the same architecture (ViT-B-32, random weights by default:
 fine for timing) and the model is built before the clock starts for both. Prints both throughputs and the ratio.
 
+With ``--whole-process`` it times instead what a user experiences: ``indexer embed DIR -o FILE`` run from the shell
+against the baseline run as its own script (``python -m bench.bench_embed --baseline-run``: imports, model built and
+loaded from the same weights file, PIL full decode, open_clip preprocess, fp32, batches of 32), start-up included.
+
     python -m bench.bench_embed [--count 48] [--batch 16] [--model ViT-B-32]
+    python -m bench.bench_embed --whole-process [--count 96] [--batch 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,18 +81,101 @@ def indexer_embed(folder: Path, model_name: str, batch: int, dtype: str, workers
         return time.perf_counter() - start, summary.indexed
 
 
+def weights_file(model_name: str) -> Path:
+    """Random weights for ``model_name`` saved once (open_clip's layout, safetensors): both sides load them."""
+    path = CACHE.parent / f"{model_name}-random.safetensors"
+    if not path.exists():
+        import open_clip
+        import torch
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        net = open_clip.create_model(model_name, pretrained=None)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    return path
+
+
+def baseline_run(folder: Path, model_name: str, weights: Path, batch: int) -> None:
+    """The straightforward script, as its own process: the whole of it is what gets timed."""
+    import open_clip
+    import torch
+
+    net, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights))
+    net.eval()
+    paths = sorted(folder.glob("*.jpg"))
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch):
+            images = [preprocess(Image.open(p).convert("RGB")) for p in paths[i : i + batch]]
+            out.append(torch.nn.functional.normalize(net.encode_image(torch.stack(images)), dim=-1).numpy())
+    np.save(folder.parent / "baseline-vectors.npy", np.concatenate(out))
+
+
+def whole_process(folder: Path, count: int, model_name: str, batch: int) -> None:
+    weights = weights_file(model_name)
+    indexer = str(Path(sys.executable).parent / "indexer")
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = [
+            indexer,
+            "embed",
+            str(folder),
+            "-o",
+            f"{tmp}/out.parquet",
+            "--model",
+            model_name,
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--batch-size",
+            str(batch),
+        ]
+        base = [
+            sys.executable,
+            "-m",
+            "bench.bench_embed",
+            "--baseline-run",
+            str(folder),
+            "--model",
+            model_name,
+            "--weights",
+            str(weights),
+            "--batch",
+            str(batch),
+        ]
+        times: dict[str, float] = {}
+        for name, cmd in (("indexer embed", ours), ("baseline script", base)):
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).parent.parent)
+            times[name] = time.perf_counter() - start
+    print(f"whole processes, {count} JPEGs of 4000x3000, {model_name} (random weights from a file), batch {batch}:")
+    print(f"baseline script (sequential, full decode, fp32): {times['baseline script']:6.1f} s")
+    print(f"indexer embed (from the shell):                  {times['indexer embed']:6.1f} s")
+    print(f"ratio: {times['baseline script'] / times['indexer embed']:.2f}x")
+
+
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--whole-process", action="store_true", help="time whole processes, start-up included")
+    parser.add_argument("--baseline-run", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--dtype", default="auto", help="the indexer's model dtype (auto: its own choice)")
     parser.add_argument("--workers", type=int, default=0, help="decode workers (0: the indexer's default)")
     args = parser.parse_args()
-    folder = CACHE
+    if args.baseline_run is not None:
+        baseline_run(args.baseline_run, args.model, args.weights, args.batch)
+        return
+    folder = CACHE if not args.whole_process else CACHE.parent / f"jpeg-12mp-{args.count}"
     paths = make_photos(folder, args.count)
+    if args.whole_process:
+        whole_process(folder, len(paths), args.model, args.batch)
+        return
     print(
         f"{len(paths)} JPEGs of 4000x3000 in {folder}; model {args.model} (random weights); "
         f"torch threads {torch.get_num_threads()}"

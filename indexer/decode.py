@@ -366,14 +366,15 @@ def _check_spec(spec: PreprocessSpec) -> None:
         raise ValueError(f"image_size must be positive, not {spec.image_size}")
 
 
-def _resize_shortest(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    """torchvision Resize(size) (shortest side) then CenterCrop(size), with torchvision's rounding."""
+def _resize_shortest(image: Image.Image, size: int, resample: Image.Resampling, floor: bool = False) -> Image.Image:
+    """torchvision Resize(size) (shortest side) then CenterCrop(size), with torchvision's rounding
+    (``floor``: transformers' CLIPImageProcessor, which floors the crop offset)."""
     width, height = image.size
     short, long = min(width, height), max(width, height)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if width <= height else (new_long, size)
-    top = round((new_h - size) / 2.0)  # torchvision: int(round(...)), Python rounds half to even
-    left = round((new_w - size) / 2.0)
+    top = (new_h - size) // 2 if floor else round((new_h - size) / 2.0)  # torchvision: round half to even
+    left = (new_w - size) // 2 if floor else round((new_w - size) / 2.0)
     if new_long <= _EXACT_RESIZE_MAX_ASPECT * size:
         resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), resample)
         return resized.crop((left, top, left + size, top + size))
@@ -392,7 +393,7 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> Pixels:
     if spec.resize_mode == "squash":
         out = image if image.size == (size, size) else image.resize((size, size), resample)
     else:
-        out = _resize_shortest(image, size, resample)
+        out = _resize_shortest(image, size, resample, spec.crop_rounding == "floor")
     if out.mode != "RGB":
         out = out.convert("RGB")
     hwc = np.asarray(out, dtype=np.uint8)
@@ -409,7 +410,7 @@ def decode_file(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decod
     _check_spec(spec)
     try:
         data, st = _read(path, limits)
-        loaded = _decode(data, limits, spec.image_size)
+        loaded = _decode(data, limits, None if limits.full_resolution else spec.image_size)
         pixels = preprocess(loaded.image, spec)
     except Exception as exc:  # a per-file problem must never stop the run
         return Failure(path, _reason(exc))

@@ -2,24 +2,23 @@
 
 The default is OpenAI's ViT-L/14 through open_clip, built exactly as OpenAI's model (QuickGELU, bicubic resize of
 the shortest side + centre crop, OpenAI's mean/std), so the vectors are the reference ones: 768-dim, L2-normalised.
-Any open_clip architecture runs through the same code, by name or from an open_clip model-config JSON file.
+Any open_clip architecture runs through the same code, by name or from an open_clip model-config JSON file, and a
+transformers ``CLIPModel`` directory (NeMo Curator's ``model_dir``) is read as it is (see :mod:`indexer.hfclip`).
 
-Weights are looked up, in order: ``--weights FILE``; the model directory (``model.dir``, the seed's ``model_dir``);
-the Hugging Face cache (``HF_HOME``, or ``model.dir`` used as the cache directory); and, when the machine is online and
-``model.allow_download`` is set, downloaded into that cache.
+Where the weights come from and the model's identity: :mod:`indexer.weights`. The network is built on the ``meta``
+device (no random initialisation) and each tower is loaded, memory-mapped, when first used: a text query never
+reads the image tower.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +27,44 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from indexer.errors import ConfigError, ModelError, WeightsNotFoundError
+from indexer.errors import ConfigError, ModelError
 from indexer.records import PreprocessSpec
 from indexer.settings import ModelSettings
+from indexer.weights import (
+    HF_WEIGHT_FILES,
+    ModelSource,
+    find_pretrained_weights,
+    resolve_source,
+    tensor_reader,
+)
+
+__all__ = [
+    "HF_WEIGHT_FILES",
+    "ClipModel",
+    "LazyModel",
+    "ModelSource",
+    "find_pretrained_weights",
+    "load_model",
+    "resolve_source",
+]
 
 log = logging.getLogger(__name__)
 
-HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CPU_BATCH = 32
 GPU_BATCH = 256
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSource:
-    """What to build: an open_clip config and the weights file to load into it (None: random init)."""
-
-    model_id: str
-    config: dict[str, Any]
-    preprocess: dict[str, Any]
-    weights: Path | None
-    builtin_name: str | None
+TOWERS = ("visual", "text")
 
 
 class ClipModel:
-    """A loaded CLIP model on one device. Not thread-safe: one caller at a time."""
+    """A CLIP model on one device, each tower loaded when first used. Not thread-safe: one caller at a time."""
 
-    def __init__(self, net: Any, source: ModelSource, device: torch.device, dtype: torch.dtype, batch: int):
+    def __init__(self, net: Any, source: ModelSource, device: torch.device, dtype: torch.dtype | None, batch: int):
         self.net = net
+        self.source = source
         self.model_id = source.model_id
         self.device = device
-        self.dtype = dtype
+        self.requested_dtype = dtype  # None: measure on this CPU (see calibrate_cpu_dtype)
+        self.dtype = dtype or torch.float32
         self.batch_size = batch
         self.preprocess = _preprocess_spec(source.preprocess, net)
         self.dim = int(source.config["embed_dim"])
@@ -65,6 +72,36 @@ class ClipModel:
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(self.preprocess.mean, device=device).view(shape)
         self._std = torch.tensor(self.preprocess.std, device=device).view(shape)
+        self._loaded: set[str] = set()
+        self._reader: Any = None
+
+    def load(self, *towers: str) -> None:
+        """Load the weights of ``towers`` ("visual", "text"; all when none given) if not loaded yet."""
+        for tower in towers or TOWERS:
+            if tower not in self._loaded:
+                self._load_tower(tower)
+                self._loaded.add(tower)
+
+    def _load_tower(self, tower: str) -> None:
+        started = time.perf_counter()
+        load_tower(self.net, self.source, tower, self._reader_for())
+        dtype = self.requested_dtype
+        if dtype is None and tower == "visual":
+            _move_tower(self.net, tower, self.device, torch.float32)
+            dtype = calibrate_cpu_dtype(self.net, self.model_id)
+        elif dtype is None:
+            dtype = remembered_cpu_dtype(self.model_id) or torch.float32
+        _move_tower(self.net, tower, self.device, dtype)
+        if tower == "text" and getattr(self.net, "attn_mask", None) is not None:
+            self.net.attn_mask = self.net.attn_mask.to(self.device)
+        if tower == "visual":
+            self.dtype = dtype
+        log.debug("%s tower of %s loaded in %.2f s", tower, self.model_id, time.perf_counter() - started)
+
+    def _reader_for(self) -> Any:
+        if self._reader is None and self.source.weights is not None:
+            self._reader = tensor_reader(self.source)
+        return self._reader
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
@@ -72,6 +109,7 @@ class ClipModel:
 
         A CUDA out-of-memory error halves the batch size (kept for later calls) and retries the same images.
         """
+        self.load("visual")
         out: list[npt.NDArray[np.float32]] = []
         start = 0
         while start < len(pixels):
@@ -100,12 +138,14 @@ class ClipModel:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Texts → L2-normalised float32 vectors (N, dim), running the text tower only up to end-of-text."""
+        self.load("text")
         tokens = self._tokenizer(list(texts)).to(self.device)
         return _normalise(encode_text_until_eot(self.net, tokens))
 
     def close(self) -> None:
         """Release the weights (and GPU memory)."""
         self.net = None
+        self._reader = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -179,20 +219,21 @@ class LazyModel:
 
 
 def load_model(settings: ModelSettings) -> ClipModel:
-    """Resolve weights, build the network, move it to the device in the chosen dtype."""
-    return _load(resolve_source(settings), settings)
+    """Resolve weights, build the network and load both towers on the device in the chosen dtype."""
+    clip = _load(resolve_source(settings), settings)
+    clip.load()
+    return clip
 
 
 def _load(source: ModelSource, settings: ModelSettings) -> ClipModel:
+    """The network built on the meta device, no tower loaded yet (ClipModel loads each when first used)."""
     device = resolve_device(settings.device)
     chosen = choose_dtype(device, settings.dtype)
-    net = _build(source, device, chosen or torch.float32)
-    dtype = chosen or calibrate_cpu_dtype(net, source.model_id)
-    if dtype != torch.float32 and chosen is None:
-        net = net.to(dtype)
+    net = build_network(source)
     batch = settings.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
-    log.info("model %s on %s (%s), batch %d", source.model_id, device, str(dtype).removeprefix("torch."), batch)
-    return ClipModel(net, source, device, dtype, batch)
+    shown = str(chosen).removeprefix("torch.") if chosen is not None else "fp32 or bf16, measured"
+    log.info("model %s on %s (%s), batch %d", source.model_id, device, shown, batch)
+    return ClipModel(net, source, device, chosen, batch)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -228,10 +269,10 @@ def calibrate_cpu_dtype(net: Any, model_id: str, cache: Path | None = None) -> t
     """The faster of fp32 and bf16 for ``net`` on this CPU, among those whose image vectors keep cosine ≥ 0.999
     to fp32. Measured once (a warm-up and a timed forward of two images each) and remembered in ``cache``."""
     cache = cache or dtype_cache_file()
-    key = f"{model_id} | torch {torch.__version__} | {cpu_name()} | {torch.get_num_threads()} threads"
-    remembered = _read_json(cache).get(key)
-    if remembered in DTYPES:
-        return DTYPES[remembered]
+    key = _dtype_key(model_id)
+    remembered = remembered_cpu_dtype(model_id, cache)
+    if remembered is not None:
+        return remembered
     size = _image_size(net)
     probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 4 - 2
     fp32_s, fp32_v = forward_seconds(net, probe)
@@ -251,6 +292,16 @@ def calibrate_cpu_dtype(net: Any, model_id: str, cache: Path | None = None) -> t
     )
     _write_json(cache, {**_read_json(cache), key: name})
     return DTYPES[name]
+
+
+def _dtype_key(model_id: str) -> str:
+    return f"{model_id} | torch {torch.__version__} | {cpu_name()} | {torch.get_num_threads()} threads"
+
+
+def remembered_cpu_dtype(model_id: str, cache: Path | None = None) -> torch.dtype | None:
+    """The dtype calibrate_cpu_dtype chose for this model, torch and CPU, if it ran before."""
+    name = _read_json(cache or dtype_cache_file()).get(_dtype_key(model_id))
+    return DTYPES.get(name) if isinstance(name, str) else None
 
 
 @torch.inference_mode()
@@ -310,153 +361,86 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_source(settings: ModelSettings) -> ModelSource:
-    """Turn ``model.name`` / ``model.weights`` / ``model.dir`` into a config and a weights file."""
-    name = settings.name
-    if name.endswith(".json"):
-        return _source_from_config_file(Path(name), settings)
+def build_network(source: ModelSource) -> Any:
+    """The open_clip network for ``source.config``, its parameters on the meta device (nothing allocated, no random
+    initialisation). A source without weights gets a random initialisation here, on the CPU."""
     import open_clip
 
-    config = open_clip.get_model_config(name)
-    if config is None:
-        raise ConfigError("model.name", f"unknown model {name!r}: not an open_clip architecture nor a .json file")
-    if settings.weights:
-        weights = _existing_file(settings.weights, "model.weights")
-        return ModelSource(_custom_id(name, weights), config, {}, weights, name)
-    tag = settings.pretrained
-    if tag.lower() in ("", "none", "random"):
-        log.warning("model %s with RANDOM weights: vectors carry no meaning (benchmarks only)", name)
-        return ModelSource(f"{name}/random", config, {}, None, name)
-    pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
-    if not pretrained_cfg:
-        raise ConfigError("model.pretrained", f"{tag!r} is not a known pretrained tag for {name}")
-    weights = find_pretrained_weights(name, pretrained_cfg, settings)
-    config = {**config, "quick_gelu": bool(pretrained_cfg.get("quick_gelu", config.get("quick_gelu", False)))}
-    return ModelSource(f"{name}/{tag}", config, pretrained_cfg, weights, name)
-
-
-def _source_from_config_file(path: Path, settings: ModelSettings) -> ModelSource:
-    cfg_file = _existing_file(str(path), "model.name")
+    config = dict(source.config)
+    custom = bool(config.pop("custom_text", False)) or "hf_model_name" in config.get("text_cfg", {})
+    cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
     try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("model.name", f"cannot read model config {cfg_file}: {exc}") from None
-    config = raw.get("model_cfg", raw)  # accepts open_clip_config.json (HF) and plain model configs
-    preprocess = raw.get("preprocess_cfg", {})
-    config = {k: v for k, v in config.items() if k != "preprocess_cfg"}
-    if not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
-        raise ConfigError(
-            "model.name", f"{cfg_file} is not an open_clip model config (embed_dim, vision_cfg, text_cfg)"
-        )
-    weights = _config_weights(cfg_file, settings)
-    label = cfg_file.parent.name if cfg_file.stem in ("config", "open_clip_config") else cfg_file.stem
-    return ModelSource(_custom_id(label, weights), config, preprocess, weights, None)
+        if source.weights is None:
+            torch.manual_seed(0)
+            return cls(**config).eval()
+        with torch.device("meta"):
+            net = cls(**config)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"cannot build model {source.model_id}: {exc}") from None
+    return net.eval()
 
 
-def _config_weights(cfg_file: Path, settings: ModelSettings) -> Path:
-    if settings.weights:
-        return _existing_file(settings.weights, "model.weights")
-    for candidate in ("weights.safetensors", *HF_WEIGHT_FILES):
-        if (cfg_file.parent / candidate).is_file():
-            return cfg_file.parent / candidate
-    raise ConfigError("model.weights", f"no weights given for {cfg_file} (pass --weights FILE)")
+def _move_tower(net: Any, tower: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Cast one tower's modules and the network's own parameters belonging to it (text: all but ``visual``)."""
+    if tower == "visual":
+        net.visual.to(device=device, dtype=dtype)
+        return
+    for name, child in net.named_children():
+        if name != "visual":
+            child.to(device=device, dtype=dtype)
+    for name, param in list(net.named_parameters(recurse=False)):
+        cast = dtype if name not in ("logit_scale", "logit_bias") else torch.float32
+        setattr(net, name, torch.nn.Parameter(param.detach().to(device=device, dtype=cast), requires_grad=False))
 
 
-def _existing_file(value: str, setting: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise ConfigError(setting, f"file {path} does not exist")
-    return path
+def _tower_of(key: str) -> str:
+    return "visual" if key.startswith("visual.") else "text"
 
 
-def _custom_id(name: str, weights: Path) -> str:
-    digest = hashlib.sha256()
-    with weights.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return f"{name}@sha256:{digest.hexdigest()[:16]}"
+def load_tower(net: Any, source: ModelSource, tower: str, reader: Any) -> None:
+    """Assign ``tower``'s tensors from the weights file to ``net`` (memory-mapped, no copy where the layout allows);
+    a file that does not fit the architecture is a ModelError naming the missing and unexpected keys."""
+    if reader is None:
+        return  # random weights, initialised at build time
+    keys, read, plan = reader
+    model_keys = set(net.state_dict(keep_vars=True).keys())
+    if plan is not None:
+        from indexer.hfclip import check_plan
 
+        check_plan(plan[0], plan[1], set(plan[2]), model_keys, Path(str(source.weights)))
+    else:
+        missing = sorted(model_keys - keys - {"logit_bias"})
+        unexpected = sorted(keys - model_keys)
+        if missing or unexpected:
+            from indexer.hfclip import _few
 
-def find_pretrained_weights(name: str, pretrained_cfg: dict[str, Any], settings: ModelSettings) -> Path:
-    """Model dir, then the Hugging Face cache, then a download when allowed; else WeightsNotFoundError."""
-    repo = str(pretrained_cfg.get("hf_hub", "")).strip("/")
-    model_dir = Path(settings.dir).expanduser() if settings.dir else None
-    places: list[str] = []
-    if model_dir is not None:
-        for folder in (model_dir, model_dir / repo.split("/")[-1]):
-            for filename in HF_WEIGHT_FILES:
-                if (folder / filename).is_file():
-                    return folder / filename
-        places.append(str(model_dir))
-    cache = str(model_dir) if model_dir is not None else None
-    places.append(f"Hugging Face cache ({cache or _hf_cache_dir()}), repo {repo}")
-    found = _hf_lookup(repo, cache, local_only=True)
-    if found is None and settings.allow_download and not _offline():
-        unreachable = _hub_unreachable()
-        if unreachable:
-            raise WeightsNotFoundError(name, list(HF_WEIGHT_FILES), places, cause=unreachable)
-        try:
-            found = _hf_lookup(repo, cache, local_only=False)
-        except Exception as exc:  # network errors come in many types
-            raise WeightsNotFoundError(name, list(HF_WEIGHT_FILES), places, cause=str(exc).splitlines()[0]) from None
-    if found is None:
-        raise WeightsNotFoundError(name, list(HF_WEIGHT_FILES), places)
-    return found
-
-
-def _hf_lookup(repo: str, cache_dir: str | None, local_only: bool) -> Path | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    last: Exception | None = None
-    for filename in HF_WEIGHT_FILES:
-        try:
-            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=local_only))
-        except (LocalEntryNotFoundError, EntryNotFoundError) as exc:
-            last = exc
-    if local_only or last is None:
-        return None
-    raise last
-
-
-def _hf_cache_dir() -> str:
-    home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
-    return os.environ.get("HF_HUB_CACHE") or str(Path(home) / "hub")
-
-
-def _hub_unreachable(timeout: float = 5.0) -> str:
-    """A quick TCP probe of the hub, so an offline machine fails in seconds instead of a minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+            raise ModelError(
+                f"{source.weights} does not fit model {source.model_id}: "
+                f"missing keys {_few(missing)}; unexpected keys {_few(unexpected)}"
+            )
+    wanted = {k for k in model_keys & keys if _tower_of(k) == tower}
+    tensors = read(wanted)
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        return f"{host}:{port} is unreachable ({exc})"
-    return ""
+        _reshape_scalars(net, tensors)
+        net.load_state_dict(tensors, strict=False, assign=True)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"cannot load {source.weights} into model {source.model_id}: {exc}") from None
+    if tower == "text":
+        if getattr(net, "logit_bias", None) is not None and net.logit_bias.is_meta:
+            net.logit_bias = torch.nn.Parameter(torch.zeros(net.logit_bias.shape))
+        if getattr(net, "attn_mask", None) is not None:
+            n = int(net.attn_mask.shape[0])
+            net.attn_mask = torch.full((n, n), float("-inf")).triu_(1)
+    left = [n for n, t in net.state_dict(keep_vars=True).items() if _tower_of(n) == tower and t.is_meta]
+    if left:
+        raise ModelError(f"{source.weights}: no values for {', '.join(left[:8])}")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
-def _build(source: ModelSource, device: torch.device, dtype: torch.dtype) -> Any:
-    import open_clip
-
-    weights = str(source.weights) if source.weights is not None else None
-    try:
-        if source.builtin_name is not None:
-            quick_gelu = bool(source.config.get("quick_gelu", False))
-            net = open_clip.create_model(source.builtin_name, pretrained=weights, force_quick_gelu=quick_gelu)
-        else:
-            net = open_clip.model.CLIP(**source.config)
-            if weights is not None:
-                open_clip.load_checkpoint(net, weights, strict=True)
-    except (RuntimeError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise ModelError(f"cannot build model {source.model_id} from {source.weights}: {exc}") from None
-    return net.to(device=device, dtype=dtype).eval()
+def _reshape_scalars(net: Any, tensors: dict[str, torch.Tensor]) -> None:
+    for name in ("logit_scale", "logit_bias"):
+        have, want = tensors.get(name), getattr(net, name, None)
+        if have is not None and want is not None and have.shape != want.shape:
+            tensors[name] = have.reshape(want.shape)
 
 
 def _preprocess_spec(pp: dict[str, Any], net: Any) -> PreprocessSpec:
@@ -467,6 +451,7 @@ def _preprocess_spec(pp: dict[str, Any], net: Any) -> PreprocessSpec:
         std=tuple(pp.get("std", default.std)),  # type: ignore[arg-type]
         interpolation=str(pp.get("interpolation", default.interpolation)),
         resize_mode=str(pp.get("resize_mode", default.resize_mode)),
+        crop_rounding=str(pp.get("crop_rounding", default.crop_rounding)),
     )
 
 

@@ -304,7 +304,9 @@ def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size
         workers = 0
     lookahead = settings.decode.lookahead or max(2 * batch_size, 4 * max(workers, 1))
     limits = DecodeLimits(
-        max_pixels=settings.decode.max_pixels, max_file_bytes=int(settings.decode.max_file_mb * 1024 * 1024)
+        max_pixels=settings.decode.max_pixels,
+        max_file_bytes=int(settings.decode.max_file_mb * 1024 * 1024),
+        full_resolution=settings.decode.full_resolution,
     )
     return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
 

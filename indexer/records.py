@@ -42,6 +42,7 @@ class PreprocessSpec:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     interpolation: str = "bicubic"  # "bicubic" | "bilinear"
     resize_mode: str = "shortest"  # "shortest" (resize + center crop) | "squash"
+    crop_rounding: str = "round"  # centre-crop offset: "round" (torchvision, open_clip) | "floor" (transformers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class DecodeLimits:
 
     max_pixels: int = 178_956_970  # PIL's own default bomb threshold (2x is an error there)
     max_file_bytes: int = 512 * 1024 * 1024
+    full_resolution: bool = False  # decode JPEGs at full size (no DCT draft): exact parity, slower
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,7 @@ class DecodeSettings(_Section):
     lookahead: int = Field(default=0, ge=0)
     max_pixels: int = Field(default=178_956_970, gt=0)
     max_file_mb: float = Field(default=512.0, gt=0)
+    full_resolution: bool = False  # JPEGs at full size instead of a DCT draft: exact reference parity, slower
 
 
 class IndexSettings(_Section):

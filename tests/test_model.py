@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,8 @@ def test_weights_found_in_model_dir(tmp_path: Path) -> None:
     weights = tmp_path / "open_clip_model.safetensors"
     weights.write_bytes(b"not really")
     source = resolve_source(ModelSettings(name="ViT-L-14", dir=str(tmp_path)))
-    assert source.weights == weights and source.model_id == "ViT-L-14/openai"
+    digest = hashlib.sha256(b"not really").hexdigest()[:16]
+    assert source.weights == weights and source.model_id == f"ViT-L-14@sha256:{digest}"
     assert source.config["quick_gelu"] is True and source.config["embed_dim"] == 768
     assert source.preprocess["mean"] == (0.48145466, 0.4578275, 0.40821073)
 

@@ -1,0 +1,355 @@
+"""Where the weights are, what they are, and the model's identity.
+
+Weights are looked up, in order: ``--weights FILE``; the model directory (``model.dir``, NeMo Curator's
+``model_dir``), in open_clip's format or in transformers' (``openai/clip-vit-large-patch14/`` as NeMo Curator keeps
+it); the Hugging Face cache (open_clip's repo, then the transformers repo of the same OpenAI weights); and, when the
+machine is online and ``model.allow_download`` is set, a download into that cache.
+
+The identity stored with every vector is ``NAME@sha256:<16 hex>`` of the weights file, whichever way it came: the same
+bytes by another route are the same model. The hash is computed once per file and remembered by (path, size, mtime)
+in ``$XDG_CACHE_HOME/indexer/weights-sha256.json``; a Hugging Face cache blob is named by its sha256 already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from indexer import hfclip
+from indexer.errors import ConfigError, WeightsNotFoundError
+from indexer.settings import ModelSettings
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """What to build: an open_clip config, the weights file (None: random init) and its format."""
+
+    model_id: str
+    config: dict[str, Any]
+    preprocess: dict[str, Any]
+    weights: Path | None
+    builtin_name: str | None
+    format: str = "open_clip"  # "open_clip" | "transformers"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_source(settings: ModelSettings) -> ModelSource:
+    """Turn ``model.name`` / ``model.pretrained`` / ``model.weights`` / ``model.dir`` into a ModelSource."""
+    name = settings.name
+    if name.endswith(".json"):
+        return _source_from_config_file(Path(name), settings)
+    import open_clip
+
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ConfigError("model.name", f"unknown model {name!r}: not an open_clip architecture nor a .json file")
+    tag = settings.pretrained
+    random = tag.lower() in ("", "none", "random")
+    pretrained_cfg = {} if random else open_clip.get_pretrained_cfg(name, tag)
+    if not random and not pretrained_cfg:
+        raise ConfigError("model.pretrained", f"{tag!r} is not a known pretrained tag for {name}")
+    # OpenAI's models use QuickGELU: the pretrained tag says so, whichever way the weights arrive.
+    quick = bool(pretrained_cfg.get("quick_gelu", config.get("quick_gelu", False)))
+    config = {**config, "quick_gelu": quick}
+    if settings.weights:
+        weights = _existing_file(settings.weights, "model.weights")
+        return ModelSource(model_id(name, weights), config, pretrained_cfg, weights, name)
+    if random:
+        log.warning("model %s with RANDOM weights: vectors carry no meaning (benchmarks only)", name)
+        return ModelSource(f"{name}/random", config, {}, None, name)
+    found = find_weights(name, tag, pretrained_cfg, settings)
+    if found.format == "transformers":
+        return _transformers_source(found.folder, name, config)
+    return ModelSource(model_id(name, found.path), config, pretrained_cfg, found.path, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    path: Path
+    format: str
+    folder: Path
+
+
+def find_weights(name: str, tag: str, pretrained_cfg: dict[str, Any], settings: ModelSettings) -> Found:
+    """Model dir (both formats), then the Hugging Face cache (both repos), then a download when allowed."""
+    repo = str(pretrained_cfg.get("hf_hub", "")).strip("/")
+    hf_repo = hfclip.TRANSFORMERS_REPOS.get((name, tag))
+    model_dir = Path(settings.dir).expanduser() if settings.dir else None
+    places: list[str] = []
+    if model_dir is not None:
+        found = _in_model_dir(model_dir, repo, hf_repo)
+        if found is not None:
+            return found
+        places.append(str(model_dir))
+    cache = str(model_dir) if model_dir is not None else hf_cache_dir()
+    expected = list(HF_WEIGHT_FILES) + ([f"{hf_repo}/{hfclip.TRANSFORMERS_WEIGHT_FILES[0]}"] if hf_repo else [])
+    places.append(f"Hugging Face cache ({cache}), repo {repo or '-'}" + (f" or {hf_repo}" if hf_repo else ""))
+    path = _hf_lookup(repo, HF_WEIGHT_FILES, cache, local_only=True) if repo else None
+    if path is not None:
+        return Found(path, "open_clip", path.parent)
+    if hf_repo is not None:
+        folder = _hf_transformers_snapshot(hf_repo, cache)
+        if folder is not None:
+            return Found(hfclip.weights_file(folder), "transformers", folder)
+    if repo and settings.allow_download and not _offline():
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise WeightsNotFoundError(name, expected, places, cause=unreachable)
+        try:
+            path = _hf_lookup(repo, HF_WEIGHT_FILES, cache, local_only=False)
+        except Exception as exc:  # network errors come in many types
+            raise WeightsNotFoundError(name, expected, places, cause=str(exc).splitlines()[0]) from None
+        if path is not None:
+            return Found(path, "open_clip", path.parent)
+    raise WeightsNotFoundError(name, expected, places)
+
+
+def find_pretrained_weights(name: str, pretrained_cfg: dict[str, Any], settings: ModelSettings) -> Path:
+    """The weights file for an open_clip name + pretrained config (either format)."""
+    return find_weights(name, settings.pretrained, pretrained_cfg, settings).path
+
+
+def _in_model_dir(model_dir: Path, repo: str, hf_repo: str | None) -> Found | None:
+    for folder in (model_dir, model_dir / repo.split("/")[-1]) if repo else (model_dir,):
+        for filename in HF_WEIGHT_FILES:
+            if (folder / filename).is_file():
+                return Found(folder / filename, "open_clip", folder)
+    folders = [model_dir]
+    if hf_repo is not None:
+        folders += [model_dir / hf_repo, model_dir / hf_repo.split("/")[-1]]
+    for folder in folders:
+        if hfclip.is_transformers_dir(folder):
+            return Found(hfclip.weights_file(folder), "transformers", folder)
+    return None
+
+
+def _transformers_source(folder: Path, name: str, builtin: dict[str, Any]) -> ModelSource:
+    config, preprocess = hfclip.open_clip_config(folder)
+    weights = hfclip.weights_file(folder)
+    same_arch = _arch(config) == _arch({**builtin, "quick_gelu": builtin.get("quick_gelu", False)})
+    label = name if same_arch else _folder_label(folder)
+    return ModelSource(model_id(label, weights), config, preprocess, weights, None, "transformers")
+
+
+def _folder_label(folder: Path) -> str:
+    """The repo's name for a hub snapshot (``models--openai--x/snapshots/REV`` → ``x``), else the folder's name."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.split("--")[-1]
+    return folder.name
+
+
+def _arch(config: dict[str, Any]) -> tuple[Any, ...]:
+    v, t = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    return (
+        config.get("embed_dim"),
+        config.get("quick_gelu"),
+        v.get("width"),
+        v.get("layers"),
+        v.get("patch_size"),
+        v.get("image_size"),
+        t.get("width"),
+        t.get("layers"),
+    )
+
+
+def _source_from_config_file(path: Path, settings: ModelSettings) -> ModelSource:
+    cfg_file = _existing_file(str(path), "model.name")
+    if hfclip.is_transformers_dir(cfg_file.parent) and not settings.weights:
+        return _transformers_source(cfg_file.parent, cfg_file.parent.name, {})
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.name", f"cannot read model config {cfg_file}: {exc}") from None
+    config = raw.get("model_cfg", raw)  # accepts open_clip_config.json (HF) and plain model configs
+    preprocess = raw.get("preprocess_cfg", {})
+    config = {k: v for k, v in config.items() if k != "preprocess_cfg"}
+    if not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
+        raise ConfigError(
+            "model.name", f"{cfg_file} is not an open_clip model config (embed_dim, vision_cfg, text_cfg)"
+        )
+    weights = _config_weights(cfg_file, settings)
+    label = cfg_file.parent.name if cfg_file.stem in ("config", "open_clip_config") else cfg_file.stem
+    return ModelSource(model_id(label, weights), config, preprocess, weights, None)
+
+
+def _config_weights(cfg_file: Path, settings: ModelSettings) -> Path:
+    if settings.weights:
+        return _existing_file(settings.weights, "model.weights")
+    for candidate in ("weights.safetensors", *HF_WEIGHT_FILES):
+        if (cfg_file.parent / candidate).is_file():
+            return cfg_file.parent / candidate
+    raise ConfigError("model.weights", f"no weights given for {cfg_file} (pass --weights FILE)")
+
+
+def _existing_file(value: str, setting: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(setting, f"file {path} does not exist")
+    return path
+
+
+# --- identity --------------------------------------------------------------------------------------------------
+
+
+def model_id(label: str, weights: Path) -> str:
+    return f"{label}@sha256:{weights_sha256(weights)[:16]}"
+
+
+def hash_cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "indexer" / "weights-sha256.json"
+
+
+def weights_sha256(path: Path, cache: Path | None = None) -> str:
+    """The file's sha256: its Hugging Face blob name, the remembered one for (path, size, mtime), or computed."""
+    real = path.resolve()
+    if _SHA256.fullmatch(real.name) and real.parent.name == "blobs":
+        return real.name  # huggingface_hub names LFS blobs by their sha256
+    st = real.stat()
+    cache = cache or hash_cache_file()
+    key = str(real)
+    remembered = _read_json(cache).get(key)
+    if (
+        isinstance(remembered, dict)
+        and remembered.get("size") == st.st_size
+        and (remembered.get("mtime_ns") == st.st_mtime_ns)
+    ):
+        return str(remembered["sha256"])
+    digest = hashlib.sha256()
+    with real.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": value}
+    _write_json(cache, {**_read_json(cache), key: entry})
+    return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Best effort (a read-only home just means computing again next time), atomic."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+
+
+# --- reading tensors -------------------------------------------------------------------------------------------
+
+
+class TensorFile:
+    """A weights file opened lazily: its keys without reading tensors, each tensor memory-mapped on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._st: Any = None
+        self._sd: dict[str, torch.Tensor] | None = None
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self._st = safe_open(str(path), framework="pt", device="cpu")
+        else:
+            import torch
+
+            loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+                loaded = loaded["state_dict"]
+            if not isinstance(loaded, dict):
+                raise ConfigError("model.weights", f"{path} does not hold a state dict")
+            self._sd = {k.removeprefix("module."): v for k, v in loaded.items()}
+
+    def keys(self) -> set[str]:
+        if self._st is not None:
+            return set(self._st.keys())
+        assert self._sd is not None
+        return set(self._sd)
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._st is not None:
+            tensor: torch.Tensor = self._st.get_tensor(key)
+            return tensor
+        assert self._sd is not None
+        return self._sd[key]
+
+
+def tensor_reader(source: ModelSource) -> tuple[set[str], Callable[[set[str]], dict[str, torch.Tensor]], Any]:
+    """(open_clip keys the file provides, a function reading the open_clip tensors for some keys, the key plan)."""
+    assert source.weights is not None
+    tf = TensorFile(source.weights)
+    if source.format != "transformers":
+        keys = tf.keys()
+        return keys, lambda wanted: {k: tf.get(k) for k in wanted}, None
+    plan, unexpected = hfclip.key_plan(tf.keys())
+    return set(plan), lambda wanted: hfclip.convert(plan, wanted, tf.get), (plan, unexpected, tf.keys())
+
+
+def hf_cache_dir() -> str:
+    home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    return os.environ.get("HF_HUB_CACHE") or str(Path(home) / "hub")
+
+
+def _hf_lookup(repo: str, files: tuple[str, ...], cache_dir: str | None, local_only: bool) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    last: Exception | None = None
+    for filename in files:
+        try:
+            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=local_only))
+        except (LocalEntryNotFoundError, EntryNotFoundError) as exc:
+            last = exc
+    if local_only or last is None:
+        return None
+    raise last
+
+
+def _hf_transformers_snapshot(repo: str, cache_dir: str | None) -> Path | None:
+    """The cached snapshot folder of a transformers CLIP repo (config.json + weights), offline."""
+    weights = _hf_lookup(repo, hfclip.TRANSFORMERS_WEIGHT_FILES, cache_dir, local_only=True)
+    if weights is None or _hf_lookup(repo, ("config.json",), cache_dir, local_only=True) is None:
+        return None
+    for name in ("preprocessor_config.json",):
+        _hf_lookup(repo, (name,), cache_dir, local_only=True)
+    return weights.parent
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str:
+    """A quick TCP probe of the hub, so an offline machine fails in seconds instead of a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port} is unreachable ({exc})"
+    return ""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
