@@ -18,7 +18,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -159,3 +159,19 @@ def create_json_exclusive(path: Path, data: object) -> bool:
     finally:
         partial.unlink(missing_ok=True)
     return True
+
+
+def read_json_cache(path: Path) -> dict[str, Any]:
+    """A small JSON cache file's contents; {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_cache(path: Path, data: dict[str, Any]) -> None:
+    """Best effort (a read-only home just means computing again next time), atomic."""
+    with suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, data, indent=2)

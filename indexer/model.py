@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, ModelError
 from indexer.records import PreprocessSpec
 from indexer.settings import ModelSettings
@@ -290,7 +290,7 @@ def calibrate_cpu_dtype(net: Any, model_id: str, cache: Path | None = None) -> t
         name,
         cache,
     )
-    _write_json(cache, {**_read_json(cache), key: name})
+    write_json_cache(cache, {**read_json_cache(cache), key: name})
     return DTYPES[name]
 
 
@@ -300,7 +300,7 @@ def _dtype_key(model_id: str) -> str:
 
 def remembered_cpu_dtype(model_id: str, cache: Path | None = None) -> torch.dtype | None:
     """The dtype calibrate_cpu_dtype chose for this model, torch and CPU, if it ran before."""
-    name = _read_json(cache or dtype_cache_file()).get(_dtype_key(model_id))
+    name = read_json_cache(cache or dtype_cache_file()).get(_dtype_key(model_id))
     return DTYPES.get(name) if isinstance(name, str) else None
 
 
@@ -333,23 +333,6 @@ def cpu_name() -> str:
     import platform
 
     return platform.machine()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Best effort (a read-only home just means measuring again next time), atomic."""
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -447,8 +430,8 @@ def _preprocess_spec(pp: dict[str, Any], net: Any) -> PreprocessSpec:
     default = PreprocessSpec()
     return PreprocessSpec(
         image_size=_image_size(net),
-        mean=tuple(pp.get("mean", default.mean)),  # type: ignore[arg-type]
-        std=tuple(pp.get("std", default.std)),  # type: ignore[arg-type]
+        mean=tuple(pp.get("mean", default.mean)),
+        std=tuple(pp.get("std", default.std)),
         interpolation=str(pp.get("interpolation", default.interpolation)),
         resize_mode=str(pp.get("resize_mode", default.resize_mode)),
         crop_rounding=str(pp.get("crop_rounding", default.crop_rounding)),

@@ -12,7 +12,6 @@ in ``$XDG_CACHE_HOME/indexer/weights-sha256.json``; a Hugging Face cache blob is
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from indexer import hfclip
+from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, WeightsNotFoundError
 from indexer.settings import ModelSettings
 
@@ -224,7 +224,7 @@ def weights_sha256(path: Path, cache: Path | None = None) -> str:
     st = real.stat()
     cache = cache or hash_cache_file()
     key = str(real)
-    remembered = _read_json(cache).get(key)
+    remembered = read_json_cache(cache).get(key)
     if (
         isinstance(remembered, dict)
         and remembered.get("size") == st.st_size
@@ -237,25 +237,8 @@ def weights_sha256(path: Path, cache: Path | None = None) -> str:
             digest.update(chunk)
     value = digest.hexdigest()
     entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": value}
-    _write_json(cache, {**_read_json(cache), key: entry})
+    write_json_cache(cache, {**read_json_cache(cache), key: entry})
     return value
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Best effort (a read-only home just means computing again next time), atomic."""
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
 
 
 # --- reading tensors -------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def make_clip_dir(model_dir: Path, shape: dict[str, Any], seed: int = 0) -> Path
     config = CLIPConfig(
         text_config=shape["text_config"], vision_config=shape["vision_config"], projection_dim=shape["projection_dim"]
     )
-    CLIPModel(config).eval().save_pretrained(folder)
+    CLIPModel(config).eval().save_pretrained(folder)  # type: ignore[no-untyped-call]
     CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
     write_tokenizer_files(folder)
     return folder
@@ -78,7 +78,8 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     img = np.zeros((height, width, 3), np.float32)
     for c in range(3):
-        fx, fy, phase = [*rng.uniform(0.5, 6, 2).tolist(), rng.uniform(0, 6.3)]
+        fx, fy = (float(v) for v in rng.uniform(0.5, 6, 2))
+        phase = float(rng.uniform(0, 6.3))
         img[..., c] = 127 + 90 * np.sin(xx / width * fx * 6.28 + phase) * np.cos(yy / height * fy * 6.28)
     for _ in range(6):
         cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.05, 0.3) * min(width, height)

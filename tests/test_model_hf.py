@@ -64,7 +64,7 @@ def reference_images(folder: Path, paths: list[Path], fast: bool = False) -> np.
     """NeMo Curator's stage: the image as displayed (EXIF applied), RGB, CLIPImageProcessor, get_image_features."""
     from transformers import CLIPImageProcessor, CLIPImageProcessorPil, CLIPModel
 
-    model = CLIPModel.from_pretrained(folder).eval()
+    model = CLIPModel.from_pretrained(folder).eval()  # type: ignore[no-untyped-call]
     processor = (CLIPImageProcessor if fast else CLIPImageProcessorPil).from_pretrained(folder)
     out = []
     for path in paths:
@@ -131,7 +131,7 @@ def _check_text_parity(model_dir: Path) -> None:
 
     folder = model_dir / REPO
     tokenizer = CLIPTokenizer.from_pretrained(folder)
-    model = CLIPModel.from_pretrained(folder).eval()
+    model = CLIPModel.from_pretrained(folder).eval()  # type: ignore[no-untyped-call]
     batch = tokenizer(TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     ref = _unit(model.get_text_features(**batch).pooler_output)
     clip = _load(model_dir)
