@@ -30,6 +30,7 @@ from indexer.records import (
     SearchFilter,
     StoredPoint,
     dirs_of,
+    name_problem,
     point_id,
 )
 from indexer.scan import normalise_root, scan
@@ -191,8 +192,8 @@ def _gone_by_sha(gone: dict[str, StoredPoint]) -> dict[str, list[StoredPoint]]:
 def _moved_from(
     entry: FileEntry, plan: Plan, sizes: set[int], by_sha: dict[str, list[StoredPoint]]
 ) -> StoredPoint | None:
-    if str(entry.path) in plan.stored_paths or entry.size not in sizes:
-        return None
+    if str(entry.path) in plan.stored_paths or entry.size not in sizes or name_problem(entry.path):
+        return None  # (a name that cannot be stored goes on to decode, which reports it)
     try:
         sha = hash_file(entry.path)
     except OSError:
@@ -534,7 +535,7 @@ def _apply_renames(
     to_embed: list[FileEntry] = []
     for src, entry in moves:
         found = store.retrieve([point_id(src)])
-        if found and _unchanged(entry, found[0]):
+        if found and _unchanged(entry, found[0]) and not name_problem(entry.path):
             move_point(store, found[0], entry)
             summary.moved += 1
         else:
