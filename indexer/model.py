@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -454,8 +455,12 @@ def _build(source: ModelSource, device: torch.device, dtype: torch.dtype) -> Any
             net = open_clip.model.CLIP(**source.config)
             if weights is not None:
                 open_clip.load_checkpoint(net, weights, strict=True)
-    except (RuntimeError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise ModelError(f"cannot build model {source.model_id} from {source.weights}: {exc}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        # torch.load's errors for a file that is not a checkpoint are terse ("101" for a text file): say what it was.
+        raise ModelError(
+            f"cannot build model {source.model_id} from {source.weights}: not a checkpoint it can load "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     return net.to(device=device, dtype=dtype).eval()
 
 
