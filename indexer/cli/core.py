@@ -113,7 +113,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         ids=tuple(args.like),
         negative_images=tuple(args.not_image),
         negative_ids=tuple(args.not_like),
-        limit=args.limit or settings.search.limit,
+        limit=args.limit if args.limit is not None else settings.search.limit,
         offset=args.offset,
         threshold=args.threshold if args.threshold is not None else settings.search.threshold,
         filter=_filter(args),
