@@ -144,8 +144,14 @@ class NpyWriter(_AtomicFile):
             np.save(fh, matrix)
         self.commit()
         self.output.with_name(self.output.name.removesuffix(".npy") + ".paths.txt").write_text(
-            "".join(p + "\n" for p in self._paths)
+            "".join(paths_line(p) for p in self._paths)
         )
+
+
+def paths_line(path: str) -> str:
+    """One line of ``FILE.paths.txt``: a backslash is written ``\\\\``, a newline ``\\n``, a CR ``\\r``: line N is row N
+    whatever the names hold (every other character is written as it is)."""
+    return path.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n"
 
 
 # --- store export and import ----------------------------------------------------------------------------------
