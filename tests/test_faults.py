@@ -26,8 +26,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from indexer.export import paths_line
 from indexer.pipeline import store_from_settings
-from indexer.records import point_id
+from indexer.records import NOT_UTF8, POINT_NAMESPACE, Failure, display_path, name_problem, point_id
+from indexer.scan import scan
 from tests.clirun import INDEXER, MODEL, run
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import draw_shape, write_dataset
@@ -328,3 +330,42 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(tmp_path: Path) -> 
         proc = run("serve", "--store", str(tmp_path / "s"), "--port", port, "--model", "/nonexistent.json", check=2)
     assert proc.stderr.startswith("indexer: error: invalid setting serve.port: cannot listen on 127.0.0.1:")
     assert "Address already in use" in proc.stderr
+
+
+# --- the low-level rules behind the above (fast, in-process) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["/a/b.png", "/x/été 日本.jpg", "/n/new\nline.png"])
+def test_point_ids_of_utf8_names_are_unchanged(name: str) -> None:
+    assert point_id(name) == str(uuid.uuid5(POINT_NAMESPACE, name)) == point_id(Path(name))
+
+
+def test_a_name_that_is_not_utf8_has_an_id_and_an_escaped_form() -> None:
+    name = "/p/" + BAD
+    assert uuid.UUID(point_id(name)).version == 5 and point_id(name) != point_id("/p/bad.png")
+    assert display_path(name) == "/p/bad\\xff\\xfe.png" and name_problem(name) and not name_problem("/p/x.png")
+
+
+def test_scan_reports_special_files_and_bad_names_and_walks_on(tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(b"x")
+    (tmp_path / BAD).write_bytes(b"x")
+    (tmp_path / os.fsdecode(b"dir\xff")).mkdir()
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "dir.png" / "in.png").write_bytes(b"x")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    failures: list[Failure] = []
+    found = {e.path.name for e in scan([tmp_path], frozenset({".png", ".jpg"}), on_error=failures.append)}
+    assert found == {"ok.png", "in.png"}
+    assert {f.path.name: f.reason for f in failures} == {
+        "bad\\xff\\xfe.png": NOT_UTF8,
+        "dir\\xff": NOT_UTF8,
+        "fifo.jpg": "not a regular file (a FIFO)",
+        "zero.png": "not a regular file (a character device)",
+    }
+
+
+def test_npy_paths_lines_are_one_per_row_for_any_name() -> None:
+    names = ["a\nb", "c\\nd", "e\rf", "plain"]
+    text = "".join(paths_line(n) for n in names)
+    assert text.count("\n") == len(names) and len(set(text.splitlines())) == len(names)
