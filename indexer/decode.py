@@ -27,8 +27,11 @@ import itertools
 import multiprocessing
 import os
 import re
+import select
 import signal
 import stat
+import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
@@ -44,7 +47,7 @@ from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from indexer import formats
 from indexer.errors import DecodeError, IndexerError
-from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
+from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec, display_path, name_problem
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -408,6 +411,8 @@ def decode_file(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decod
     """Read, hash and decode one file into model-ready pixels; a Failure (never an exception) when
     the file cannot be used. Raises ValueError only for an invalid `spec`."""
     _check_spec(spec)
+    if (problem := name_problem(path)) is not None:  # whoever sent it (a watcher event), it could not be stored
+        return Failure(Path(display_path(path)), problem)
     try:
         data, st = _read(path, limits)
         loaded = _decode(data, limits, None if limits.full_resolution else spec.image_size)
@@ -433,12 +438,41 @@ WORKER_NICENESS = 10
 _crash_on: list[str] = []  # test hook, filled by _init_worker in worker processes only
 
 
-def _init_worker(crash_on: str | None) -> None:
-    """Worker start-up: leave Ctrl-C to the parent; arm the test-only crash hook."""
+def _init_worker(crash_on: str | None, parent: int) -> None:
+    """Worker start-up: leave Ctrl-C to the parent, but die with it; arm the test-only crash hook."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watchdog", daemon=True).start()
     _lower_priority()
     if crash_on:
         _crash_on.append(crash_on)
+
+
+def _exit_with(parent: int) -> None:
+    """Exit as soon as process ``parent`` (the one that made the pool) is gone, however it went (kill -9 too).
+
+    A worker's own parent is the forkserver, and nothing in the pool notices the pool's owner dying: without this
+    the workers wait forever on their queue, and since they hold the forkserver's and the resource tracker's pipes,
+    those two stay too (and with them the owner's stdout/stderr). Once the workers exit, both see EOF and exit."""
+    try:
+        pidfd = os.pidfd_open(parent)  # Linux >= 5.3: readable once the process has exited
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here: poll
+        while _alive(parent):
+            time.sleep(0.5)
+        os._exit(1)
+    select.select([pidfd], [], [])
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _lower_priority() -> None:
@@ -539,7 +573,7 @@ class DecodePool:
                 max_workers=self.workers,
                 mp_context=_mp_context(),
                 initializer=_init_worker,
-                initargs=(os.environ.get(CRASH_ENV),),
+                initargs=(os.environ.get(CRASH_ENV), os.getpid()),
             )
         return self._executor
 

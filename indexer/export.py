@@ -133,8 +133,14 @@ class NpyWriter(AtomicFile):
         self.commit()
         atomic_write_text(
             self.output.with_name(self.output.name.removesuffix(".npy") + ".paths.txt"),
-            "".join(p + "\n" for p in self._paths),
+            "".join(paths_line(p) for p in self._paths),
         )
+
+
+def paths_line(path: str) -> str:
+    """One line of ``FILE.paths.txt``: a backslash is written ``\\\\``, a newline ``\\n``, a CR ``\\r``: line N is row N
+    whatever the names hold (every other character is written as it is)."""
+    return path.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n"
 
 
 # --- store export and import ----------------------------------------------------------------------------------

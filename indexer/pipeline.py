@@ -41,6 +41,7 @@ from indexer.records import (
     PreprocessSpec,
     RunSummary,
     StoredPoint,
+    name_problem,
     point_id,
 )
 from indexer.scan import normalise_root
@@ -220,7 +221,7 @@ class Indexer:
         to_embed: list[FileEntry] = []
         for src, entry in wanted.moves:
             found = self.store.retrieve([point_id(src)])
-            if found and unchanged(entry, found[0]):
+            if found and unchanged(entry, found[0]) and not name_problem(entry.path):
                 move_point(self.store, found[0], entry)
                 summary.moved += 1
             else:

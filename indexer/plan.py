@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexer.decode import SUPPORTED_EXTENSIONS, hash_file
-from indexer.records import Failure, FileEntry, RunSummary, SearchFilter, StoredPoint, point_id
+from indexer.records import Failure, FileEntry, RunSummary, SearchFilter, StoredPoint, name_problem, point_id
 from indexer.scan import scan
 from indexer.settings import Settings
 from indexer.store import VectorStore
@@ -109,8 +109,8 @@ def _gone_by_sha(gone: dict[str, StoredPoint]) -> dict[str, list[StoredPoint]]:
 def _moved_from(
     entry: FileEntry, plan: Plan, sizes: set[int], by_sha: dict[str, list[StoredPoint]]
 ) -> StoredPoint | None:
-    if str(entry.path) in plan.stored_paths or entry.size not in sizes:
-        return None
+    if str(entry.path) in plan.stored_paths or entry.size not in sizes or name_problem(entry.path):
+        return None  # (a name that cannot be stored goes on to decode, which reports it)
     try:
         sha = hash_file(entry.path)
     except OSError:

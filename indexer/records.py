@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +17,29 @@ POINT_NAMESPACE = uuid.UUID("6f1c3b1e-8a57-4f0e-9d43-2a8a5d0c9b11")
 
 
 def point_id(path: Path | str) -> str:
-    """The deterministic point id of a file: a UUID5 of its absolute path."""
-    return str(uuid.uuid5(POINT_NAMESPACE, str(path)))
+    """The deterministic point id of a file: a UUID5 of its absolute path.
+
+    Hashed from the bytes of the name (``os.fsencode``), so a name that is not valid UTF-8 gets an id too instead of
+    raising; for every UTF-8 name this is exactly ``uuid.uuid5(POINT_NAMESPACE, str(path))``."""
+    digest = hashlib.sha1(POINT_NAMESPACE.bytes + os.fsencode(path)).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=5))
+
+
+NOT_UTF8 = "file name is not valid UTF-8 (rename it, e.g. with convmv, to index it)"
+
+
+def name_problem(path: Path | str) -> str | None:
+    """Why a path cannot be stored (payloads are JSON, i.e. UTF-8 text), or None when it can."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return NOT_UTF8
+    return None
+
+
+def display_path(path: Path | str) -> str:
+    """The path as printable UTF-8 text: bytes of the name that are not UTF-8 shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def dirs_of(path: Path | str) -> list[str]:

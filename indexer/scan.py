@@ -8,7 +8,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from indexer.records import Failure, FileEntry
+from indexer.records import Failure, FileEntry, display_path, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,15 @@ def scan(
     """Yield every file under ``roots`` whose extension is in ``extensions`` (lower-case, with the dot).
 
     A root may be a single file. Directories reached twice (symlink loops, or two roots that overlap) are walked once.
-    Unreadable directories are reported through ``on_error`` and skipped.
+    Unreadable directories, names that are not valid UTF-8 and special files with a wanted extension (FIFOs, sockets,
+    devices: never opened, so never a hang) are reported through ``on_error`` and skipped; the rest goes on.
     """
     seen_dirs: set[tuple[int, int]] = set()
     for root in roots:
         root = normalise_root(root)
+        if (problem := name_problem(root)) is not None:
+            _report(on_error, root, problem)
+            continue
         if root.is_file():
             entry = _entry(root, on_error)
             if entry is not None and root.suffix.lower() in extensions:
@@ -96,17 +100,34 @@ def _classify(
     try:
         if entry.is_symlink() and not follow:
             return None
-        if entry.is_dir(follow_symlinks=follow):
-            return Path(entry.path)
-        if os.path.splitext(entry.name)[1].lower() not in extensions:
+        is_dir = entry.is_dir(follow_symlinks=follow)
+        if not is_dir and os.path.splitext(entry.name)[1].lower() not in extensions:
             return None
+        if (problem := name_problem(entry.name)) is not None:  # a folder too: nothing under it could be stored
+            _report(on_error, Path(entry.path), problem)
+            return None
+        if is_dir:
+            return Path(entry.path)
         st = entry.stat(follow_symlinks=follow)
     except OSError as exc:  # dangling symlink, vanished, permission
         _report(on_error, Path(entry.path), f"cannot stat: {exc.strerror or exc}")
         return None
     if not stat.S_ISREG(st.st_mode):
+        _report(on_error, Path(entry.path), f"not a regular file ({special_kind(st.st_mode)})")
         return None
     return FileEntry(Path(entry.path), st.st_size, st.st_mtime_ns)
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _entry(path: Path, on_error: OnError | None) -> FileEntry | None:
@@ -119,6 +140,7 @@ def _entry(path: Path, on_error: OnError | None) -> FileEntry | None:
 
 
 def _report(on_error: OnError | None, path: Path, reason: str) -> None:
-    log.warning("skipping %s: %s", path, reason)
+    shown = display_path(path)  # a failure entry is stored and printed: always UTF-8 text
+    log.warning("skipping %s: %s", shown, reason)
     if on_error is not None:
-        on_error(Failure(path, reason))
+        on_error(Failure(Path(shown), reason))

@@ -57,6 +57,15 @@ class Query:
     negative_ids: tuple[str, ...] = ()
     negative_uploads: tuple[bytes, ...] = ()
 
+    def __post_init__(self) -> None:
+        """Paging is checked here, once, for every caller (the HTTP API's models check the same bounds)."""
+        if self.limit < 1:
+            raise ConfigError("search.limit", f"must be at least 1 (got {self.limit})")
+        if self.offset < 0:
+            raise ConfigError("search.offset", f"must be at least 0 (got {self.offset})")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError("search.threshold", f"must be a cosine score from -1 to 1 (got {self.threshold})")
+
     def has_positive(self) -> bool:
         """True when there is something to look for."""
         return bool(self.texts or self.images or self.uploads or self.ids)

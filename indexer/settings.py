@@ -8,6 +8,7 @@ else ``config/indexer.toml`` in the working directory when present. Every settin
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -32,7 +34,8 @@ def default_store_dir() -> Path:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/nan anywhere: every number here is a size, a count or a time that must be finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class StoreSettings(_Section):
@@ -213,6 +216,8 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         return bound(**(overrides or {}))
     except ValidationError as exc:
         raise _config_error(exc) from None
+    except SettingsError as exc:  # an environment variable that must hold JSON (a list) does not
+        raise _env_error(exc) from None
     except (OSError, ValueError) as exc:  # unreadable or malformed TOML
         raise ConfigError("config file", f"{path}: {exc}") from None
 
@@ -226,3 +231,32 @@ def _config_error(exc: ValidationError) -> ConfigError:
     elif "input" in first and not isinstance(first["input"], dict):
         reason = f"{reason} (got {first['input']!r})"
     return ConfigError(setting, reason)
+
+
+def _env_error(exc: SettingsError) -> ConfigError:
+    """Name the ``INDEXER_*`` variable whose value is not the JSON its setting needs (pydantic names the section)."""
+    for name, value in sorted(os.environ.items()):
+        if name.upper().startswith("INDEXER_") and "__" in name and value[:1] in ("[", "{") and not _is_json(value):
+            return ConfigError(name, f'not valid JSON (got {value!r}; a list is written like ["a", "b"])')
+    for name, value in sorted(os.environ.items()):
+        if name.upper().startswith("INDEXER_") and "__" in name and not _is_json(value) and _wants_json(name):
+            return ConfigError(name, f'must be a JSON list (got {value!r}; write it like ["a", "b"])')
+    return ConfigError("environment", str(exc))
+
+
+def _is_json(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _wants_json(name: str) -> bool:
+    """True when the variable names a list or dict setting (``INDEXER_SECTION__FIELD``)."""
+    section, _, leaf = name[len("INDEXER_") :].lower().partition("__")
+    field = Settings.model_fields.get(section)
+    model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)) or leaf not in model.model_fields:
+        return False
+    return str(model.model_fields[leaf].annotation).startswith(("list", "dict"))

@@ -251,19 +251,24 @@ class TensorFile:
         self.path = path
         self._st: Any = None
         self._sd: dict[str, torch.Tensor] | None = None
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            self._st = safe_open(str(path), framework="pt", device="cpu")
-        else:
+                self._st = safe_open(str(path), framework="pt", device="cpu")
+                return
             import torch
 
             loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-                loaded = loaded["state_dict"]
-            if not isinstance(loaded, dict):
-                raise ConfigError("model.weights", f"{path} does not hold a state dict")
-            self._sd = {k.removeprefix("module."): v for k, v in loaded.items()}
+        except Exception as exc:  # torch.load / safetensors raise many types, tersely ("101" for a text file)
+            raise ConfigError(
+                "model.weights", f"{path}: not a checkpoint it can load ({type(exc).__name__}: {exc})"
+            ) from None
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            raise ConfigError("model.weights", f"{path} does not hold a state dict")
+        self._sd = {k.removeprefix("module."): v for k, v in loaded.items()}
 
     def keys(self) -> set[str]:
         if self._st is not None:

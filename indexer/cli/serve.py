@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
 from indexer.cli.common import EXIT_OK, common_options, model_options
+from indexer.errors import ConfigError
 from indexer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         logging.getLogger("indexer").setLevel(settings.log_level)
     key = resolve_api_key(settings.serve)
     check_bind(settings.serve.host, key)  # before anything slow: a refused address fails in a moment
+    _check_port_free(settings.serve.host, settings.serve.port)
     return _run(settings, key)
 
 
 def _absolute(folder: str) -> str:
     return str(Path(folder).expanduser().absolute())
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A taken address fails now, not after the model has loaded (uvicorn only finds out when it binds)."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError("serve.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 class _Terminated(Exception):
