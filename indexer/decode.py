@@ -29,6 +29,8 @@ import os
 import re
 import signal
 import stat
+import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
@@ -42,11 +44,13 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
+from indexer import shm
 from indexer.errors import DecodeError, IndexerError
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
+    "TRANSPORTS",
     "DecodePool",
     "LoadedImage",
     "decode_file",
@@ -431,15 +435,35 @@ def decode_file(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decod
 # The worker pool
 
 WORKER_NICENESS = 10
+_PARENT_POLL_SECONDS = 0.5
 _crash_on: list[str] = []  # test hook, filled by _init_worker in worker processes only
 
 
-def _init_worker(crash_on: str | None) -> None:
-    """Worker start-up: leave Ctrl-C to the parent; arm the test-only crash hook."""
+def _init_worker(crash_on: str | None, parent: int) -> None:
+    """Worker start-up: leave Ctrl-C to the parent, exit with it; arm the test-only crash hook."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
     _lower_priority()
     if crash_on:
         _crash_on.append(crash_on)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Exit when the main process is gone. A worker blocked on its task queue would otherwise outlive a main
+    process killed with SIGKILL, and keep the forkserver and the resource tracker alive with it; once the
+    workers are gone the tracker unlinks the shared-memory slots the main process registered."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_POLL_SECONDS)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except OSError:  # exists, but not ours to signal: still alive
+                pass
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _lower_priority() -> None:
@@ -475,9 +499,33 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 
 
 Result = Decoded | Failure
+Row = ImageMeta | Failure  # what a chunk task returns per file: the pixels are in its slot
+TRANSPORTS = ("shm", "pickle")
 _Pending = tuple[Path, "Future[Result]"]
 _CRASHED = "decoder crashed: the worker process died while decoding this file"
 _MAX_CRASHES_IN_A_ROW = 8  # isolated crashes of consecutive files: the pool is unusable, not the files
+_CHUNK_MAX = 16  # files per task on the shm transport: one future and one small pickle per chunk
+
+
+def _decode_chunk(slot: str, rows: int, paths: list[Path], spec: PreprocessSpec, limits: DecodeLimits) -> list[Row]:
+    """A worker's task on the shm transport: decode ``paths`` into rows 0.. of segment ``slot``; only the
+    metadata (or the Failure) of each file goes back through the pipe."""
+    array = shm.attach(slot, rows, (3, spec.image_size, spec.image_size))
+    out: list[Row] = []
+    for i, path in enumerate(paths):
+        result = _decode_in_worker(path, spec, limits)
+        if isinstance(result, Decoded):
+            array[i] = result.pixels
+            out.append(result.meta)
+        else:
+            out.append(result)
+    return out
+
+
+class _Chunk(NamedTuple):
+    paths: list[Path]
+    slot: shm.Slot
+    future: Future[list[Row]]
 
 
 class DecodePool:
@@ -486,19 +534,31 @@ class DecodePool:
     At most `lookahead` files are taken from the input and not yet yielded, so memory stays bounded on
     any tree. `workers=0` decodes in-process. A worker that dies costs only the file it was decoding
     (reported as "decoder crashed: ..."); the pool is rebuilt for the rest.
+
+    Transport (how pixels come back from the workers): "shm" (the default where /dev/shm exists) sends
+    chunks of up to 16 files per task and workers write pixels into shared-memory slots, so a Decoded's
+    `pixels` is a read-only view of shared memory and only metadata is pickled; "pickle" sends one
+    future and one pickled array per file (the transport before shared memory, kept for comparison).
     """
 
-    def __init__(self, spec: PreprocessSpec, limits: DecodeLimits, workers: int, lookahead: int) -> None:
+    def __init__(
+        self, spec: PreprocessSpec, limits: DecodeLimits, workers: int, lookahead: int, transport: str = "shm"
+    ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, not {workers}")
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, not {lookahead}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
         _check_spec(spec)
         self.spec = spec
         self.limits = limits
         self.workers = workers
         self.lookahead = lookahead
+        self.transport = transport if transport == "pickle" or shm.available() else "pickle"
+        self.chunk = max(1, min(_CHUNK_MAX, lookahead // (4 * max(workers, 1))))
         self._executor: ProcessPoolExecutor | None = None
+        self._ring: shm.SlotRing | None = None
         self._closed = False
         self._crashes_in_a_row = 0
 
@@ -511,9 +571,13 @@ class DecodePool:
         self.close(wait=exc_type is None)
 
     def close(self, wait: bool = True) -> None:
-        """Shut the workers down, cancelling files not yet started (wait=False: don't wait for the rest)."""
+        """Shut the workers down, cancelling files not yet started (wait=False: don't wait for the rest);
+        unlink the shared-memory slots (pixel views still held stay readable)."""
         self._closed = True
         self._shutdown(wait)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     def imap(self, paths: Iterable[Path]) -> Generator[Result, None, None]:
         """Decode `paths` lazily; yields one Decoded or Failure per path, in input order.
@@ -523,6 +587,8 @@ class DecodePool:
             raise RuntimeError("DecodePool is closed")
         if self.workers == 0:
             return (decode_file(path, self.spec, self.limits) for path in paths)
+        if self.transport == "shm":
+            return self._imap_shm(iter(paths))
         return self._imap_pool(iter(paths))
 
     # -- internals ---------------------------------------------------------------------------------
@@ -540,7 +606,7 @@ class DecodePool:
                 max_workers=self.workers,
                 mp_context=_mp_context(),
                 initializer=_init_worker,
-                initargs=(os.environ.get(CRASH_ENV),),
+                initargs=(os.environ.get(CRASH_ENV), os.getpid()),
             )
         return self._executor
 
@@ -595,7 +661,14 @@ class DecodePool:
             yield future.result() if done else self._decode_alone(path)
 
     def _decode_alone(self, path: Path) -> Result:
-        result = self._collect(path, self._submit(path))
+        if self.transport == "shm":
+            chunk = self._submit_chunk([path])
+            rows = self._collect_chunk(chunk)
+            result = None if rows is None else self._results(chunk, rows)[0]
+            if rows is None:
+                self._ring_discard(chunk.slot)
+        else:
+            result = self._collect(path, self._submit(path))
         if result is not None:
             self._crashes_in_a_row = 0
             return result
@@ -607,3 +680,86 @@ class DecodePool:
                 f"last {path}); decode in-process (workers=0) to see why"
             )
         return Failure(path, _CRASHED)
+
+    # -- the shm transport -------------------------------------------------------------------------
+
+    def _slots(self) -> shm.SlotRing:
+        if self._ring is None:
+            self._ring = shm.SlotRing(self.chunk, (3, self.spec.image_size, self.spec.image_size))
+        return self._ring
+
+    def _ring_discard(self, slot: shm.Slot) -> None:
+        if self._ring is not None:
+            self._ring.discard(slot)
+
+    def _submit_chunk(self, paths: list[Path]) -> _Chunk:
+        slot = self._slots().acquire()
+        try:
+            future = self._pool().submit(_decode_chunk, slot.name, slot.rows, paths, self.spec, self.limits)
+        except BrokenProcessPool as exc:  # broke since the last result: report it like a crash
+            future = Future()
+            future.set_exception(exc)
+        return _Chunk(paths, slot, future)
+
+    @staticmethod
+    def _collect_chunk(chunk: _Chunk) -> list[Row] | None:
+        """The chunk's rows; None when its worker process died (or a pool rebuild cancelled it)."""
+        try:
+            return chunk.future.result()
+        except (BrokenProcessPool, CancelledError):
+            return None
+        except Exception as exc:  # e.g. a task that could not be pickled
+            return [Failure(path, f"decoder failed: {type(exc).__name__}: {exc}") for path in chunk.paths]
+
+    @staticmethod
+    def _results(chunk: _Chunk, rows: list[Row]) -> list[Result]:
+        """Decoded records viewing the slot's rows (no copy); the slot is reusable once they are all dropped."""
+        pixels = chunk.slot.array
+        out = [Decoded(row, pixels[i]) if isinstance(row, ImageMeta) else row for i, row in enumerate(rows)]
+        chunk.slot.leased = False
+        return out
+
+    def _fill_chunks(self, pending: deque[_Chunk], source: Iterator[Path]) -> None:
+        taken = sum(len(c.paths) for c in pending)
+        while taken < self.lookahead:
+            paths = list(itertools.islice(source, min(self.chunk, self.lookahead - taken)))
+            if not paths:
+                return
+            pending.append(self._submit_chunk(paths))
+            taken += len(paths)
+
+    def _imap_shm(self, source: Iterator[Path]) -> Generator[Result, None, None]:
+        pending: deque[_Chunk] = deque()
+        try:
+            while True:
+                self._fill_chunks(pending, source)
+                if not pending:
+                    return
+                chunk = pending.popleft()
+                rows = self._collect_chunk(chunk)
+                if rows is None:
+                    suspects = [chunk, *pending]
+                    pending.clear()
+                    yield from self._recover_chunks(suspects)
+                else:
+                    self._crashes_in_a_row = 0
+                    yield from self._results(chunk, rows)
+        finally:
+            for chunk in pending:
+                if chunk.future.cancel():
+                    chunk.slot.leased = False
+                else:  # a worker may still be writing into it
+                    self._ring_discard(chunk.slot)
+
+    def _recover_chunks(self, suspects: list[_Chunk]) -> Iterator[Result]:
+        """After a crash: rebuild the pool; chunks that finished are handed out, the files of the others are
+        decoded one at a time, so the one that kills its worker is identified and costs only itself."""
+        self._shutdown(wait=False)
+        for chunk in suspects:
+            future = chunk.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                yield from self._results(chunk, future.result())
+                continue
+            self._ring_discard(chunk.slot)
+            for path in chunk.paths:
+                yield self._decode_alone(path)
