@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not shm.available(), reason="needs POSIX shared 
 
 SPEC = PreprocessSpec(image_size=32)
 LIMITS = DecodeLimits()
-LOOKAHEAD = 64  # with 2 workers: chunks of 8 files per task
+LOOKAHEAD = 32  # with 2 workers: chunks of 8 files per task
 
 
 def _image(path: Path, seed: int, size: tuple[int, int] = (50, 40)) -> Path:
@@ -80,12 +80,12 @@ def test_shm_pixels_identical_to_pickling_and_in_order(tmp_path: Path) -> None:
 
 def test_shm_slots_are_reused_once_released(tmp_path: Path) -> None:
     paths = [_image(tmp_path / f"{i}.png", seed=i) for i in range(8)] * 20
-    with DecodePool(SPEC, LIMITS, workers=2, lookahead=16) as pool:
+    with DecodePool(SPEC, LIMITS, workers=2, lookahead=8) as pool:
         assert pool.chunk == 2
         for result in pool.imap(paths):  # nothing held: slots come back
             assert isinstance(result, Decoded)
         ring = pool._ring
-        assert ring is not None and len(ring) <= 16 // pool.chunk + 1
+        assert ring is not None and len(ring) <= 8 // pool.chunk + 1
         held = list(pool.imap(paths[:40]))  # all held: the ring grows, pixels stay intact
         assert len(ring) >= 40 // pool.chunk
         again = list(pool.imap(paths[:40]))
