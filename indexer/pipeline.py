@@ -7,6 +7,7 @@ a file, no store.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
@@ -36,6 +37,7 @@ from indexer.scan import normalise_root, scan
 from indexer.settings import Settings
 from indexer.store import VectorStore, open_store
 from indexer.watch import ChangeKind, FileChange
+from indexer.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +228,14 @@ def embed_into_store(
     clip = model.get()
     progress.start(len(plan.to_embed), "embedding")
     paths = (e.path for e in plan.to_embed)
-    with decode_pool(settings, clip.preprocess, len(plan.to_embed), clip.batch_size) as pool:
+    pool = decode_pool(settings, clip.preprocess, len(plan.to_embed), clip.batch_size)
+    with pool, BackgroundWriter() as writer:  # store writes overlap the next batch; the store is the writer's
         for item in embed_batches(pool.imap(paths), clip.encode_pixels, clip.batch_size):
             if isinstance(item, Failure):
-                _failed(item, plan, store, summary)
+                writer.submit(functools.partial(_failed, item, plan, store, summary))
                 progress.advance(1)
             else:
-                _store_batch(item, model.model_id, store, summary)
+                writer.submit(functools.partial(_store_batch, item, model.model_id, store, summary))
                 progress.advance(len(item.metas))
 
 
@@ -325,8 +328,9 @@ def run_embed(
     pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
     with open_embedding_writer(output, clip.dim, model.model_id) as writer, pool:
         try:
-            for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
-                _write_item(item, writer, summary, progress)
+            with BackgroundWriter() as background:  # file output overlaps the next batch
+                for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
+                    background.submit(functools.partial(_write_item, item, writer, summary, progress))
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
