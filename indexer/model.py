@@ -191,6 +191,8 @@ def _load(source: ModelSource, settings: ModelSettings) -> ClipModel:
     if dtype != torch.float32 and chosen is None:
         net = net.to(dtype)
     batch = settings.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
+    if settings.compile:  # the first batch of each size compiles (seconds to a minute); later ones run faster
+        net.visual = torch.compile(net.visual, dynamic=False)
     log.info("model %s on %s (%s), batch %d", source.model_id, device, str(dtype).removeprefix("torch."), batch)
     return ClipModel(net, source, device, dtype, batch)
 
