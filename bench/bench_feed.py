@@ -7,7 +7,7 @@ every thread of the main process, the executor's own threads included), with 1 w
 `indexer embed` end to end, as whole processes, with this tree's code and with another tree's (``--old``,
 default /work/main: ``PYTHONPATH`` selects the code), same files, same tiny model, in the same run.
 
-    python -m bench.bench_feed [--vga 400] [--mp12 24] [--workers 2] [--old /work/main] [--no-cli]
+    python -m bench.bench_feed [--vga 400] [--mp12 24] [--workers 2] [--repeat 3] [--old /work/main] [--no-cli]
 """
 
 from __future__ import annotations
@@ -74,19 +74,27 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--old", type=Path, default=Path("/work/main"), help="the tree to compare `embed` with")
     parser.add_argument("--no-cli", action="store_true", help="skip the end-to-end `indexer embed` comparison")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; the best of each is shown")
     args = parser.parse_args()
     sets = {
         "VGA": make_jpegs(DATA / "jpeg-vga", args.vga, (640, 480)),
         "12MP": make_jpegs(DATA / "jpeg-12mp", args.mp12, (4000, 3000)),
     }
-    print(f"host path, no-op model, {args.workers} workers max ({os.cpu_count()} CPUs)")
+    print(f"host path, no-op model, {args.workers} workers max ({os.cpu_count()} CPUs), best of {args.repeat}")
     print(f"{'set':6} {'transport':9} {'workers':>7} {'images/s':>9} {'main CPU ms/img':>16} {'scaling':>8}")
     for name, paths in sets.items():
+        best: dict[tuple[str, int], tuple[float, float]] = {}
+        for _ in range(args.repeat):  # interleaved, so that a burst of load elsewhere hits every variant alike
+            for transport in ("pickle", "shm"):
+                for workers in (1, args.workers):
+                    rate, cpu = host_path(paths, transport, workers)
+                    old_rate, old_cpu = best.get((transport, workers), (0.0, float("inf")))
+                    best[transport, workers] = (max(rate, old_rate), min(cpu, old_cpu))
         for transport in ("pickle", "shm"):
-            one, _ = host_path(paths, transport, 1)
-            rate, cpu = host_path(paths, transport, args.workers)
-            scaling = rate / (one * args.workers)
-            print(f"{name:6} {transport:9} {args.workers:>7} {rate:>9.1f} {cpu:>16.3f} {scaling:>8.2f}")
+            one = best[transport, 1][0]
+            for workers in (1, args.workers):
+                rate, cpu = best[transport, workers]
+                print(f"{name:6} {transport:9} {workers:>7} {rate:>9.1f} {cpu:>16.3f} {rate / (one * workers):>8.2f}")
     if args.no_cli:
         return
     print(f"\n`indexer embed` end to end (tiny model, {args.workers} workers): this tree vs {args.old}")
