@@ -728,13 +728,13 @@ class DecodePool:
         return out
 
     def _fill_chunks(self, pending: deque[_Chunk], source: Iterator[Path]) -> None:
-        taken = sum(len(c.paths) for c in pending)
-        while taken < self.lookahead:
-            paths = list(itertools.islice(source, min(self.chunk, self.lookahead - taken)))
-            if not paths:
-                return
-            pending.append(self._submit_chunk(paths))
-            taken += len(paths)
+        room = self.lookahead - sum(len(c.paths) for c in pending)
+        paths = list(itertools.islice(source, max(0, room)))
+        size = self.chunk
+        if len(paths) < room:  # the input's tail (or a short job): spread it over every worker
+            size = max(1, min(size, -(-len(paths) // (2 * self.workers))))
+        for i in range(0, len(paths), size):
+            pending.append(self._submit_chunk(paths[i : i + size]))
 
     def _imap_shm(self, source: Iterator[Path]) -> Generator[Result, None, None]:
         pending: deque[_Chunk] = deque()
