@@ -9,6 +9,7 @@ vanished files leave the store (the daemon's are returned instead, for its delet
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ from indexer.scan import normalise_root
 from indexer.settings import Settings
 from indexer.store import VectorStore, open_store_from_settings
 from indexer.watch import FileChange
+from indexer.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +240,13 @@ class Indexer:
         clip = self.model.get()
         self.progress.start(len(plan.to_embed), "embedding")
         decoded = self.decoders().for_files(len(plan.to_embed)).imap(e.path for e in plan.to_embed)
-        try:
-            for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
-                self._take(item, plan, summary, on_batch)
-                if stop():
-                    summary.interrupted = True
-                    return
+        try:  # store writes overlap the next batch; during the loop the store is the writer thread's
+            with BackgroundWriter() as writer:
+                for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
+                    writer.submit(functools.partial(self._take, item, plan, summary, on_batch))
+                    if stop():
+                        summary.interrupted = True
+                        return
         finally:
             decoded.close()  # cancels the files submitted to decode workers and not consumed
 
@@ -358,8 +361,9 @@ def run_embed(
     pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
     with open_embedding_writer(output, clip.dim, model.model_id) as writer, pool:
         try:
-            for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
-                _write_item(item, writer, summary, progress)
+            with BackgroundWriter() as background:  # file output overlaps the next batch
+                for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
+                    background.submit(functools.partial(_write_item, item, writer, summary, progress))
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:

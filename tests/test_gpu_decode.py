@@ -1,0 +1,130 @@
+"""The GPU decode path's geometry and decoder, checked on the CPU against the PIL path; CUDA runs are marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexer.decode import decode_file
+from indexer.gpu_decode import NvJpegDecoder, available, resize_crop, target_geometry
+from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
+
+torchvision_io = pytest.importorskip("torchvision.io")
+LIMITS = DecodeLimits()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG); none here")
+
+
+def _photo(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    noise = Image.effect_noise(size, 12).convert("RGB")
+    Image.blend(small, noise, 0.1).save(path, "JPEG", quality=92)
+    return path
+
+
+def _torch_path(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    data = torchvision_io.read_file(str(path))
+    image = torchvision_io.decode_jpeg(data, mode=torchvision_io.ImageReadMode.RGB)
+    return resize_crop(image, spec).numpy()
+
+
+def _pil_path(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    result = decode_file(path, spec, LIMITS)
+    assert isinstance(result, Decoded), result
+    return result.pixels
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    x, y = a.astype(np.float64).ravel() - 127.5, b.astype(np.float64).ravel() - 127.5
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+@pytest.mark.parametrize(
+    ("size", "spec"),
+    [
+        ((400, 300), PreprocessSpec()),
+        ((300, 420), PreprocessSpec()),
+        ((410, 300), PreprocessSpec(interpolation="bilinear")),
+        ((333, 250), PreprocessSpec(resize_mode="squash")),
+        ((224, 224), PreprocessSpec()),
+        ((120, 90), PreprocessSpec(image_size=64)),
+    ],
+)
+def test_geometry_matches_the_pil_path_without_draft(
+    tmp_path: Path, size: tuple[int, int], spec: PreprocessSpec
+) -> None:
+    path = _photo(tmp_path / "a.jpg", size)  # shortest side < 2 x image_size: PIL decodes at full scale too
+    ours, pil = _torch_path(path, spec), _pil_path(path, spec)
+    assert ours.shape == pil.shape == (3, spec.image_size, spec.image_size)
+    diff = np.abs(ours.astype(np.int16) - pil.astype(np.int16))
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8  # libjpeg vs libjpeg-turbo IDCT, filter rounding
+    assert _cosine(ours, pil) > 0.999
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1600, 1200), (1200, 1600)])
+def test_geometry_close_to_the_drafted_pil_path(tmp_path: Path, size: tuple[int, int]) -> None:
+    path = _photo(tmp_path / "a.jpg", size, seed=1)  # PIL decodes these at 1/2 to 1/4 DCT scale first
+    spec = PreprocessSpec()
+    ours, pil = _torch_path(path, spec), _pil_path(path, spec)
+    assert _cosine(ours, pil) > 0.99
+    assert np.abs(ours.astype(np.int16) - pil.astype(np.int16)).mean() < 4
+
+
+def test_target_geometry_uses_torchvision_rounding() -> None:
+    spec = PreprocessSpec()
+    assert target_geometry(640, 480, spec) == (298, 224, 37, 0)
+    assert target_geometry(480, 640, spec) == (224, 298, 0, 37)
+    assert target_geometry(4000, 3000, spec) == (298, 224, 37, 0)
+    assert target_geometry(1000, 10, spec)[0] == 22400
+
+
+def test_decoder_on_cpu_keeps_order_metadata_and_failures(tmp_path: Path) -> None:
+    spec = PreprocessSpec(image_size=64)
+    jpeg = _photo(tmp_path / "a.jpg", (100, 80))
+    png = tmp_path / "b.png"
+    Image.new("RGB", (90, 70), (10, 200, 30)).save(png)
+    corrupt = tmp_path / "c.jpg"
+    corrupt.write_bytes(jpeg.read_bytes()[:200])
+    missing = tmp_path / "gone.jpg"
+    paths = [jpeg, png, corrupt, missing, jpeg]
+    results, pixels = NvJpegDecoder(spec, LIMITS, device="cpu").decode(paths)
+    expected = [decode_file(p, spec, LIMITS) for p in paths]
+    assert [type(r) for r in results] == [type(e) for e in expected] == [Decoded, Decoded, Failure, Failure, Decoded]
+    for got, want in zip(results, expected, strict=True):
+        if isinstance(want, Decoded):
+            assert isinstance(got, Decoded) and got.meta == want.meta
+        else:
+            assert isinstance(got, Failure) and got.reason == want.reason and got.path == want.path
+    assert pixels.shape == (3, 3, 64, 64)
+    assert np.array_equal(pixels[1].numpy(), _pil_path(png, spec))  # the PNG went through the CPU path
+    assert _cosine(pixels[0].numpy(), _pil_path(jpeg, spec)) > 0.999
+
+
+def test_decoder_refuses_a_bomb_before_decoding(tmp_path: Path) -> None:
+    path = _photo(tmp_path / "big.jpg", (400, 300))
+    results, pixels = NvJpegDecoder(PreprocessSpec(), DecodeLimits(max_pixels=1000), device="cpu").decode([path])
+    assert isinstance(results[0], Failure) and "image too large" in results[0].reason
+    assert pixels.shape[0] == 0
+
+
+@needs_cuda
+def test_nvjpeg_agrees_with_the_cpu_decoder(tmp_path: Path) -> None:
+    assert available()
+    spec = PreprocessSpec()
+    paths = [_photo(tmp_path / f"{i}.jpg", (640 + 8 * i, 480), seed=i) for i in range(6)]
+    on_gpu, gpu_pixels = NvJpegDecoder(spec, LIMITS, device="cuda").decode(paths)
+    on_cpu, cpu_pixels = NvJpegDecoder(spec, LIMITS, device="cpu").decode(paths)
+    assert [r.meta for r in on_gpu] == [r.meta for r in on_cpu]  # type: ignore[union-attr]
+    assert gpu_pixels.device.type == "cuda"
+    for g, c in zip(gpu_pixels.cpu().numpy(), cpu_pixels.numpy(), strict=True):
+        assert _cosine(g, c) > 0.999
+
+
+def test_available_is_false_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    assert not available()
