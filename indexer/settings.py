@@ -105,8 +105,8 @@ class SearchSettings(_Section):
     threshold: float | None = Field(default=SEARCH_THRESHOLD, ge=-1.0, le=1.0)
 
     def resolve(self, limit: int | None, threshold: float | None) -> tuple[int, float | None]:
-        """A query's limit and threshold: the ones asked, else these defaults (a limit of 0 counts as none)."""
-        return limit or self.limit, threshold if threshold is not None else self.threshold
+        """A query's limit and threshold: the ones asked, else these defaults (a bad one is refused by the query)."""
+        return limit if limit is not None else self.limit, threshold if threshold is not None else self.threshold
 
 
 class WatchSettings(_Section):

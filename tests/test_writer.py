@@ -20,11 +20,15 @@ from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
 
 
+def _append_with_thread(done: list[tuple[int, str]], i: int) -> None:
+    done.append((i, threading.current_thread().name))
+
+
 def test_writes_run_in_order_on_another_thread() -> None:
     done: list[tuple[int, str]] = []
     with BackgroundWriter(depth=1) as writer:
         for i in range(20):
-            writer.submit(functools.partial(done.append, (i, threading.current_thread().name)))
+            writer.submit(functools.partial(_append_with_thread, done, i))
     assert [i for i, _ in done] == list(range(20))
     assert {name for _, name in done} == {"writer"}
 
