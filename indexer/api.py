@@ -71,7 +71,7 @@ from indexer.errors import (
 from indexer.model import LazyModel
 from indexer.records import DecodeLimits, Hit, SearchFilter
 from indexer.search import Query as SearchQuery
-from indexer.search import Timings, UnknownImageError, check_store_model, timed_search
+from indexer.search import Sort, Timings, UnknownImageError, check_store_model, timed_search
 from indexer.settings import ServeSettings, Settings
 from indexer.store import VectorStore
 from indexer.thumbs import ThumbnailCache
@@ -258,6 +258,7 @@ class FilterIn(BaseModel):
     min_height: int | None = Field(default=None, ge=0, le=1_000_000)
     mtime_from: datetime | None = Field(default=None, description="ISO 8601 or unix seconds")
     mtime_to: datetime | None = Field(default=None, description="ISO 8601 or unix seconds")
+    cluster: int | None = Field(default=None, ge=0, le=1_000_000, description="a cluster id (`indexer cluster`)")
 
     @field_validator("folder")
     @classmethod
@@ -278,6 +279,7 @@ class SearchIn(BaseModel):
     limit: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="default: search.limit")
     offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="minimum cosine score")
+    sort: Sort = Field(default="relevance", description="relevance, or newest / oldest (by mtime) first")
 
 
 class TextSearchParams(FilterIn):
@@ -289,6 +291,7 @@ class TextSearchParams(FilterIn):
     limit: int | None = Field(default=None, ge=1, le=MAX_LIMIT)
     offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    sort: Sort = "relevance"
 
 
 class Paging(BaseModel):
@@ -497,6 +500,7 @@ def to_filter(flt: FilterIn, roots: list[str]) -> SearchFilter | None:
         min_height=flt.min_height,
         mtime_from=start,
         mtime_to=end,
+        cluster=flt.cluster,
     )
     return None if result.is_empty() else result
 
@@ -516,6 +520,7 @@ def to_query(body: SearchIn, settings: Settings) -> SearchQuery:
         offset=body.offset,
         threshold=body.threshold if body.threshold is not None else settings.search.threshold,
         filter=to_filter(body.filter, settings.serve.roots),
+        sort=body.sort,
     )
 
 
@@ -760,6 +765,9 @@ def create_app(
     _add_search_routes(app, service)
     _add_file_routes(app, service)
     _add_ops_routes(app, service)
+    from indexer.review_api import add_review_routes  # imports this module
+
+    add_review_routes(app, service, key)
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes(settings))
     app.add_middleware(AccessMiddleware, api_key=key)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: sees every answer
@@ -827,6 +835,7 @@ def _add_search_routes(app: FastAPI, service: Service) -> None:
             offset=params.offset,
             threshold=params.threshold if params.threshold is not None else settings.search.threshold,
             filter=to_filter(params, settings.serve.roots),
+            sort=params.sort,
         )
         return search_out(request, await service.run(service.search, query))
 
