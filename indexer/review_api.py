@@ -80,6 +80,7 @@ class ImageOut(BaseModel):
     size: int
     mtime: float
     thumbnail: str
+    done: dict[str, Any] | None = Field(default=None, description="what an earlier action of this scan did to it")
 
 
 class MemberOut(ImageOut):
@@ -89,7 +90,6 @@ class MemberOut(ImageOut):
     score: float
     exact: bool
     direct: bool
-    done: dict[str, Any] | None = Field(default=None, description="what an earlier action of this scan did to it")
 
 
 class GroupOut(BaseModel):
@@ -257,7 +257,7 @@ def _thumb(root: str, image_id: str) -> str:
     return f"{root}/images/{image_id}/thumbnail"
 
 
-def _image(item: Item, root: str) -> dict[str, Any]:
+def _image(item: Item, job: Job, root: str) -> dict[str, Any]:
     return {
         "id": item.id,
         "path": item.path,
@@ -266,22 +266,19 @@ def _image(item: Item, root: str) -> dict[str, Any]:
         "size": item.size,
         "mtime": item.mtime,
         "thumbnail": _thumb(root, item.id),
+        "done": job.acted.get(item.id),
     }
 
 
 def _member(member: Member, job: Job, root: str) -> MemberOut:
     return MemberOut(
-        **_image(member.item, root),
-        score=round(member.score, 6),
-        exact=member.exact,
-        direct=member.direct,
-        done=job.acted.get(member.item.id),
+        **_image(member.item, job, root), score=round(member.score, 6), exact=member.exact, direct=member.direct
     )
 
 
 def _group_out(index: int, group: Group, job: Job, root: str) -> GroupOut:
     return GroupOut(
         index=index,
-        keeper=ImageOut(**_image(group.keeper, root)),
+        keeper=ImageOut(**_image(group.keeper, job, root)),
         members=[_member(m, job, root) for m in group.members],
     )

@@ -29,6 +29,12 @@ OPERATIONS = [
     "GET /images/{image_id}/thumbnail",
     "GET /healthz",
     "GET /metrics",
+    "POST /duplicates/scans",
+    "GET /duplicates/scans/{scan_id}",
+    "POST /duplicates/scans/{scan_id}/actions",
+    "POST /clusters/runs",
+    "GET /clusters/runs/{run_id}",
+    "GET /clusters",
 ]
 
 
