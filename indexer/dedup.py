@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 Tier = Literal["exact", "near", "similar"]
 TIERS: tuple[Tier, ...] = ("exact", "near", "similar")
 DEFAULT_BLOCK = 4096
+RowProgress = Callable[[int, int], None]
 
 
 # --- records ---------------------------------------------------------------------------------------------------
@@ -209,11 +210,12 @@ class UnionFind:
 
 
 def neighbour_pairs(
-    matrix: VectorFile, threshold: float, block: int = DEFAULT_BLOCK
+    matrix: VectorFile, threshold: float, block: int = DEFAULT_BLOCK, on_rows: RowProgress | None = None
 ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
     """Every pair (i < j) of rows whose dot product is >= threshold, as index arrays, one block pair at a time.
 
     Only the upper triangle of blocks is computed (n²/2 dot products), ``block x block`` scores at a time.
+    ``on_rows(done, n)`` is called after each block of rows.
     """
     if block < 1:
         raise ValueError(f"block must be positive, not {block}")
@@ -224,6 +226,8 @@ def neighbour_pairs(
             pairs = _pairs_in_block(rows, cols, r0, c0, threshold)
             if pairs is not None:
                 yield pairs
+        if on_rows is not None:
+            on_rows(min(r0 + block, n), n)
 
 
 def _pairs_in_block(
@@ -255,11 +259,13 @@ def find_duplicates(
     filter: SearchFilter | None = None,
     block: int = DEFAULT_BLOCK,
     workdir: Path | None = None,
+    on_rows: RowProgress | None = None,
 ) -> DedupReport:
     """The duplicate groups of one tier among the stored images (matching the filter).
 
     ``threshold`` is required for near/similar (see `tier_threshold`). ``workdir`` holds the temporary vector
-    file (default: the system temp directory).
+    file (default: the system temp directory). ``on_rows(done, total)`` is called as the neighbour pass goes
+    (after each block of rows; near and similar tiers only).
     """
     if store.model_info() is None:
         raise StoreError(f"the store {store.location} is empty: run `indexer index PATH` first")
@@ -271,7 +277,7 @@ def find_duplicates(
         raise ValueError("near and similar tiers need a threshold")
     with tempfile.TemporaryDirectory(prefix="indexer-dedup-", dir=workdir) as tmp:
         dump = dump_vectors(store, Path(tmp), filter=filter)
-        index_groups = _vector_components(dump, threshold, block)
+        index_groups = _vector_components(dump, threshold, block, on_rows)
         groups = _scored_groups(store, dump, index_groups, threshold)
     return _report(tier, threshold, len(dump.ids), groups)
 
@@ -310,14 +316,16 @@ def _retrieve_all(store: VectorStore, components: list[list[str]]) -> Iterator[l
             yield points
 
 
-def _exact_group(points: list[StoredPoint]) -> Group:
+def _exact_group(points: list[StoredPoint], keeper_id: str | None = None) -> Group:
     items = [Item.from_point(p) for p in points]
-    keeper = choose_keeper(items)
+    keeper = next((it for it in items if it.id == keeper_id), None) or choose_keeper(items)
     members = [Member(it, 1.0, True, True) for it in sorted(items, key=lambda it: it.path) if it is not keeper]
     return Group(keeper, tuple(members))
 
 
-def _vector_components(dump: VectorDump, threshold: float, block: int) -> list[list[int]]:
+def _vector_components(
+    dump: VectorDump, threshold: float, block: int, on_rows: RowProgress | None = None
+) -> list[list[int]]:
     """Row indices grouped by union-find over the pairs at or above threshold (and over equal sha256s)."""
     uf = UnionFind(len(dump.ids))
     first: dict[str, int] = {}
@@ -325,7 +333,7 @@ def _vector_components(dump: VectorDump, threshold: float, block: int) -> list[l
         if sha:
             uf.union(first.setdefault(sha, index), index)
     pairs = 0
-    for left, right in neighbour_pairs(dump.matrix, threshold, block):
+    for left, right in neighbour_pairs(dump.matrix, threshold, block, on_rows):
         uf.union_pairs(left, right)
         pairs += len(left)
     log.info("%d pairs at cosine >= %.3f among %d vectors", pairs, threshold, len(dump.ids))
@@ -342,8 +350,10 @@ def _scored_groups(store: VectorStore, dump: VectorDump, components: list[list[i
     return groups
 
 
-def _scored_group(items: list[Item], vectors: npt.NDArray[np.float32], threshold: float) -> Group:
-    keeper_at = items.index(choose_keeper(items))
+def _scored_group(
+    items: list[Item], vectors: npt.NDArray[np.float32], threshold: float, keeper: Item | None = None
+) -> Group:
+    keeper_at = items.index(keeper or choose_keeper(items))
     keeper = items[keeper_at]
     scores = (vectors @ vectors[keeper_at]).tolist()
     members = []
@@ -353,6 +363,23 @@ def _scored_group(items: list[Item], vectors: npt.NDArray[np.float32], threshold
             members.append(Member(item, float(score), exact, exact or score >= threshold))
     members.sort(key=lambda m: (-m.score, m.item.path))
     return Group(keeper, tuple(members))
+
+
+def rekeep(store: VectorStore, group: Group, keeper_id: str, threshold: float | None) -> Group:
+    """The group with another of its images as keeper: scores (and ``direct``) recomputed against it from the
+    stored vectors (exact tier, ``threshold`` None: every member is an exact copy). Images the store no longer
+    holds drop out; an id outside the group is a ConfigError."""
+    ids = [group.keeper.id, *(m.item.id for m in group.members)]
+    if keeper_id not in ids:
+        raise ConfigError("keeper", f"{keeper_id} is not an image of this group")
+    points = [p for p in store.retrieve(ids, with_vectors=threshold is not None) if p.id in ids]
+    if keeper_id not in {p.id for p in points}:
+        raise ConfigError("keeper", f"{keeper_id} is no longer in the store")
+    if threshold is None:
+        return _exact_group(points, keeper_id)
+    items = [Item.from_point(p) for p in points]
+    vectors = np.stack([np.asarray(p.vector, np.float32) for p in points])
+    return _scored_group(items, vectors, threshold, next(it for it in items if it.id == keeper_id))
 
 
 # --- actions ---------------------------------------------------------------------------------------------------

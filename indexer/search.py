@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +35,9 @@ from indexer.store import VectorStore
 log = logging.getLogger(__name__)
 
 Vector = npt.NDArray[np.float32]
+Sort = Literal["relevance", "newest", "oldest"]
+SORTS: tuple[Sort, ...] = ("relevance", "newest", "oldest")
+SORT_WINDOW = 1000  # sorting by date orders the best SORT_WINDOW matches (those at or above the threshold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,7 @@ class Query:
     negative_images: tuple[Path, ...] = ()
     negative_ids: tuple[str, ...] = ()
     negative_uploads: tuple[bytes, ...] = ()
+    sort: Sort = "relevance"
 
     def __post_init__(self) -> None:
         """Paging is checked here, once, for every caller (the HTTP API's models check the same bounds)."""
@@ -199,10 +204,29 @@ def timed_search(
     start = time.perf_counter()
     vector = query_vector(query, model, limits, store)
     encoded = time.perf_counter()
-    hits = store.query(vector, limit=query.limit, offset=query.offset, threshold=query.threshold, filter=query.filter)
+    hits = _ranked(store, vector, query)
     done = time.perf_counter()
     log.debug("query: encode %.1f ms, store %.1f ms", (encoded - start) * 1e3, (done - encoded) * 1e3)
     return hits, Timings(encode=encoded - start, store=done - encoded)
+
+
+def _ranked(store: VectorStore, vector: Vector, query: Query) -> list[Hit]:
+    """One page of hits: best first, or (sort newest/oldest) the best SORT_WINDOW matches ordered by mtime."""
+    if query.sort == "relevance":
+        return store.query(
+            vector, limit=query.limit, offset=query.offset, threshold=query.threshold, filter=query.filter
+        )
+    if query.offset >= SORT_WINDOW:
+        return []
+    hits = store.query(vector, limit=SORT_WINDOW, threshold=query.threshold, filter=query.filter)
+    newest = query.sort == "newest"
+    hits.sort(key=lambda h: (_mtime(h), h.score if newest else -h.score), reverse=newest)
+    return hits[query.offset : query.offset + query.limit]
+
+
+def _mtime(hit: Hit) -> float:
+    value = hit.payload.get("mtime")
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def parse_time(text: str, setting: str) -> float:

@@ -5,6 +5,7 @@ test-artifacts/web-search.png."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         context.close()
 
 
-@pytest.fixture
-def page(browser: Any, site: tuple[str, Corpus]) -> Iterator[Any]:
-    """A fresh page; fails the test if it logs an error or asks for anything outside the service."""
-    url, _ = site
+@contextmanager
+def guarded_page(browser: Any, url: str) -> Iterator[Any]:
+    """A fresh page at url; fails the test if it logs an error or asks for anything outside the service."""
     outside: list[str] = []
     errors: list[str] = []
     page = browser.new_page()
@@ -80,6 +80,12 @@ def page(browser: Any, site: tuple[str, Corpus]) -> Iterator[Any]:
     page.close()
     assert outside == [], f"the page asked for outside resources: {outside}"
     assert errors == [], f"the page logged errors: {errors}"
+
+
+@pytest.fixture
+def page(browser: Any, site: tuple[str, Corpus]) -> Iterator[Any]:
+    with guarded_page(browser, site[0]) as opened:
+        yield opened
 
 
 def grid(page: Any, count: int) -> list[dict[str, str]]:

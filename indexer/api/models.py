@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from indexer.errors import ConfigError, PayloadTooLargeError
 from indexer.records import Hit, SearchFilter
 from indexer.search import Query as SearchQuery
-from indexer.search import Timings
+from indexer.search import Sort, Timings
 from indexer.settings import Settings
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -52,6 +52,7 @@ class FilterIn(BaseModel):
     min_height: int | None = Field(default=None, ge=0, le=1_000_000)
     mtime_from: datetime | None = Field(default=None, description="ISO 8601 or unix seconds")
     mtime_to: datetime | None = Field(default=None, description="ISO 8601 or unix seconds")
+    cluster: int | None = Field(default=None, ge=0, le=1_000_000, description="a cluster id (`indexer cluster`)")
 
     @field_validator("folder")
     @classmethod
@@ -72,6 +73,7 @@ class SearchIn(BaseModel):
     limit: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="default: search.limit")
     offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="minimum cosine score")
+    sort: Sort = Field(default="relevance", description="relevance, or newest / oldest (by mtime) first")
 
 
 class TextSearchParams(FilterIn):
@@ -83,6 +85,7 @@ class TextSearchParams(FilterIn):
     limit: int | None = Field(default=None, ge=1, le=MAX_LIMIT)
     offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    sort: Sort = "relevance"
 
 
 class Paging(BaseModel):
@@ -186,25 +189,28 @@ def to_filter(flt: FilterIn, roots: list[str]) -> SearchFilter | None:
         min_height=flt.min_height,
         mtime_from=start,
         mtime_to=end,
+        cluster=flt.cluster,
     )
     return None if result.is_empty() else result
 
 
 def to_query(body: SearchIn, settings: Settings) -> SearchQuery:
     """The search module's Query for a POST /search body."""
-    limit = max_body_bytes(settings)
+    size_limit = max_body_bytes(settings)
+    limit, threshold = settings.search.resolve(body.limit, body.threshold)
     pos, neg = body.positive, body.negative
     return SearchQuery(
         texts=tuple(pos.texts),
         ids=tuple(i.lower() for i in pos.ids),
-        uploads=tuple(decode_base64_image(x, limit) for x in pos.images),
+        uploads=tuple(decode_base64_image(x, size_limit) for x in pos.images),
         negative_texts=tuple(neg.texts),
         negative_ids=tuple(i.lower() for i in neg.ids),
-        negative_uploads=tuple(decode_base64_image(x, limit) for x in neg.images),
-        limit=body.limit or settings.search.limit,
+        negative_uploads=tuple(decode_base64_image(x, size_limit) for x in neg.images),
+        limit=limit,
         offset=body.offset,
-        threshold=body.threshold if body.threshold is not None else settings.search.threshold,
+        threshold=threshold,
         filter=to_filter(body.filter, settings.serve.roots),
+        sort=body.sort,
     )
 
 

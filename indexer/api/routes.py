@@ -35,6 +35,7 @@ from indexer.api.models import (
     to_filter,
     to_query,
 )
+from indexer.api.review import add_review_routes
 from indexer.api.service import FileGuard, Metrics, Service, default_thumbnail_dir, engine_thread_init
 from indexer.errors import INTERNAL_ERROR, ConfigError, IndexerError, body_for, error_body, http_status_for
 from indexer.formats import MEDIA_TYPES
@@ -114,6 +115,7 @@ def create_app(
     _add_search_routes(app, service)
     _add_file_routes(app, service)
     _add_ops_routes(app, service)
+    add_review_routes(app, service, key)
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes(settings))
     app.add_middleware(AccessMiddleware, api_key=key)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: sees every answer
@@ -174,13 +176,15 @@ def _add_search_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/search", response_model=SearchOut, responses=errors, summary="Search by text")
     async def search_text(request: Request, params: Annotated[TextSearchParams, Query()]) -> SearchOut:
+        limit, threshold = settings.search.resolve(params.limit, params.threshold)
         query = SearchQuery(
             texts=(params.q,),
             negative_texts=tuple(params.not_),
-            limit=params.limit or settings.search.limit,
+            limit=limit,
             offset=params.offset,
-            threshold=params.threshold if params.threshold is not None else settings.search.threshold,
+            threshold=threshold,
             filter=to_filter(params, settings.serve.roots),
+            sort=params.sort,
         )
         return search_out(request, await service.run(service.search, query))
 
@@ -198,12 +202,13 @@ def _add_search_routes(app: FastAPI, service: Service) -> None:
         if (file is None) == (id is None):
             raise ConfigError("query", "give either an uploaded image (file) or the id of an indexed image (id)")
         data = await file.read() if file is not None else b""
+        limit, threshold = settings.search.resolve(paging.limit, paging.threshold)
         query = SearchQuery(
             uploads=(data,) if file is not None else (),
             ids=(id.lower(),) if id is not None else (),
-            limit=paging.limit or settings.search.limit,
+            limit=limit,
             offset=paging.offset,
-            threshold=paging.threshold if paging.threshold is not None else settings.search.threshold,
+            threshold=threshold,
         )
         return search_out(request, await service.run(service.search, query))
 
