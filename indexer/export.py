@@ -51,14 +51,15 @@ class EmbeddingWriter(Protocol):
     ) -> None: ...
 
 
-def open_embedding_writer(output: Path, dim: int, model_id: str) -> EmbeddingWriter:
-    """A writer for ``output``, chosen by its suffix (.parquet or .npy); Parquet records dim and model id."""
+def open_embedding_writer(output: Path, dim: int, model_id: str, *, shard_columns: bool = False) -> EmbeddingWriter:
+    """A writer for ``output``, chosen by its suffix (.parquet or .npy); Parquet records dim and model id, and
+    with ``shard_columns`` the caption and JSON metadata of images read from WebDataset shards."""
     suffix = output.suffix.lower()
     if suffix not in SUFFIXES:
         raise ConfigError("--output", f"{output}: use a .parquet or .npy file name")
     if not output.parent.exists():
         raise ConfigError("--output", f"directory {output.parent} does not exist")
-    return ParquetWriter(output, dim, model_id) if suffix == ".parquet" else NpyWriter(output, dim)
+    return ParquetWriter(output, dim, model_id, shard_columns) if suffix == ".parquet" else NpyWriter(output, dim)
 
 
 class _AtomicFile:
@@ -78,11 +79,13 @@ class _AtomicFile:
 class ParquetWriter(_AtomicFile):
     """Streams row groups, one per batch: memory stays bounded whatever the number of images."""
 
-    def __init__(self, output: Path, dim: int, model_id: str) -> None:
+    def __init__(self, output: Path, dim: int, model_id: str, shard_columns: bool = False) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         super().__init__(output)
+        self.shard_columns = shard_columns
+        extra = [("caption", pa.string()), ("json", pa.string())] if shard_columns else []
         self.schema = pa.schema(
             [
                 ("path", pa.string()),
@@ -90,6 +93,7 @@ class ParquetWriter(_AtomicFile):
                 ("width", pa.int32()),
                 ("height", pa.int32()),
                 ("embedding", pa.list_(pa.float32())),
+                *extra,
             ],
             metadata={b"dim": str(dim).encode(), b"model": model_id.encode()},
         )
@@ -107,6 +111,9 @@ class ParquetWriter(_AtomicFile):
             pa.array([m.height for m in metas], pa.int32()),
             pa.ListArray.from_arrays(offsets, flat),
         ]
+        if self.shard_columns:  # ShardMeta (indexer.shards) carries them; files in folders have none
+            columns.append(pa.array([getattr(m, "caption", None) for m in metas], pa.string()))
+            columns.append(pa.array([getattr(m, "json", None) for m in metas], pa.string()))
         self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
 
     def __enter__(self) -> ParquetWriter:

@@ -7,6 +7,7 @@ a file, no store.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat
@@ -34,6 +35,16 @@ from indexer.records import (
 )
 from indexer.scan import normalise_root, scan
 from indexer.settings import Settings
+from indexer.shards import (
+    SHARD_PENDING,
+    count_samples,
+    decode_shard,
+    decode_shards,
+    find_shards,
+    is_shard_point,
+    shard_fields,
+    shard_unchanged,
+)
 from indexer.store import VectorStore, open_store
 from indexer.watch import ChangeKind, FileChange
 
@@ -112,6 +123,7 @@ def run_index(
         apply_moves(plan, store, summary)
         embed_into_store(plan, settings, store, model, summary, progress)
         remove_gone(plan, store, summary)
+        index_shards(roots, settings, store, model, summary, progress)
     except KeyboardInterrupt:
         summary.interrupted = True
         log.warning("interrupted: finished batches are stored; the next run resumes from there")
@@ -134,7 +146,8 @@ def make_plan(roots: list[Path], settings: Settings, store: VectorStore, summary
     stored: dict[str, StoredPoint] = {}
     for root in roots:
         for point in store.scroll(filter=SearchFilter(path_prefix=str(root))):
-            stored[point.path] = point
+            if not is_shard_point(point):  # shards have their own diff (index_shards)
+                stored[point.path] = point
     plan = Plan(stored_paths=set(stored))
     for entry in _scan(roots, settings, summary):
         old = stored.pop(str(entry.path), None)
@@ -274,6 +287,7 @@ def payload_for(meta: ImageMeta, model_id: str, indexed_at: float) -> dict[str, 
         "format": meta.format.upper(),
         "model": model_id,
         "indexed_at": indexed_at,
+        **shard_fields(meta),
     }
 
 
@@ -297,10 +311,13 @@ def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size
     if files < IN_PROCESS_BELOW:
         workers = 0
     lookahead = settings.decode.lookahead or max(2 * batch_size, 4 * max(workers, 1))
-    limits = DecodeLimits(
+    return DecodePool(spec, decode_limits(settings), workers=workers, lookahead=lookahead)
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    return DecodeLimits(
         max_pixels=settings.decode.max_pixels, max_file_bytes=int(settings.decode.max_file_mb * 1024 * 1024)
     )
-    return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
 
 
 # --- embed to a file -------------------------------------------------------------------------------------------
@@ -320,12 +337,17 @@ def run_embed(
     roots = check_roots(paths)
     summary = RunSummary()
     entries = list(_scan(roots, settings, summary))
+    shards = find_shards(roots, settings.index.include_hidden)
     clip = model.get()
-    progress.start(len(entries), "embedding")
+    progress.start(len(entries) + sum(count_samples(s.path) for s in shards), "embedding")
     pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
-    with open_embedding_writer(output, clip.dim, model.model_id) as writer, pool:
+    writer_cm = open_embedding_writer(output, clip.dim, model.model_id, shard_columns=bool(shards))
+    with writer_cm as writer, pool:
         try:
-            for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
+            decoded = itertools.chain(
+                pool.imap(e.path for e in entries), decode_shards(shards, clip.preprocess, decode_limits(settings))
+            )
+            for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
                 _write_item(item, writer, summary, progress)
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -573,3 +595,84 @@ def remove_points(store: VectorStore, points: Sequence[StoredPoint], summary: Ru
     store.clear_failures([p.path for p in points])
     summary.removed += len(points)
     store.flush()
+
+
+# --- WebDataset shards: one diff per shard file ---------------------------------------------------------------------
+
+
+def index_shards(
+    roots: list[Path], settings: Settings, store: VectorStore, model: LazyModel, summary: RunSummary, progress: Progress
+) -> None:
+    """Bring the store up to date with the tar shards under ``roots``: a shard whose size and mtime are unchanged
+    is not read; a changed one is re-read (its samples gone from it leave the store); a vanished one leaves."""
+    shards = find_shards(roots, settings.index.include_hidden)
+    stored = _stored_shard_points(roots, store)
+    todo: list[tuple[FileEntry, list[StoredPoint]]] = []
+    for shard in shards:
+        points = stored.pop(str(shard.path), [])
+        if shard_unchanged(shard, points):
+            summary.unchanged += len(points)
+        else:
+            todo.append((shard, points))
+    if todo:
+        progress.close()
+        progress.start(sum(count_samples(s.path) for s, _ in todo), "embedding shards")
+    for shard, old in todo:
+        _embed_shard(shard, old, settings, store, model, summary, progress)
+    for name, points in stored.items():
+        if not os.path.lexists(name):
+            remove_points(store, points, summary)
+
+
+def _stored_shard_points(roots: list[Path], store: VectorStore) -> dict[str, list[StoredPoint]]:
+    by_shard: dict[str, list[StoredPoint]] = {}
+    for root in roots:
+        only = str(root) if root.is_file() else None
+        for point in store.scroll(filter=SearchFilter(path_prefix=str(root.parent if only else root))):
+            shard = str(point.payload.get("shard", ""))
+            if shard and (only is None or shard == only):
+                by_shard.setdefault(shard, []).append(point)
+    return by_shard
+
+
+def _embed_shard(
+    shard: FileEntry,
+    old: list[StoredPoint],
+    settings: Settings,
+    store: VectorStore,
+    model: LazyModel,
+    summary: RunSummary,
+    progress: Progress,
+) -> None:
+    """Embed one shard; its points are marked complete (its size and mtime) only once all of it is stored, so an
+    interrupted shard is read again by the next run."""
+    clip = model.get()
+    ids: list[str] = []
+    decoded = decode_shard(shard, clip.preprocess, decode_limits(settings))
+    for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
+        if isinstance(item, Failure):
+            log.warning("skipping %s: %s", item.path, item.reason)
+            summary.add_failure(item)
+            progress.advance(1)
+            continue
+        points = _shard_points(item, model.model_id)
+        store.upsert(points)
+        store.clear_failures([str(m.path) for m in item.metas])
+        ids.extend(p.id for p in points)
+        summary.indexed += len(points)
+        progress.advance(len(points))
+    kept = set(ids)
+    stale = [p.id for p in old if p.id not in kept]
+    if stale:
+        store.delete(stale)
+        summary.removed += len(stale)
+    if ids:
+        store.set_payload(ids, {"shard_mtime_ns": shard.mtime_ns})
+
+
+def _shard_points(batch: EmbeddedBatch, model_id: str) -> list[StoredPoint]:
+    now = time.time()
+    return [
+        StoredPoint(point_id(meta.path), {**payload_for(meta, model_id, now), "shard_mtime_ns": SHARD_PENDING}, vector)
+        for meta, vector in zip(batch.metas, batch.vectors, strict=True)
+    ]
