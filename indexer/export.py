@@ -205,6 +205,22 @@ def _export_table(points: list[StoredPoint], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def export_points(points: Sequence[StoredPoint], output: Path, dim: int, model_id: str) -> None:
+    """Write ``points`` (with vectors) to ``output`` in the export format, under a temporary name renamed when
+    complete: the file exists only whole (``indexer embed --ray`` uses it as a part's resume marker)."""
+    import pyarrow.parquet as pq
+
+    schema = _export_schema(dim, model_id)
+    table = _export_table(list(points), schema) if points else schema.empty_table()
+    target = _AtomicFile(output)
+    try:
+        pq.write_table(table, str(target.partial))
+    except BaseException:
+        target.discard()
+        raise
+    target.commit()
+
+
 def export_store(
     store: VectorStore, output: Path, *, filter: SearchFilter | None = None, batch_size: int = 1000
 ) -> int:
