@@ -54,6 +54,7 @@ __all__ = [
     "TRANSPORTS",
     "DecodePool",
     "LoadedImage",
+    "decode_bytes",
     "decode_file",
     "default_workers",
     "draft_scale",
@@ -429,6 +430,25 @@ def decode_file(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decod
         height=loaded.height,
         format=loaded.format,
     )
+    return Decoded(meta=meta, pixels=pixels)
+
+
+def decode_bytes(
+    data: bytes, source: Path, mtime_ns: int, spec: PreprocessSpec, limits: DecodeLimits
+) -> Decoded | Failure:
+    """Decode image bytes already read from elsewhere (a member of a tar shard, a Ray object) into model-ready
+    pixels; ``source`` names them in the metadata and in a Failure. Never raises for bad bytes."""
+    _check_spec(spec)
+    try:
+        if not data:
+            raise _Unusable("empty file (0 bytes)")
+        _check_file_size(len(data), limits)
+        loaded = _decode(data, limits, spec.image_size)
+        pixels = preprocess(loaded.image, spec)
+    except Exception as exc:  # a per-image problem must never stop the run
+        return Failure(source, _reason(exc))
+    sha = hashlib.sha256(data).hexdigest()
+    meta = ImageMeta(source, len(data), mtime_ns, sha, loaded.width, loaded.height, loaded.format)
     return Decoded(meta=meta, pixels=pixels)
 
 

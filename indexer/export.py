@@ -53,24 +53,27 @@ class EmbeddingWriter(Protocol):
     ) -> None: ...
 
 
-def open_embedding_writer(output: Path, dim: int, model_id: str) -> EmbeddingWriter:
-    """A writer for ``output``, chosen by its suffix (.parquet or .npy); Parquet records dim and model id."""
+def open_embedding_writer(output: Path, dim: int, model_id: str, *, shard_columns: bool = False) -> EmbeddingWriter:
+    """A writer for ``output``, chosen by its suffix (.parquet or .npy); Parquet records dim and model id, and
+    with ``shard_columns`` the caption and JSON metadata of images read from WebDataset shards."""
     suffix = output.suffix.lower()
     if suffix not in SUFFIXES:
         raise ConfigError("--output", f"{output}: use a .parquet or .npy file name")
     if not output.parent.exists():
         raise ConfigError("--output", f"directory {output.parent} does not exist")
-    return ParquetWriter(output, dim, model_id) if suffix == ".parquet" else NpyWriter(output, dim)
+    return ParquetWriter(output, dim, model_id, shard_columns) if suffix == ".parquet" else NpyWriter(output, dim)
 
 
 class ParquetWriter(AtomicFile):
     """Streams row groups, one per batch: memory stays bounded whatever the number of images."""
 
-    def __init__(self, output: Path, dim: int, model_id: str) -> None:
+    def __init__(self, output: Path, dim: int, model_id: str, shard_columns: bool = False) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         super().__init__(output)
+        self.shard_columns = shard_columns
+        extra = [("caption", pa.string()), ("json", pa.string())] if shard_columns else []
         self.schema = pa.schema(
             [
                 ("path", pa.string()),
@@ -78,6 +81,7 @@ class ParquetWriter(AtomicFile):
                 ("width", pa.int32()),
                 ("height", pa.int32()),
                 ("embedding", pa.list_(pa.float32())),
+                *extra,
             ],
             metadata={b"dim": str(dim).encode(), b"model": model_id.encode()},
         )
@@ -95,6 +99,9 @@ class ParquetWriter(AtomicFile):
             pa.array([m.height for m in metas], pa.int32()),
             pa.ListArray.from_arrays(offsets, flat),
         ]
+        if self.shard_columns:  # ShardMeta (indexer.shards) carries them; files in folders have none
+            columns.append(pa.array([getattr(m, "caption", None) for m in metas], pa.string()))
+            columns.append(pa.array([getattr(m, "json", None) for m in metas], pa.string()))
         self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
 
     def __enter__(self) -> ParquetWriter:
@@ -187,6 +194,22 @@ def _export_table(points: list[StoredPoint], schema: pa.Schema) -> pa.Table:
         _vector_column(np.stack([p.vector for p in points if p.vector is not None])),
     ]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def export_points(points: Sequence[StoredPoint], output: Path, dim: int, model_id: str) -> None:
+    """Write ``points`` (with vectors) to ``output`` in the export format, under a temporary name renamed when
+    complete: the file exists only whole (``indexer embed --ray`` uses it as a part's resume marker)."""
+    import pyarrow.parquet as pq
+
+    schema = _export_schema(dim, model_id)
+    table = _export_table(list(points), schema) if points else schema.empty_table()
+    target = AtomicFile(output)
+    try:
+        pq.write_table(table, str(target.partial))
+    except BaseException:
+        target.discard()
+        raise
+    target.commit()
 
 
 def export_store(

@@ -46,6 +46,7 @@ def payload_for(meta: ImageMeta, model_id: str, indexed_at: float) -> dict[str, 
         "format": meta.format.upper(),
         "model": model_id,
         "indexed_at": indexed_at,
+        **meta.extra_payload(),
     }
 
 

@@ -10,7 +10,9 @@ vanished files leave the store (the daemon's are returned instead, for its delet
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,12 +43,14 @@ from indexer.records import (
     FileEntry,
     PreprocessSpec,
     RunSummary,
+    SearchFilter,
     StoredPoint,
     name_problem,
     point_id,
 )
 from indexer.scan import normalise_root
 from indexer.settings import Settings
+from indexer.shards import SHARD_PENDING, count_samples, decode_shard, decode_shards, find_shards, shard_unchanged
 from indexer.store import VectorStore, open_store_from_settings
 from indexer.watch import FileChange
 from indexer.writer import BackgroundWriter
@@ -135,7 +139,7 @@ class Indexer:
         summary = self._start()
         plan = plan_roots(roots, self.settings, self.store, summary)
         try:
-            self._run(plan, summary, remove=True, optimize=True)
+            self._run(plan, summary, remove=True, optimize=True, shard_roots=roots)
         except KeyboardInterrupt:
             summary.interrupted = True
             self.close(wait=False)
@@ -206,6 +210,7 @@ class Indexer:
         optimize: bool = False,
         stop: Stop = _never,
         on_batch: OnBatch | None = None,
+        shard_roots: Sequence[Path] = (),
     ) -> None:
         try:
             for old, entry in find_moves(plan):
@@ -215,6 +220,8 @@ class Indexer:
             if remove:
                 self.remove(list(plan.gone.values()), summary)
                 plan.gone = {}
+            if shard_roots:
+                self._index_shards(shard_roots, summary)
         finally:
             self._record(summary, optimize)
 
@@ -270,6 +277,52 @@ class Indexer:
         if on_batch is not None:
             on_batch(item)
 
+    def _index_shards(self, roots: Sequence[Path], summary: RunSummary) -> None:
+        """The tar shards under ``roots``: a shard whose size and mtime are unchanged is not read; a changed one is
+        read again (its samples gone from it leave the store); a vanished one leaves."""
+        stored = _stored_shard_points(roots, self.store)
+        todo: list[tuple[FileEntry, list[StoredPoint]]] = []
+        for shard in find_shards(roots, self.settings.index.include_hidden):
+            points = stored.pop(str(shard.path), [])
+            if shard_unchanged(shard, points):
+                summary.unchanged += len(points)
+            else:
+                todo.append((shard, points))
+        if todo:
+            self.progress.close()
+            self.progress.start(sum(count_samples(s.path) for s, _ in todo), "embedding shards")
+        for shard, old in todo:
+            self._embed_shard(shard, old, summary)
+        for name, points in stored.items():
+            if not os.path.lexists(name):
+                self.remove(points, summary)
+
+    def _embed_shard(self, shard: FileEntry, old: list[StoredPoint], summary: RunSummary) -> None:
+        """Embed one shard; its points are marked complete (its size and mtime) only once all of it is stored, so
+        an interrupted shard is read again by the next run."""
+        clip = self.model.get()
+        ids: list[str] = []
+        decoded = decode_shard(shard, clip.preprocess, decode_limits(self.settings))
+        for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
+            if isinstance(item, Failure):
+                log.warning("skipping %s: %s", item.path, item.reason)
+                summary.add_failure(item)
+                self.progress.advance(1)
+                continue
+            points = _shard_points(item, self.model.model_id)
+            self.store.upsert(points)
+            self.store.clear_failures([str(m.path) for m in item.metas])
+            ids.extend(p.id for p in points)
+            summary.indexed += len(points)
+            self.progress.advance(len(points))
+        kept = set(ids)
+        stale = [p.id for p in old if p.id not in kept]
+        if stale:
+            self.store.delete(stale)
+            summary.removed += len(stale)
+        if ids:
+            self.store.set_payload(ids, {"shard_mtime_ns": shard.mtime_ns})
+
     def decoders(self) -> Decoders:
         """The decoders, made on first need (the model's preprocessing decides their output)."""
         if self._decoders is None:
@@ -307,12 +360,16 @@ def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size
     if files < IN_PROCESS_BELOW:
         workers = 0
     lookahead = settings.decode.lookahead or max(2 * batch_size, 4 * max(workers, 1))
-    limits = DecodeLimits(
+    return DecodePool(spec, decode_limits(settings), workers=workers, lookahead=lookahead)
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    """The decode stage's limits and choices, from the settings."""
+    return DecodeLimits(
         max_pixels=settings.decode.max_pixels,
         max_file_bytes=int(settings.decode.max_file_mb * 1024 * 1024),
         full_resolution=settings.decode.full_resolution,
     )
-    return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
 
 
 class Decoders:
@@ -356,13 +413,18 @@ def run_embed(
     roots = check_roots(paths)
     summary = RunSummary()
     entries = list(scan_entries(roots, settings, summary.add_failure))
+    shards = find_shards(roots, settings.index.include_hidden)
     clip = model.get()
-    progress.start(len(entries), "embedding")
+    progress.start(len(entries) + sum(count_samples(s.path) for s in shards), "embedding")
     pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
-    with open_embedding_writer(output, clip.dim, model.model_id) as writer, pool:
+    output_file = open_embedding_writer(output, clip.dim, model.model_id, shard_columns=bool(shards))
+    with output_file as writer, pool:
         try:
             with BackgroundWriter() as background:  # file output overlaps the next batch
-                for item in embed_batches(pool.imap(e.path for e in entries), clip.encode_pixels, clip.batch_size):
+                decoded = itertools.chain(
+                    pool.imap(e.path for e in entries), decode_shards(shards, clip.preprocess, decode_limits(settings))
+                )
+                for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
                     background.submit(functools.partial(_write_item, item, writer, summary, progress))
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -380,3 +442,25 @@ def _write_item(item: EmbeddedBatch | Failure, writer: Any, summary: RunSummary,
     writer.write(item.metas, item.vectors)
     summary.indexed += len(item.metas)
     progress.advance(len(item.metas))
+
+
+# --- WebDataset shards: one diff per shard file ---------------------------------------------------------------------
+
+
+def _stored_shard_points(roots: Sequence[Path], store: VectorStore) -> dict[str, list[StoredPoint]]:
+    by_shard: dict[str, list[StoredPoint]] = {}
+    for root in roots:
+        only = str(root) if root.is_file() else None
+        for point in store.scroll(filter=SearchFilter(path_prefix=str(root.parent if only else root))):
+            shard = str(point.payload.get("shard", ""))
+            if shard and (only is None or shard == only):
+                by_shard.setdefault(shard, []).append(point)
+    return by_shard
+
+
+def _shard_points(batch: EmbeddedBatch, model_id: str) -> list[StoredPoint]:
+    now = time.time()
+    return [
+        StoredPoint(point_id(meta.path), {**payload_for(meta, model_id, now), "shard_mtime_ns": SHARD_PENDING}, vector)
+        for meta, vector in zip(batch.metas, batch.vectors, strict=True)
+    ]

@@ -16,6 +16,7 @@ from indexer.decode import SUPPORTED_EXTENSIONS, hash_file
 from indexer.records import Failure, FileEntry, RunSummary, SearchFilter, StoredPoint, name_problem, point_id
 from indexer.scan import scan
 from indexer.settings import Settings
+from indexer.shards import is_shard_point
 from indexer.store import VectorStore
 from indexer.watch import ChangeKind, FileChange
 
@@ -53,7 +54,8 @@ def plan_roots(roots: Sequence[Path], settings: Settings, store: VectorStore, su
     stored: dict[str, StoredPoint] = {}
     for root in roots:
         for point in store.scroll(filter=SearchFilter(path_prefix=str(root))):
-            stored[point.path] = point
+            if not is_shard_point(point):  # shards have their own diff (Indexer._index_shards)
+                stored[point.path] = point
     plan = Plan(stored_paths=set(stored))
     for entry in scan_entries(roots, settings, summary.add_failure):
         old = stored.pop(str(entry.path), None)

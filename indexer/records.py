@@ -89,6 +89,10 @@ class ImageMeta:
     height: int
     format: str
 
+    def extra_payload(self) -> dict[str, Any]:
+        """Payload fields a kind of source adds to the file's own (a shard's sample: shard, key, caption...)."""
+        return {}
+
 
 @dataclass(frozen=True, slots=True)
 class Decoded:

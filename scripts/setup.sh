@@ -10,6 +10,6 @@ fi
 stamp=.venv/.indexer-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,test,heif]'
+  .venv/bin/python -m pip install -q -e '.[dev,test,heif,ray]'
   touch "$stamp"
 fi

@@ -15,6 +15,7 @@ from indexer.cli.common import (
     progress_bar,
     report_summary,
 )
+from indexer.cli.distributed import cmd_embed_ray, cmd_index_ray, ray_options
 from indexer.errors import ConfigError
 from indexer.records import SearchFilter
 from indexer.settings import SEARCH_LIMIT, Settings
@@ -35,15 +36,18 @@ def _add_index(sub: Any) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH")
     common_options(p)
     model_options(p)
+    ray_options(p, index=True)
     p.set_defaults(handler=cmd_index)
 
 
 def _add_embed(sub: Any) -> None:
     p = sub.add_parser("embed", help="embed images into a .parquet or .npy file (no store)")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--output", "-o", type=Path, required=True, metavar="FILE", help="FILE.parquet or FILE.npy")
+    p.add_argument("--output", "-o", type=Path, required=True, metavar="FILE",
+                   help="FILE.parquet or FILE.npy (with --ray: a directory of part files)")  # fmt: skip
     common_options(p)
     model_options(p)
+    ray_options(p)
     p.set_defaults(handler=cmd_embed)
 
 
@@ -82,6 +86,8 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.pipeline import check_roots, run_index, store_from_settings
 
     check_roots(args.paths)
+    if args.ray:
+        return cmd_index_ray(args, settings)
     model = LazyModel(settings.model)
     with store_from_settings(settings) as store, progress_bar(args) as progress:
         summary = run_index(args.paths, settings, store, model, progress)
@@ -93,6 +99,8 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.pipeline import check_roots, run_embed
 
     check_roots(args.paths)
+    if args.ray:
+        return cmd_embed_ray(args, settings)
     with progress_bar(args) as progress:
         summary = run_embed(args.paths, args.output, settings, LazyModel(settings.model), progress)
     if not args.json:
