@@ -1,4 +1,4 @@
-"""The decode stage: a file on disk → model-ready pixels, robustly, in a pool of worker processes.
+"""The decode stage: a file on disk (or bytes from a shard) → model-ready pixels, robustly.
 
 `decode_file` reads a file once, hashes those bytes, decodes them with Pillow and returns either a
 `Decoded` (metadata + uint8 CHW pixels of the model's input size) or a `Failure` with a short reason;
@@ -8,13 +8,8 @@ Pixels follow open_clip's eval transform exactly (resize the shortest side with 
 size arithmetic and centre crop, or "squash"), except that normalisation (x/255 - mean)/std is left
 to the model stage, which does it batched.
 
-`DecodePool` runs `decode_file` in worker processes (forkserver/spawn, never fork: the parent holds
-torch threads) and yields results in input order with a bounded look-ahead. This module must not
-import torch: it is imported in every worker.
-
-Test-only hook: when the environment variable ``INDEXER_TEST_CRASH_ON`` names a file (its base name)
-at the time a pool starts, the worker process decoding that file exits abruptly (``os._exit``), so the
-tests can check that a crashing decoder costs only its own file. Decoding in-process never reads it.
+`indexer.decode_pool.DecodePool` runs `decode_file` in worker processes. This module must not import torch: it
+is imported in every worker.
 """
 
 from __future__ import annotations
@@ -23,40 +18,27 @@ import contextlib
 import hashlib
 import importlib
 import io
-import itertools
-import multiprocessing
 import os
 import re
-import select
-import signal
 import stat
-import threading
-import time
 import warnings
-from collections import deque
-from collections.abc import Generator, Iterable, Iterator
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from indexer import formats, shm
-from indexer.errors import DecodeError, IndexerError
+from indexer import formats
+from indexer.errors import DecodeError
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec, display_path, name_problem
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
-    "TRANSPORTS",
-    "DecodePool",
     "LoadedImage",
     "decode_bytes",
     "decode_file",
-    "default_workers",
     "draft_scale",
     "hash_file",
     "load_image",
@@ -65,7 +47,6 @@ __all__ = [
 
 SUPPORTED_EXTENSIONS = formats.SUPPORTED_EXTENSIONS
 
-CRASH_ENV = "INDEXER_TEST_CRASH_ON"  # test-only, see the module docstring
 
 # The only Pillow formats we open, whatever the file is called: no EPS (Ghostscript), PSD, ICO, ...
 _FORMATS = formats.FORMATS
@@ -362,7 +343,7 @@ def load_image(
 # Geometry (open_clip's eval transform, without normalisation)
 
 
-def _check_spec(spec: PreprocessSpec) -> None:
+def check_spec(spec: PreprocessSpec) -> None:
     if spec.interpolation not in _RESAMPLE:
         raise ValueError(f"unsupported interpolation {spec.interpolation!r} (expected bicubic or bilinear)")
     if spec.resize_mode not in _RESIZE_MODES:
@@ -392,7 +373,7 @@ def _resize_shortest(image: Image.Image, size: int, resample: Image.Resampling, 
 def preprocess(image: Image.Image, spec: PreprocessSpec) -> Pixels:
     """An RGB image → uint8 CHW pixels (3, S, S), C-contiguous, as open_clip's eval transform
     geometry for `spec` would produce them (before ToTensor/Normalize)."""
-    _check_spec(spec)
+    check_spec(spec)
     size = spec.image_size
     resample = _RESAMPLE[spec.interpolation]
     if spec.resize_mode == "squash":
@@ -412,7 +393,7 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> Pixels:
 def decode_file(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decoded | Failure:
     """Read, hash and decode one file into model-ready pixels; a Failure (never an exception) when
     the file cannot be used. Raises ValueError only for an invalid `spec`."""
-    _check_spec(spec)
+    check_spec(spec)
     if (problem := name_problem(path)) is not None:  # whoever sent it (a watcher event), it could not be stored
         return Failure(Path(display_path(path)), problem)
     try:
@@ -438,7 +419,7 @@ def decode_bytes(
 ) -> Decoded | Failure:
     """Decode image bytes already read from elsewhere (a member of a tar shard, a Ray object) into model-ready
     pixels; ``source`` names them in the metadata and in a Failure. Never raises for bad bytes."""
-    _check_spec(spec)
+    check_spec(spec)
     try:
         if not data:
             raise _Unusable("empty file (0 bytes)")
@@ -450,354 +431,3 @@ def decode_bytes(
     sha = hashlib.sha256(data).hexdigest()
     meta = ImageMeta(source, len(data), mtime_ns, sha, loaded.width, loaded.height, loaded.format)
     return Decoded(meta=meta, pixels=pixels)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The worker pool
-
-WORKER_NICENESS = 10
-_crash_on: list[str] = []  # test hook, filled by _init_worker in worker processes only
-
-
-def _init_worker(crash_on: str | None, parent: int) -> None:
-    """Worker start-up: leave Ctrl-C to the parent, but die with it; arm the test-only crash hook."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(parent,), name="parent-watchdog", daemon=True).start()
-    _lower_priority()
-    if crash_on:
-        _crash_on.append(crash_on)
-
-
-def _exit_with(parent: int) -> None:
-    """Exit as soon as process ``parent`` (the one that made the pool) is gone, however it went (kill -9 too).
-
-    A worker's own parent is the forkserver, and nothing in the pool notices the pool's owner dying: without this
-    the workers wait forever on their queue, and since they hold the forkserver's and the resource tracker's pipes,
-    those two stay too (and with them the owner's stdout/stderr). Once the workers exit, both see EOF and exit."""
-    try:
-        pidfd = os.pidfd_open(parent)  # Linux >= 5.3: readable once the process has exited
-    except ProcessLookupError:
-        os._exit(1)
-    except (AttributeError, OSError):  # no pidfd here: poll
-        while _alive(parent):
-            time.sleep(0.5)
-        os._exit(1)
-    select.select([pidfd], [], [])
-    os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _lower_priority() -> None:
-    """Decode workers yield the CPU to the model's threads: a multi-threaded matrix product that loses one
-    thread to a decoder waits for it at every barrier, so sharing the cores evenly is slower than letting
-    the decoders fill the gaps (measured on 2 cores: see bench/README.md)."""
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
-
-
-def _decode_in_worker(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decoded | Failure:
-    """The function worker processes run (module level, so it pickles by reference)."""
-    if _crash_on and path.name == _crash_on[0]:
-        os._exit(70)  # test-only: simulate a decoder that takes its process down
-    return decode_file(path, spec, limits)
-
-
-def default_workers() -> int:
-    """How many CPUs this process may use."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """forkserver where available (workers fork from a clean server with this module already imported,
-    so a worker starts in milliseconds), else spawn. Never fork: the parent holds torch threads."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])  # takes effect when the server starts
-    return context
-
-
-Result = Decoded | Failure
-Row = tuple[int, int, str, int, int, str] | str  # per file of a chunk: ImageMeta fields, or a failure reason
-TRANSPORTS = ("shm", "pickle")
-_Pending = tuple[Path, "Future[Result]"]
-_CRASHED = "decoder crashed: the worker process died while decoding this file"
-_MAX_CRASHES_IN_A_ROW = 8  # isolated crashes of consecutive files: the pool is unusable, not the files
-_CHUNK_MAX = 32  # files per task on the shm transport: a task costs the main process ~0.7 ms (bench/README.md)
-
-
-def _decode_chunk(slot: str, rows: int, paths: list[Path], spec: PreprocessSpec, limits: DecodeLimits) -> list[Row]:
-    """A worker's task on the shm transport: decode ``paths`` into rows 0.. of segment ``slot``; only each file's
-    metadata fields (or its failure reason) go back through the pipe, without the path the main process knows."""
-    array = shm.attach(slot, rows, (3, spec.image_size, spec.image_size))
-    out: list[Row] = []
-    for i, path in enumerate(paths):
-        result = _decode_in_worker(path, spec, limits)
-        if isinstance(result, Decoded):
-            array[i] = result.pixels
-            m = result.meta
-            out.append((m.size, m.mtime_ns, m.sha256, m.width, m.height, m.format))
-        else:
-            out.append(result.reason)
-    return out
-
-
-def _row_result(path: Path, row: Row, pixels: Pixels) -> Result:
-    if isinstance(row, str):
-        return Failure(path, row)
-    size, mtime_ns, sha256, width, height, fmt = row
-    return Decoded(ImageMeta(path, size, mtime_ns, sha256, width, height, fmt), pixels)
-
-
-class _Chunk(NamedTuple):
-    paths: list[Path]
-    slot: shm.Slot
-    future: Future[list[Row]]
-
-
-class DecodePool:
-    """Decode files in worker processes; results come back in input order.
-
-    At most `lookahead` files are taken from the input and not yet yielded, so memory stays bounded on
-    any tree. `workers=0` decodes in-process. A worker that dies costs only the file it was decoding
-    (reported as "decoder crashed: ..."); the pool is rebuilt for the rest.
-
-    Transport (how pixels come back from the workers): "shm" (the default where /dev/shm exists) sends
-    chunks of up to 32 files per task and workers write pixels into shared-memory slots, so a Decoded's
-    `pixels` is a read-only view of shared memory and only metadata is pickled; "pickle" sends one
-    future and one pickled array per file (the transport before shared memory, kept for comparison).
-    """
-
-    def __init__(
-        self, spec: PreprocessSpec, limits: DecodeLimits, workers: int, lookahead: int, transport: str = "shm"
-    ) -> None:
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, not {workers}")
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, not {lookahead}")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
-        _check_spec(spec)
-        self.spec = spec
-        self.limits = limits
-        self.workers = workers
-        self.lookahead = lookahead
-        self.transport = transport if transport == "pickle" or shm.available() else "pickle"
-        self.chunk = max(1, min(_CHUNK_MAX, lookahead // (2 * max(workers, 1))))
-        self._executor: ProcessPoolExecutor | None = None
-        self._ring: shm.SlotRing | None = None
-        self._closed = False
-        self._crashes_in_a_row = 0
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close(wait=exc_type is None)
-
-    def close(self, wait: bool = True) -> None:
-        """Shut the workers down, cancelling files not yet started (wait=False: don't wait for the rest);
-        unlink the shared-memory slots (pixel views still held stay readable)."""
-        self._closed = True
-        self._shutdown(wait)
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-
-    def imap(self, paths: Iterable[Path]) -> Generator[Result, None, None]:
-        """Decode `paths` lazily; yields one Decoded or Failure per path, in input order.
-
-        Closing the generator early (or dropping it) cancels the files it had submitted."""
-        if self._closed:
-            raise RuntimeError("DecodePool is closed")
-        if self.workers == 0:
-            return (decode_file(path, self.spec, self.limits) for path in paths)
-        if self.transport == "shm":
-            return self._imap_shm(iter(paths))
-        return self._imap_pool(iter(paths))
-
-    # -- internals ---------------------------------------------------------------------------------
-
-    def _shutdown(self, wait: bool) -> None:
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=True)
-
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._closed:
-            raise RuntimeError("DecodePool is closed")
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=_mp_context(),
-                initializer=_init_worker,
-                initargs=(os.environ.get(CRASH_ENV), os.getpid()),
-            )
-        return self._executor
-
-    def _submit(self, path: Path) -> Future[Result]:
-        try:
-            return self._pool().submit(_decode_in_worker, path, self.spec, self.limits)
-        except BrokenProcessPool as exc:  # broke since the last result: report it like a crash
-            future: Future[Result] = Future()
-            future.set_exception(exc)
-            return future
-
-    @staticmethod
-    def _collect(path: Path, future: Future[Result]) -> Result | None:
-        """The future's result; None when its worker process died (or a pool rebuild cancelled it)."""
-        try:
-            return future.result()
-        except (BrokenProcessPool, CancelledError):
-            return None
-        except Exception as exc:  # e.g. a result that could not be pickled
-            return Failure(path, f"decoder failed: {type(exc).__name__}: {exc}")
-
-    def _fill(self, pending: deque[_Pending], source: Iterator[Path]) -> None:
-        for path in itertools.islice(source, max(0, self.lookahead - len(pending))):
-            pending.append((path, self._submit(path)))
-
-    def _imap_pool(self, source: Iterator[Path]) -> Generator[Result, None, None]:
-        pending: deque[_Pending] = deque()
-        try:
-            while True:
-                self._fill(pending, source)
-                if not pending:
-                    return
-                path, future = pending.popleft()
-                result = self._collect(path, future)
-                if result is None:
-                    suspects = [(path, future), *pending]
-                    pending.clear()
-                    yield from self._recover(suspects)
-                else:
-                    self._crashes_in_a_row = 0
-                    yield result
-        finally:
-            for _, future in pending:
-                future.cancel()
-
-    def _recover(self, suspects: list[_Pending]) -> Iterator[Result]:
-        """After a crash: rebuild the pool and decode the files that were in flight one at a time,
-        so the one that kills its worker is identified and costs only itself."""
-        self._shutdown(wait=False)
-        for path, future in suspects:
-            done = future.done() and not future.cancelled() and future.exception() is None
-            yield future.result() if done else self._decode_alone(path)
-
-    def _decode_alone(self, path: Path) -> Result:
-        if self.transport == "shm":
-            chunk = self._submit_chunk([path])
-            rows = self._collect_chunk(chunk)
-            result = None if rows is None else self._results(chunk, rows)[0]
-            if rows is None:
-                self._ring_discard(chunk.slot)
-        else:
-            result = self._collect(path, self._submit(path))
-        if result is not None:
-            self._crashes_in_a_row = 0
-            return result
-        self._shutdown(wait=False)
-        self._crashes_in_a_row += 1
-        if self._crashes_in_a_row >= _MAX_CRASHES_IN_A_ROW:  # the workers cannot run at all
-            raise IndexerError(
-                f"decoder worker processes keep dying ({self._crashes_in_a_row} files in a row, "
-                f"last {path}); decode in-process (workers=0) to see why"
-            )
-        return Failure(path, _CRASHED)
-
-    # -- the shm transport -------------------------------------------------------------------------
-
-    def _slots(self) -> shm.SlotRing:
-        if self._ring is None:
-            self._ring = shm.SlotRing(self.chunk, (3, self.spec.image_size, self.spec.image_size))
-        return self._ring
-
-    def _ring_discard(self, slot: shm.Slot) -> None:
-        if self._ring is not None:
-            self._ring.discard(slot)
-
-    def _submit_chunk(self, paths: list[Path]) -> _Chunk:
-        slot = self._slots().acquire()
-        try:
-            future = self._pool().submit(_decode_chunk, slot.name, slot.rows, paths, self.spec, self.limits)
-        except BrokenProcessPool as exc:  # broke since the last result: report it like a crash
-            future = Future()
-            future.set_exception(exc)
-        return _Chunk(paths, slot, future)
-
-    @staticmethod
-    def _collect_chunk(chunk: _Chunk) -> list[Row] | None:
-        """The chunk's rows; None when its worker process died (or a pool rebuild cancelled it)."""
-        try:
-            return chunk.future.result()
-        except (BrokenProcessPool, CancelledError):
-            return None
-        except Exception as exc:  # e.g. a task that could not be pickled
-            return [f"decoder failed: {type(exc).__name__}: {exc}" for _ in chunk.paths]
-
-    @staticmethod
-    def _results(chunk: _Chunk, rows: list[Row]) -> list[Result]:
-        """Decoded records viewing the slot's rows (no copy); the slot is reusable once they are all dropped."""
-        pixels = chunk.slot.array
-        out = [_row_result(path, row, pixels[i]) for i, (path, row) in enumerate(zip(chunk.paths, rows, strict=True))]
-        chunk.slot.leased = False
-        return out
-
-    def _fill_chunks(self, pending: deque[_Chunk], source: Iterator[Path]) -> None:
-        room = self.lookahead - sum(len(c.paths) for c in pending)
-        paths = list(itertools.islice(source, max(0, room)))
-        size = self.chunk
-        if len(paths) < room:  # the input's tail (or a short job): spread it over every worker
-            size = max(1, min(size, -(-len(paths) // (2 * self.workers))))
-        for i in range(0, len(paths), size):
-            pending.append(self._submit_chunk(paths[i : i + size]))
-
-    def _imap_shm(self, source: Iterator[Path]) -> Generator[Result, None, None]:
-        pending: deque[_Chunk] = deque()
-        try:
-            while True:
-                self._fill_chunks(pending, source)
-                if not pending:
-                    return
-                chunk = pending.popleft()
-                rows = self._collect_chunk(chunk)
-                if rows is None:
-                    suspects = [chunk, *pending]
-                    pending.clear()
-                    yield from self._recover_chunks(suspects)
-                else:
-                    self._crashes_in_a_row = 0
-                    yield from self._results(chunk, rows)
-        finally:
-            for chunk in pending:
-                if chunk.future.cancel():
-                    chunk.slot.leased = False
-                else:  # a worker may still be writing into it
-                    self._ring_discard(chunk.slot)
-
-    def _recover_chunks(self, suspects: list[_Chunk]) -> Iterator[Result]:
-        """After a crash: rebuild the pool; chunks that finished are handed out, the files of the others are
-        decoded one at a time, so the one that kills its worker is identified and costs only itself."""
-        self._shutdown(wait=False)
-        for chunk in suspects:
-            future = chunk.future
-            if future.done() and not future.cancelled() and future.exception() is None:
-                yield from self._results(chunk, future.result())
-                continue
-            self._ring_discard(chunk.slot)
-            for path in chunk.paths:
-                yield self._decode_alone(path)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from indexer.decode import _check_pixels, _check_spec, _open, _read, _reason, decode_file
+from indexer.decode import _check_pixels, _open, _read, _reason, check_spec, decode_file
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
 __all__ = ["NvJpegDecoder", "available", "resize_crop", "target_geometry"]
@@ -59,7 +59,7 @@ def target_geometry(width: int, height: int, spec: PreprocessSpec) -> tuple[int,
 
 def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 (3, H, W) → uint8 (3, S, S) on the same device, with `indexer.decode.preprocess`'s geometry."""
-    _check_spec(spec)
+    check_spec(spec)
     size = spec.image_size
     _, height, width = image.shape
     new_w, new_h, left, top = target_geometry(width, height, spec)
@@ -75,7 +75,7 @@ class NvJpegDecoder:
     """Batched JPEG decode + resize on a CUDA device; other files and nvJPEG's refusals go to the CPU path."""
 
     def __init__(self, spec: PreprocessSpec, limits: DecodeLimits, device: str | torch.device = "cuda") -> None:
-        _check_spec(spec)
+        check_spec(spec)
         self.spec, self.limits, self.device = spec, limits, torch.device(device)
 
     def decode(self, paths: list[Path]) -> tuple[list[Decoded | Failure], torch.Tensor]:

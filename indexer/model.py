@@ -242,7 +242,7 @@ def _load(source: ModelSource, settings: ModelSettings) -> ClipModel:
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU (with a notice: the seed requires a GPU; we also run without)."""
+    """``auto`` → CUDA when present, else CPU (with a notice: NeMo Curator's stage needs a GPU; we run without)."""
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from indexer.decode import DecodePool, default_workers
+from indexer.decode_pool import DecodePool, default_workers
 from indexer.embed import EmbeddedBatch, embed_batches
 from indexer.errors import ConfigError
 from indexer.model import LazyModel

@@ -5,7 +5,7 @@ indexed images (whose stored vectors are used as they are: no file is read, no m
 queries and Qdrant's recommend API (``average_vector``), the query vector is the mean of the positive vectors minus
 the mean of the negative ones, L2-normalised; metadata filters, limit, offset and a score threshold go to the store.
 
-Scores are cosine similarities of L2-normalised CLIP vectors. For image-to-image scores the seed's guide applies:
+Scores are cosine similarities of L2-normalised CLIP vectors. For image-to-image scores NeMo Curator's guide applies:
 ≥ 0.99 exact duplicate, ≥ 0.95 near-duplicate (crop, resize, re-encode), ≥ 0.90 similar. Text-to-image scores are
 much lower in absolute terms (≈ 0.2-0.35 for a good match with ViT-L/14): rank matters, not the value.
 """

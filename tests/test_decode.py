@@ -22,17 +22,16 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageOps, features
 
-from indexer import decode
+from indexer import decode, decode_pool
 from indexer.decode import (
     SUPPORTED_EXTENSIONS,
-    DecodePool,
     decode_file,
-    default_workers,
     draft_scale,
     hash_file,
     load_image,
     preprocess,
 )
+from indexer.decode_pool import DecodePool, default_workers
 from indexer.errors import DecodeError, IndexerError
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 
@@ -583,7 +582,7 @@ def test_pool_survives_a_crashing_worker(tmp_path: Path, monkeypatch: pytest.Mon
     paths = _mixed_corpus(tmp_path, n_good=4)
     crash = _save(tmp_path / "crash.png", _noise(10, 10))
     paths.insert(3, crash)
-    monkeypatch.setenv(decode.CRASH_ENV, crash.name)
+    monkeypatch.setenv(decode_pool.CRASH_ENV, crash.name)
     with DecodePool(SPEC, LIMITS, workers=2, lookahead=4) as pool:
         results = list(pool.imap(paths))
         failure = _failed(results.pop(3))
@@ -600,11 +599,11 @@ def test_pool_gives_up_when_every_worker_dies(tmp_path: Path, monkeypatch: pytes
     for i in range(12):
         (tmp_path / str(i)).mkdir()
         paths.append(_save(tmp_path / str(i) / "crash.png", _noise(8, 8)))
-    monkeypatch.setenv(decode.CRASH_ENV, "crash.png")
+    monkeypatch.setenv(decode_pool.CRASH_ENV, "crash.png")
     seen: list[Decoded | Failure] = []
     with DecodePool(SPEC, LIMITS, workers=2, lookahead=2) as pool, pytest.raises(IndexerError, match="keep dying"):
         seen.extend(pool.imap(paths))
-    assert len(seen) == decode._MAX_CRASHES_IN_A_ROW - 1
+    assert len(seen) == decode_pool._MAX_CRASHES_IN_A_ROW - 1
     assert all(_failed(r).reason.startswith("decoder crashed") for r in seen)
 
 

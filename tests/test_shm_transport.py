@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import decode, shm
-from indexer.decode import DecodePool
+from indexer import decode_pool, shm
+from indexer.decode_pool import DecodePool
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="needs POSIX shared memory (/dev/shm)")
@@ -103,7 +103,7 @@ def test_shm_crashing_worker_costs_only_its_file(tmp_path: Path, monkeypatch: py
     paths = _corpus(tmp_path, n=30)
     crash = _image(tmp_path / "crash.png", seed=99)
     paths.insert(11, crash)
-    monkeypatch.setenv(decode.CRASH_ENV, crash.name)
+    monkeypatch.setenv(decode_pool.CRASH_ENV, crash.name)
     with DecodePool(SPEC, LIMITS, workers=0, lookahead=1) as inline:
         expected = _summary(list(inline.imap(p for p in paths if p != crash)))
     with DecodePool(SPEC, LIMITS, workers=2, lookahead=LOOKAHEAD) as pool:
@@ -133,7 +133,7 @@ def test_shm_abandoned_run_releases_slots(tmp_path: Path) -> None:
 _KILLED_MAIN = """
 import os, sys, time
 from pathlib import Path
-from indexer.decode import DecodePool
+from indexer.decode_pool import DecodePool
 from indexer.records import DecodeLimits, PreprocessSpec
 
 if __name__ == "__main__":
