@@ -305,9 +305,7 @@ class Indexer:
         decoded = decode_shard(shard, clip.preprocess, decode_limits(self.settings))
         for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
             if isinstance(item, Failure):
-                log.warning("skipping %s: %s", item.path, item.reason)
-                summary.add_failure(item)
-                self.progress.advance(1)
+                self._take(item, Plan(), summary, None)
                 continue
             points = _shard_points(item, self.model.model_id)
             self.store.upsert(points)
