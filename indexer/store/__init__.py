@@ -14,7 +14,12 @@ vectors, keep a capped log of files that failed, and evaluate `SearchFilter` the
     edge_store   EdgeStore
     server       QdrantServerStore
     factory      open_store, open_store_from_settings (torch-free)
+
+`QdrantServerStore` is imported on first use: the embedded store's commands never import qdrant-client (≈ 1 s of a
+cold start).
 """
+
+from typing import TYPE_CHECKING, Any
 
 from indexer.atomicio import atomic_write_json
 from indexer.payload import normalise_payload
@@ -33,7 +38,9 @@ from indexer.store.protocol import (
     Vector,
     VectorStore,
 )
-from indexer.store.server import QdrantServerStore
+
+if TYPE_CHECKING:
+    from indexer.store.server import QdrantServerStore
 
 __all__ = [
     "FAILURES_FILE",
@@ -60,3 +67,11 @@ __all__ = [
     "open_store",
     "open_store_from_settings",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "QdrantServerStore":
+        from indexer.store.server import QdrantServerStore
+
+        return QdrantServerStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 from indexer.errors import ConfigError
 from indexer.store.edge_store import EdgeStore
 from indexer.store.protocol import VectorStore
-from indexer.store.server import QdrantServerStore
 
 if TYPE_CHECKING:
     from indexer.settings import Settings
@@ -19,6 +18,8 @@ if TYPE_CHECKING:
 def open_store(*, store_dir: Path | None, qdrant_url: str | None, api_key: str | None, collection: str) -> VectorStore:
     """The one factory: a Qdrant server when qdrant_url is given, else the embedded store in store_dir."""
     if qdrant_url:
+        from indexer.store.server import QdrantServerStore  # qdrant-client only when a server is asked for
+
         return QdrantServerStore.connect(qdrant_url, api_key, collection)
     if store_dir is None:
         raise ConfigError("store.dir", "give a store directory or a Qdrant URL")
