@@ -43,6 +43,9 @@ class StoreSettings(_Section):
     api_key: str = ""
     collection: str = "images"
     optimize_after: int = Field(default=1000, ge=0)
+    # Free space (MB) the embedded store keeps on its filesystem: it refuses to open or write below it, since
+    # Qdrant Edge memory-maps its files and a write into a full disk kills the process (SIGBUS).
+    min_free_mb: float = Field(default=64.0, ge=0, allow_inf_nan=False)
 
     @field_validator("dir", mode="after")
     @classmethod
