@@ -11,6 +11,7 @@
     ├── UnknownImageError           a query names image ids the store does not hold          → HTTP 404
     ├── NotServableError            an indexed file the service will not send                 → HTTP 404
     ├── PayloadTooLargeError        a request body or an upload above its limit               → HTTP 413
+    ├── ServiceBusyError            every upload-decode slot is taken (serve.max_decodes)     → HTTP 503 + Retry-After
     └── AccessError                 an HTTP request refused before it is read
         ├── HostNotAllowedError     a Host header that is not loopback, without an API key    → HTTP 403
         ├── UnauthorizedError       a missing or wrong API key                                → HTTP 401
@@ -144,6 +145,16 @@ class PayloadTooLargeError(IndexerError):
     """A request body or an uploaded image above its limit (serve.max_upload_mb)."""
 
 
+class ServiceBusyError(IndexerError):
+    """Every slot for decoding uploads is taken (serve.max_decodes); retry after ``retry_after`` seconds."""
+
+    FIELDS = ("retry_after",)
+
+    def __init__(self, what: str, retry_after: int = 1) -> None:
+        super().__init__(f"the service is busy: {what}; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 class InotifyLimitError(OSError):
     """A root needs more inotify watches than the system grants."""
 
@@ -173,6 +184,7 @@ HTTP_STATUS_FOR: tuple[tuple[type[IndexerError], int], ...] = (
     (UnknownImageError, 404),
     (NotServableError, 404),
     (PayloadTooLargeError, 413),
+    (ServiceBusyError, 503),
     (HostNotAllowedError, 403),
     (UnauthorizedError, 401),
     (UnsupportedMediaError, 415),

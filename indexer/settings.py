@@ -138,6 +138,9 @@ class ServeSettings(_Section):
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
     max_upload_mb: float = Field(default=20.0, gt=0)
     threads: int = Field(default=1, ge=0, le=1024)
+    # Search requests with uploaded images decoded at once (off the event loop and the engine thread); one
+    # more is refused with 503 and Retry-After. Bounds the memory of huge-pixel uploads.
+    max_decodes: int = Field(default=2, ge=1, le=64)
 
 
 class DedupSettings(_Section):
