@@ -6,6 +6,7 @@
     │   └── WeightsNotFoundError    no weights offline; names the files and where to put them
     ├── StoreError                  the vector store failed                                   → HTTP 503
     │   ├── StoreBusyError          the embedded store is open in another process             → HTTP 503
+    │   ├── StoreFullError          the embedded store's disk is below store.min_free_mb      → HTTP 503
     │   └── ModelMismatchError      the collection was made by another model                  → HTTP 409
     ├── DecodeError                 one file cannot be turned into pixels (carried per file)  → HTTP 422
     ├── UnknownImageError           a query names image ids the store does not hold          → HTTP 404
@@ -92,6 +93,10 @@ class StoreBusyError(StoreError):
             msg += f" ({detail})"
         super().__init__(msg)
         self.path = path
+
+
+class StoreFullError(StoreError):
+    """The embedded store's filesystem has less free space than store.min_free_mb: nothing was written."""
 
 
 class ModelMismatchError(StoreError):

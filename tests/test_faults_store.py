@@ -10,12 +10,13 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.clirun import MODEL, run, run_json
+from tests.clirun import INDEXER, MODEL, run, run_json
 from tests.fixtures.shapes import write_dataset
 
 pytestmark = pytest.mark.faults
@@ -97,6 +98,43 @@ def test_the_free_space_margin_is_a_setting(tmp_path: Path, small_disk: Path) ->
     assert run_json("status", "--store", str(store))["images"] == 4  # 80 MB free: above the default 64
     proc = run("status", "--store", str(store), env={"INDEXER_STORE__MIN_FREE_MB": "100"}, check=2)
     assert "No space left on device" in proc.stderr and "at least 100 MB" in proc.stderr
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_the_watch_daemon_waits_out_a_full_disk(tmp_path: Path, small_disk: Path) -> None:
+    photos, store, log = tmp_path / "photos", small_disk / "store", tmp_path / "watch.log"
+    write_dataset(photos / "a", 4, seed=8, size=64)
+    with log.open("w") as out:
+        daemon = subprocess.Popen(
+            [INDEXER, "watch", str(photos), "--store", str(store), *MODEL, "--workers", "1", "--poll"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def images() -> int:
+            proc = run("status", "--store", str(store), "--json", check=None)
+            return int(json.loads(proc.stdout)["images"]) if proc.returncode == 0 else -1
+
+        _until("the first 4 images", lambda: images() == 4)
+        filler = _fill(small_disk, leave_mb=24)
+        write_dataset(photos / "b", 2, seed=9, size=64)
+        _until("the refused write", lambda: "No space left on device" in log.read_text())
+        time.sleep(2)
+        assert daemon.poll() is None, log.read_text()  # still running
+        assert images() == 4
+        filler.unlink()
+        _until("the files missed while the disk was full", lambda: images() == 6)
+        assert daemon.poll() is None and "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
 
 
 @pytest.fixture

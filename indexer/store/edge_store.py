@@ -15,7 +15,7 @@ from typing import Any, cast
 import qdrant_edge as edge
 
 from indexer.atomicio import create_json_exclusive
-from indexer.errors import IndexerError, StoreBusyError, StoreError
+from indexer.errors import IndexerError, StoreBusyError, StoreError, StoreFullError
 from indexer.payload import normalise_payload
 from indexer.records import Failure, Hit, StoredPoint
 from indexer.store.base import _as_vector, _check_model, _reason, _stamp, _StoreBase, _vector_list
@@ -140,7 +140,7 @@ class EdgeStore(_StoreBase):
             return
         free = _free_mb(self.directory)
         if free < self._min_free_mb:
-            raise StoreError(
+            raise StoreFullError(
                 f"the store at {self.directory} cannot {what}: No space left on device "
                 f"({free:.1f} MB free, the store keeps at least {self._min_free_mb:g} MB: store.min_free_mb); "
                 "free some space or move the store (--store DIR)"
