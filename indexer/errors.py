@@ -6,11 +6,13 @@
     │   └── WeightsNotFoundError    no weights offline; names the files and where to put them
     ├── StoreError                  the vector store failed                                   → HTTP 503
     │   ├── StoreBusyError          the embedded store is open in another process             → HTTP 503
+    │   ├── StoreFullError          the embedded store's disk is below store.min_free_mb      → HTTP 503
     │   └── ModelMismatchError      the collection was made by another model                  → HTTP 409
     ├── DecodeError                 one file cannot be turned into pixels (carried per file)  → HTTP 422
     ├── UnknownImageError           a query names image ids the store does not hold          → HTTP 404
     ├── NotServableError            an indexed file the service will not send                 → HTTP 404
     ├── PayloadTooLargeError        a request body or an upload above its limit               → HTTP 413
+    ├── ServiceBusyError            every upload-decode slot is taken (serve.max_decodes)     → HTTP 503 + Retry-After
     └── AccessError                 an HTTP request refused before it is read
         ├── HostNotAllowedError     a Host header that is not loopback, without an API key    → HTTP 403
         ├── UnauthorizedError       a missing or wrong API key                                → HTTP 401
@@ -93,6 +95,10 @@ class StoreBusyError(StoreError):
         self.path = path
 
 
+class StoreFullError(StoreError):
+    """The embedded store's filesystem has less free space than store.min_free_mb: nothing was written."""
+
+
 class ModelMismatchError(StoreError):
     """The collection records a different model than the one asked for."""
 
@@ -144,6 +150,16 @@ class PayloadTooLargeError(IndexerError):
     """A request body or an uploaded image above its limit (serve.max_upload_mb)."""
 
 
+class ServiceBusyError(IndexerError):
+    """Every slot for decoding uploads is taken (serve.max_decodes); retry after ``retry_after`` seconds."""
+
+    FIELDS = ("retry_after",)
+
+    def __init__(self, what: str, retry_after: int = 1) -> None:
+        super().__init__(f"the service is busy: {what}; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 class InotifyLimitError(OSError):
     """A root needs more inotify watches than the system grants."""
 
@@ -173,6 +189,7 @@ HTTP_STATUS_FOR: tuple[tuple[type[IndexerError], int], ...] = (
     (UnknownImageError, 404),
     (NotServableError, 404),
     (PayloadTooLargeError, 413),
+    (ServiceBusyError, 503),
     (HostNotAllowedError, 403),
     (UnauthorizedError, 401),
     (UnsupportedMediaError, 415),

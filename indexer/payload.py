@@ -2,6 +2,8 @@
 move build it, and how the store normalises it.
 
     path, dirs          the file and every ancestor directory (the folder filter matches "dirs")
+    real_dir            the real path of its folder when indexed (symlinks resolved): `indexer serve` sends the
+                        file only from there, so a folder swapped for a symlink later serves nothing from elsewhere
     size, mtime(_ns)    what tells a later index run that the file is unchanged
     sha256              the content hash (moves and exact duplicates are found by it)
     width, height       pixels, after EXIF orientation
@@ -30,6 +32,7 @@ def file_fields(path: Path | str, size: int, mtime_ns: int) -> dict[str, Any]:
     return {
         "path": str(path),
         "dirs": dirs_of(path),
+        "real_dir": os.path.realpath(Path(path).parent),
         "size": size,
         "mtime": mtime_ns / 1e9,
         "mtime_ns": mtime_ns,
@@ -68,6 +71,7 @@ def embedded_payload(
     }
     if st is not None:
         payload.update(size=st.st_size, mtime=st.st_mtime_ns / 1e9, mtime_ns=st.st_mtime_ns)
+        payload["real_dir"] = os.path.realpath(Path(path).parent)
     return payload
 
 

@@ -25,10 +25,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from indexer.decode import decode_file, load_image, preprocess
+from indexer.decode import Pixels, decode_file, load_image, preprocess
 from indexer.errors import ConfigError, DecodeError, ModelMismatchError, StoreError, UnknownImageError
 from indexer.model import ClipModel, LazyModel
-from indexer.records import DecodeLimits, Failure, Hit, SearchFilter
+from indexer.records import DecodeLimits, Failure, Hit, PreprocessSpec, SearchFilter
 from indexer.settings import SEARCH_LIMIT, SEARCH_THRESHOLD
 from indexer.store import VectorStore
 
@@ -61,6 +61,9 @@ class Query:
     negative_ids: tuple[str, ...] = ()
     negative_uploads: tuple[bytes, ...] = ()
     sort: Sort = "relevance"
+    # Uploads already decoded and preprocessed (`upload_pixels`): the service decodes off its engine thread.
+    upload_pixels: tuple[Pixels, ...] = ()
+    negative_upload_pixels: tuple[Pixels, ...] = ()
 
     def __post_init__(self) -> None:
         """Paging is checked here, once, for every caller (the HTTP API's models check the same bounds)."""
@@ -73,7 +76,7 @@ class Query:
 
     def has_positive(self) -> bool:
         """True when there is something to look for."""
-        return bool(self.texts or self.images or self.uploads or self.ids)
+        return bool(self.texts or self.images or self.uploads or self.upload_pixels or self.ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +110,17 @@ def query_vector(
         raise ConfigError("query", "give a text, an image or the id of an indexed image to look for")
     get = _model_getter(clip)
     lim = limits or DecodeLimits()
-    positive = _parts(query.texts, query.images, query.uploads, query.ids, get, lim, store)
+    positive = _parts(query.texts, query.images, query.uploads, query.upload_pixels, query.ids, get, lim, store)
     vector = positive.mean(axis=0)
     negative = _parts(
-        query.negative_texts, query.negative_images, query.negative_uploads, query.negative_ids, get, lim, store
+        query.negative_texts,
+        query.negative_images,
+        query.negative_uploads,
+        query.negative_upload_pixels,
+        query.negative_ids,
+        get,
+        lim,
+        store,
     )
     if len(negative):
         vector = vector - negative.mean(axis=0)
@@ -125,6 +135,7 @@ def _parts(
     texts: Sequence[str],
     images: Sequence[Path],
     uploads: Sequence[bytes],
+    pixels: Sequence[Pixels],
     ids: Sequence[str],
     get: Callable[[], ClipModel],
     limits: DecodeLimits,
@@ -134,6 +145,7 @@ def _parts(
     rows: list[Vector] = [get().encode_texts(list(texts))] if texts else []
     rows += [encode_image_file(path, get(), limits) for path in images]
     rows += [encode_image_bytes(data, get(), limits) for data in uploads]
+    rows += [get().encode_pixels(p[None]) for p in pixels]
     if ids:
         rows.append(stored_vectors(ids, store))
     return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
@@ -149,16 +161,21 @@ def encode_image_file(path: Path, clip: ClipModel, limits: DecodeLimits) -> Vect
 
 def encode_image_bytes(data: bytes, clip: ClipModel, limits: DecodeLimits, name: str = "upload") -> Vector:
     """The vector of an uploaded image; bytes that are no usable image raise DecodeError with the reason."""
+    return clip.encode_pixels(upload_pixels(data, clip.preprocess, limits, name)[None])
+
+
+def upload_pixels(data: bytes, spec: PreprocessSpec, limits: DecodeLimits, name: str = "upload") -> Pixels:
+    """The model input of an uploaded image (decoded and preprocessed; no model needed, any thread);
+    bytes that are no usable image raise DecodeError with the reason."""
     if not data:
         raise DecodeError(Path(name), "empty upload (0 bytes)")
     if len(data) > limits.max_file_bytes:
         raise DecodeError(Path(name), f"too large: {len(data)} bytes exceeds {limits.max_file_bytes}")
-    loaded = load_image(data, limits, draft_to=clip.preprocess.image_size, source=Path(name))
+    loaded = load_image(data, limits, draft_to=spec.image_size, source=Path(name))
     try:
-        pixels = preprocess(loaded.image, clip.preprocess)
+        return preprocess(loaded.image, spec)
     except (OSError, ValueError, MemoryError) as exc:
         raise DecodeError(Path(name), f"cannot preprocess the image: {exc}") from exc
-    return clip.encode_pixels(pixels[None])
 
 
 def stored_vectors(ids: Sequence[str], store: VectorStore | None) -> Vector:

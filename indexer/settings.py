@@ -46,6 +46,9 @@ class StoreSettings(_Section):
     api_key: str = ""
     collection: str = "images"
     optimize_after: int = Field(default=1000, ge=0)
+    # Free space (MB) the embedded store keeps on its filesystem: it refuses to open or write below it, since
+    # Qdrant Edge memory-maps its files and a write into a full disk kills the process (SIGBUS).
+    min_free_mb: float = Field(default=64.0, ge=0, allow_inf_nan=False)
 
     @field_validator("dir", mode="after")
     @classmethod
@@ -140,6 +143,9 @@ class ServeSettings(_Section):
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
     max_upload_mb: float = Field(default=20.0, gt=0)
     threads: int = Field(default=1, ge=0, le=1024)
+    # Search requests with uploaded images decoded at once (off the event loop and the engine thread); one
+    # more is refused with 503 and Retry-After. Bounds the memory of huge-pixel uploads.
+    max_decodes: int = Field(default=2, ge=1, le=64)
 
 
 class DedupSettings(_Section):

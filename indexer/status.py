@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 def store_status(store: VectorStore, failures: int) -> dict[str, Any]:
     """Where the store is, its model and dim, how many images and failures, and the newest ``failures`` of them."""
     model = store.model_info()
+    damage: str | None = getattr(store, "damage", None)
     return {
         "store": store.location,
         "model": model[0] if model else None,
@@ -20,6 +21,7 @@ def store_status(store: VectorStore, failures: int) -> dict[str, Any]:
         "images": store.count() if model else 0,
         "failed": store.failure_count(),
         "failures": [{"path": f.path, "reason": f.reason, "at": f.at} for f in store.failures(failures)],
+        **({"warning": damage} if damage else {}),
     }
 
 

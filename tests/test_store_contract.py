@@ -524,7 +524,7 @@ def test_edge_layout(tmp_path: Path) -> None:
         s.ensure_collection(MODEL, DIM)
         s.record_failures([Failure(Path("/x.jpg"), "bad")])
     names = {p.name for p in (tmp_path / "s").iterdir()}
-    assert names == {"store.json", "shard", "failures.json", "lock"}
+    assert names == {"store.json", "shard", "failures.json", "lock", "points.json"}
     meta = json.loads((tmp_path / "s" / "store.json").read_text())
     assert meta["model_id"] == MODEL and meta["dim"] == DIM and meta["version"] == 1
     assert meta["format"] == "indexer-store" and meta["created_at"] > 0

@@ -19,7 +19,7 @@ from indexer.errors import (
     body_for,
     http_status_for,
 )
-from indexer.httpcheck import check_access, declared_length, is_loopback, too_large
+from indexer.httpcheck import check_access, check_json, declared_length, is_loopback, too_large
 from indexer.settings import ServeSettings
 
 Scope = MutableMapping[str, Any]
@@ -30,6 +30,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SETTING = "serve.max_upload_mb"
 PUBLIC_PATHS = frozenset({"/", "/static/app.js", "/static/style.css", "/healthz"})
+# Routes whose POST body is JSON: like the watch daemon's control endpoint, any other declared type is a 415
+# (a cross-origin page can post text/plain or a form without asking first).
+JSON_BODY_PATHS = frozenset({"/search"})
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -102,7 +105,8 @@ class MetricsMiddleware:
 
 class AccessMiddleware:
     """Without a key: only loopback Host headers (DNS-rebinding guard). With a key: a bearer token on every
-    route except the page, its static files and /healthz. The key is compared in constant time."""
+    route except the page, its static files and /healthz. The key is compared in constant time. A POST to a
+    JSON route must declare its body as JSON (415 otherwise), as on the daemon's control endpoint."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -116,6 +120,8 @@ class AccessMiddleware:
         host = headers.get(b"host", b"").decode("latin-1")
         try:
             check_access(host, headers.get(b"authorization", b""), self.key, scope["path"] in PUBLIC_PATHS)
+            if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
+                check_json(headers.get(b"content-type", b"").decode("latin-1"))
         except UnauthorizedError as exc:
             await _send_error(send, exc, [(b"www-authenticate", b'Bearer realm="indexer"')])
             return

@@ -36,8 +36,23 @@ from indexer.api.models import (
     to_query,
 )
 from indexer.api.review import add_review_routes
-from indexer.api.service import FileGuard, Metrics, Service, default_thumbnail_dir, engine_thread_init
-from indexer.errors import INTERNAL_ERROR, ConfigError, IndexerError, body_for, error_body, http_status_for
+from indexer.api.service import (
+    DecodeGate,
+    FileGuard,
+    Metrics,
+    Service,
+    default_thumbnail_dir,
+    engine_thread_init,
+)
+from indexer.errors import (
+    INTERNAL_ERROR,
+    ConfigError,
+    IndexerError,
+    ServiceBusyError,
+    body_for,
+    error_body,
+    http_status_for,
+)
 from indexer.formats import MEDIA_TYPES
 from indexer.model import LazyModel
 from indexer.records import DecodeLimits
@@ -93,11 +108,13 @@ def create_app(
             initializer=engine_thread_init,
             initargs=(settings.serve.threads,),
         ),
+        gate=DecodeGate(settings.serve.max_decodes),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        service.gate.pool.shutdown(wait=True)
         service.executor.shutdown(wait=True)
 
     app = FastAPI(
@@ -147,7 +164,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def indexer_error(request: Request, exc: IndexerError) -> JSONResponse:
         status = http_status_for(exc)
         log.log(logging.WARNING if status >= 500 else logging.DEBUG, "%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(body_for(exc), status_code=status)
+        headers = {"retry-after": str(exc.retry_after)} if isinstance(exc, ServiceBusyError) else None
+        return JSONResponse(body_for(exc), status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -190,7 +208,8 @@ def _add_search_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/search", response_model=SearchOut, responses=errors, summary="Search by examples and filters")
     async def search_examples(request: Request, body: SearchIn) -> SearchOut:
-        return search_out(request, await service.run(service.search, to_query(body, settings)))
+        query = await service.decode_uploads(to_query(body, settings))
+        return search_out(request, await service.run(service.search, query))
 
     @app.post("/search/image", response_model=SearchOut, responses=errors, summary="Images like this one")
     async def search_image(
@@ -210,6 +229,7 @@ def _add_search_routes(app: FastAPI, service: Service) -> None:
             offset=paging.offset,
             threshold=threshold,
         )
+        query = await service.decode_uploads(query)
         return search_out(request, await service.run(service.search, query))
 
 

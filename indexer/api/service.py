@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from indexer.errors import DecodeError, NotServableError, UnknownImageError
+from indexer.errors import DecodeError, NotServableError, ServiceBusyError, UnknownImageError
 from indexer.formats import SUPPORTED_EXTENSIONS
 from indexer.model import LazyModel
-from indexer.records import DecodeLimits, Hit
+from indexer.records import DecodeLimits, Hit, PreprocessSpec
 from indexer.search import Query as SearchQuery
-from indexer.search import Timings, check_store_model, timed_search
+from indexer.search import Timings, check_store_model, timed_search, upload_pixels
 from indexer.settings import Settings
 from indexer.store import VectorStore
 from indexer.thumbs import ThumbnailCache
@@ -34,20 +35,28 @@ T = TypeVar("T")
 class FileGuard:
     """Decides whether an indexed file may be sent: its real path must lie inside a served root.
 
-    With no roots configured, each file is confined to the real path of its own recorded folder, so a file
-    replaced by a symlink leading elsewhere is refused. Paths come from the store, never from the request.
+    With no roots configured, each file is confined to the real path its folder had when it was indexed
+    (payload "real_dir"), so a file, its folder or any folder above it replaced later by a symlink leading
+    elsewhere is refused; a point indexed before real_dir was recorded is served only when no symlink lies on
+    its path. Paths come from the store, never from the request.
     """
 
     def __init__(self, roots: list[str]) -> None:
         self.roots = [Path(os.path.realpath(Path(r).expanduser())) for r in roots]
 
-    def resolve(self, image_id: str, recorded: str) -> Path:
-        """The real path to send for a recorded path, or NotServableError saying why not."""
+    def resolve(self, image_id: str, recorded: str, real_dir: object = None) -> Path:
+        """The real path to send for a recorded path (and the real folder recorded with it), or
+        NotServableError saying why not."""
         path = Path(recorded)
         if not recorded or not path.is_absolute() or ".." in path.parts or "\x00" in recorded:
             raise NotServableError(image_id, "the recorded path is not a clean absolute path")
         real = Path(os.path.realpath(path))
-        allowed = self.roots or [Path(os.path.realpath(path.parent))]
+        if self.roots:
+            allowed = self.roots
+        elif isinstance(real_dir, str) and Path(real_dir).is_absolute():
+            allowed = [Path(real_dir)]
+        else:  # recorded before real_dir was: no symlink may lie on the way
+            allowed = [path.parent] if real.parent == path.parent else []
         if not any(real.is_relative_to(root) for root in allowed):
             raise NotServableError(image_id, "the file lies outside the served folders (serve.roots)")
         if real.suffix.lower() not in SUPPORTED_EXTENSIONS:
@@ -81,10 +90,35 @@ class Metrics:
             "indexer_thumbnails", "Thumbnail requests by cache result", ["result"], registry=self.registry
         )
         self.images = Gauge("indexer_images", "Images in the index", registry=self.registry)
+        self.decodes = Gauge("indexer_upload_decodes", "Requests decoding uploads now", registry=self.registry)
+        self.decodes_peak = Gauge(
+            "indexer_upload_decodes_peak", "Most requests decoding uploads at once so far", registry=self.registry
+        )
+        self.decodes_refused = Counter(
+            "indexer_upload_decodes_refused",
+            "Upload requests refused (503): every decode slot taken",
+            registry=self.registry,
+        )
 
     def observe_search(self, timings: Timings) -> None:
         self.search_stage.labels("encode").observe(timings.encode)
         self.search_stage.labels("store").observe(timings.store)
+
+
+@dataclass
+class DecodeGate:
+    """At most ``limit`` requests decode uploads at once, in a pool of their own (not the event loop, not the
+    engine thread: a 13000x13000 PNG takes seconds); one more is refused with ServiceBusyError (503 +
+    Retry-After). Used from the event loop only, so plain counters suffice."""
+
+    limit: int
+    active: int = 0
+    peak: int = 0
+    refused: int = 0
+    pool: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="indexer-decode")
 
 
 @dataclass
@@ -99,11 +133,51 @@ class Service:
     limits: DecodeLimits
     metrics: Metrics
     executor: ThreadPoolExecutor
+    gate: DecodeGate = field(default_factory=lambda: DecodeGate(2))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the engine thread and wait for it without blocking the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def decode_uploads(self, query: SearchQuery) -> SearchQuery:
+        """The query with its uploaded images decoded and preprocessed in the decode pool (ServiceBusyError
+        when every slot is taken); the engine thread then only runs the model."""
+        if not query.uploads and not query.negative_uploads:
+            return query
+        gate = self.gate
+        if gate.active >= gate.limit:
+            gate.refused += 1
+            self.metrics.decodes_refused.inc()
+            raise ServiceBusyError(f"{gate.limit} uploads are being decoded (serve.max_decodes)")
+        gate.active += 1
+        gate.peak = max(gate.peak, gate.active)
+        self.metrics.decodes.set(gate.active)
+        self.metrics.decodes_peak.set(gate.peak)
+        try:
+            spec = await self.run(self.preprocess_spec)
+            loop = asyncio.get_running_loop()
+            pos, neg = await loop.run_in_executor(
+                gate.pool, self._decode_all, query.uploads, query.negative_uploads, spec
+            )
+        finally:
+            gate.active -= 1
+            self.metrics.decodes.set(gate.active)
+        return dataclasses.replace(
+            query, uploads=(), negative_uploads=(), upload_pixels=pos, negative_upload_pixels=neg
+        )
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The model's input geometry (builds the model on first use: call it on the engine thread)."""
+        return self.model.get().preprocess
+
+    def _decode_all(
+        self, pos: tuple[bytes, ...], neg: tuple[bytes, ...], spec: PreprocessSpec
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        return (
+            tuple(upload_pixels(d, spec, self.limits) for d in pos),
+            tuple(upload_pixels(d, spec, self.limits) for d in neg),
+        )
 
     def search(self, query: SearchQuery) -> tuple[list[Hit], Timings]:
         """Run a query; an empty store (no collection yet) has no hits rather than an error."""
@@ -120,7 +194,8 @@ class Service:
         found = self.store.retrieve([image_id])
         if not found:
             raise UnknownImageError([image_id])
-        return self.guard.resolve(image_id, found[0].path), found[0].payload
+        payload = found[0].payload
+        return self.guard.resolve(image_id, found[0].path, payload.get("real_dir")), payload
 
     def thumbnail(self, image_id: str) -> Path:
         """The cached thumbnail file of an indexed image, made now if missing."""

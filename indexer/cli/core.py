@@ -202,5 +202,7 @@ def _print_status(info: dict[str, Any], as_json: bool) -> None:
     print(f"model:    {info['model'] or '(none yet: run indexer index PATH)'}")
     print(f"images:   {info['images']}")
     print(f"failures: {info['failed']}")
+    if info.get("warning"):
+        print(f"WARNING:  {info['warning']}")
     for failure in info["failures"]:
         print(f"  {failure['path']}: {failure['reason']}")

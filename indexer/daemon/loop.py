@@ -30,7 +30,7 @@ from indexer.daemon.metrics import Metrics
 from indexer.daemon.schedule import Scan, ScanKind, Scheduler
 from indexer.daemon.shared import LockedStore, SharedModel
 from indexer.embed import EmbeddedBatch
-from indexer.errors import StoreBusyError, StoreError
+from indexer.errors import StoreBusyError, StoreError, StoreFullError
 from indexer.formats import SUPPORTED_EXTENSIONS
 from indexer.pipeline import Indexer, SyncResult, store_from_settings
 from indexer.records import Hit, RunSummary, SearchFilter
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 STORE_WAIT = 60.0  # seconds a control request waits for the store during start-up
 STOP_GRACE = 8.0  # seconds the in-flight batch gets on SIGTERM before the daemon exits anyway (kill -9 safe)
 CHUNK_BATCHES = 4  # a burst is fed to the decoder this many batches at a time (decode overlaps inference)
+DISK_FULL_PAUSE = 5.0  # seconds the worker waits after a write refused for want of space (store.min_free_mb)
 EXIT_OK, EXIT_ERROR = 0, 2
 
 
@@ -245,7 +246,12 @@ class Daemon:
         try:
             self._startup()
             while not self._stop.is_set():
-                self._step()
+                try:
+                    self._step()
+                except StoreFullError as exc:  # keep running: wait for space, then a rescan finds what was missed
+                    log.error("%s; waiting %g s, then rescanning", exc, DISK_FULL_PAUSE)
+                    self._stop.wait(DISK_FULL_PAUSE)
+                    self._overflow.set()
         except Exception as exc:
             self._failed = exc
             log.exception("the worker failed: stopping")

@@ -15,7 +15,7 @@ from typing import Any, Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from indexer.errors import ModelMismatchError, StoreBusyError, StoreError
+from indexer.errors import ModelMismatchError, StoreBusyError, StoreError, StoreFullError
 from indexer.model import ClipModel, LazyModel
 from indexer.records import Failure, Hit, SearchFilter, StoredPoint
 from indexer.settings import SEARCH_LIMIT, ModelSettings
@@ -44,7 +44,7 @@ class LockedStore:
         with self.lock:
             try:
                 return call(self.inner)
-            except (StoreBusyError, ModelMismatchError):
+            except (StoreBusyError, StoreFullError, ModelMismatchError):  # reopening cannot help
                 raise
             except StoreError as exc:
                 log.warning("the store failed (%s): opening it again and retrying once", exc)

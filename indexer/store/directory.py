@@ -3,6 +3,7 @@ and the check that refuses a directory that is not a store."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ STORE_FILE = "store.json"
 SHARD_DIR = "shard"
 FAILURES_FILE = "failures.json"
 LOCK_FILE = "lock"
+POINTS_FILE = "points.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,7 @@ def _check_store_directory(directory: Path) -> None:
     shard = directory / SHARD_DIR
     if shard.is_dir() and not any(shard.iterdir()):
         names.discard(SHARD_DIR)
-    foreign = sorted(names - {FAILURES_FILE, LOCK_FILE})
+    foreign = sorted(names - {FAILURES_FILE, LOCK_FILE, POINTS_FILE})
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise StoreError(
@@ -138,6 +140,39 @@ class _FailureFile:
         return len(self._entries)
 
 
+def read_only_error(directory: Path, exc: OSError) -> StoreError:
+    """The one line for a store that cannot be written (a read-only mount, no write permission)."""
+    return StoreError(
+        f"the store at {directory} is not writable ({exc.strerror or _reason(exc)}): Qdrant Edge maps its files "
+        "for writing, so even reading needs a writable store; make it writable, or copy it "
+        f"(cp -a --sparse=always {directory} COPY) and pass --store COPY"
+    )
+
+
+class _PointRecord:
+    """``points.json``: how many points the shard held at its last flush (never lowered but by deletes), so that
+    opening a shard that lost points (a damaged or truncated segment) is noticed instead of silently served."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.points: int | None = self._load()
+
+    def _load(self) -> int | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            points = data["points"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # a damaged record is rewritten at the next flush; it must not block opening
+        return points if isinstance(points, int) and points >= 0 else None
+
+    def save(self, points: int) -> None:
+        if points != self.points:
+            atomic_write_json(self.path, {"version": 1, "points": points})
+            self.points = points
+
+
 class _DirLock:
     """An exclusive flock on ``directory/lock``, taken before the shard is touched.
 
@@ -152,7 +187,12 @@ class _DirLock:
     def acquire(self) -> None:
         if self._fd is not None:
             return
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise read_only_error(self.directory, exc) from None
+            raise StoreError(f"cannot open the lock of the store at {self.directory}: {_reason(exc)}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

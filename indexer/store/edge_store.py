@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -12,22 +15,40 @@ from typing import Any, cast
 import qdrant_edge as edge
 
 from indexer.atomicio import create_json_exclusive
-from indexer.errors import IndexerError, StoreBusyError, StoreError
+from indexer.errors import IndexerError, StoreBusyError, StoreError, StoreFullError
 from indexer.payload import normalise_payload
 from indexer.records import Failure, Hit, StoredPoint
 from indexer.store.base import _as_vector, _check_model, _reason, _stamp, _StoreBase, _vector_list
 from indexer.store.directory import (
     FAILURES_FILE,
+    POINTS_FILE,
     SHARD_DIR,
     STORE_FILE,
     _check_store_directory,
     _DirLock,
     _FailureFile,
+    _PointRecord,
     _read_meta,
     _StoreMeta,
+    read_only_error,
 )
 from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
 from indexer.store.protocol import FLOAT_FIELDS, INTEGER_FIELDS, KEYWORD_FIELDS, FailureRecord, Vector
+
+log = logging.getLogger(__name__)
+
+# The free space (MB) the store keeps on its filesystem by default (settings: store.min_free_mb).
+MIN_FREE_MB = 64.0
+_MB = 1024 * 1024
+
+
+def _free_mb(directory: Path) -> float:
+    """Free space (MB, for an unprivileged writer) on the filesystem of directory or of its nearest parent."""
+    path = directory
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize / _MB
 
 
 def _edge_error(exc: Exception, directory: Path, what: str) -> StoreError:
@@ -35,6 +56,8 @@ def _edge_error(exc: Exception, directory: Path, what: str) -> StoreError:
     text = _reason(exc)
     if "WouldBlock" in text or "Resource temporarily unavailable" in text:
         return StoreBusyError(directory, "its write-ahead log is locked")
+    if "os error 30" in text or "Read-only file system" in text:
+        return read_only_error(directory, OSError(errno.EROFS, "Read-only file system"))
     return StoreError(f"the store at {directory} failed to {what}: {text}")
 
 
@@ -67,17 +90,23 @@ class EdgeStore(_StoreBase):
     """The embedded store: a Qdrant Edge shard in `directory/shard`, model info in `directory/store.json`,
     the failure log in `directory/failures.json`. One process at a time may open a directory."""
 
-    def __init__(self, directory: Path, *, indexing_threshold_kb: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, indexing_threshold_kb: int | None = None, min_free_mb: float = MIN_FREE_MB
+    ) -> None:
         """Open (or prepare to create) the store in directory; the shard is created by ensure_collection.
 
         indexing_threshold_kb: segments bigger than this get an HNSW index on optimize() (Edge's default
         when None); only used when the shard is created.
+        min_free_mb: refuse to open or write with less free space than this on the store's filesystem (Edge
+        memory-maps its files: a write into a full disk is a SIGBUS, not an error).
         """
         self.directory = Path(directory).expanduser().absolute()
         self.location = str(self.directory)
         self._indexing_threshold_kb = indexing_threshold_kb
+        self._min_free_mb = min_free_mb
         self._closed = False
         self._shard: edge.EdgeShard | None = None
+        self.damage: str | None = None  # set when the shard holds fewer points than recorded at its last flush
         _check_store_directory(self.directory)
         self._lock = _DirLock(self.directory)
         if self.directory.is_dir():
@@ -85,8 +114,10 @@ class EdgeStore(_StoreBase):
         try:
             self._meta = _read_meta(self.directory)
             self._failure_log = _FailureFile(self.directory / FAILURES_FILE)
+            self._points = _PointRecord(self.directory / POINTS_FILE)
             if self._meta is not None:
                 self._shard = self._open_shard(self._meta.dim)
+                self._check_points()
         except BaseException:
             self._lock.release()
             raise
@@ -103,8 +134,45 @@ class EdgeStore(_StoreBase):
         vectors = edge.EdgeVectorParams(size=dim, distance=edge.Distance.Cosine)
         return edge.EdgeConfig(vectors=vectors, optimizers=optimizers)
 
+    def _check_space(self, what: str) -> None:
+        """Refuse to go on with less than min_free_mb free: Edge would die of SIGBUS writing a mapped page."""
+        if self._min_free_mb <= 0:
+            return
+        free = _free_mb(self.directory)
+        if free < self._min_free_mb:
+            raise StoreFullError(
+                f"the store at {self.directory} cannot {what}: No space left on device "
+                f"({free:.1f} MB free, the store keeps at least {self._min_free_mb:g} MB: store.min_free_mb); "
+                "free some space or move the store (--store DIR)"
+            )
+
+    def _check_points(self) -> None:
+        """Warn loudly when the shard holds fewer points than at its last flush (a damaged segment)."""
+        recorded = self._points.points
+        if recorded is None or self._shard is None:
+            return
+        with self._errors("count"):
+            held = self._shard.count(edge.CountRequest(exact=True))
+        if held < recorded:
+            self.damage = (
+                f"the store at {self.directory} holds {held} images but held {recorded} at its last flush: "
+                f"part of its shard is damaged or missing ({recorded - held} lost). Repair: re-index the folders "
+                "(indexer index PATH... adds them back), or restore from an export (indexer import FILE into a "
+                "new store)"
+            )
+            log.warning("%s", self.damage)
+
+    def _save_points(self, held: int) -> None:
+        """Record the count after a flush; a damaged shard's record is kept (only deletes lower it)."""
+        recorded = self._points.points
+        try:
+            self._points.save(held if recorded is None else max(recorded, held))
+        except OSError as exc:
+            raise StoreError(f"the store at {self.directory} cannot record its point count: {_reason(exc)}") from exc
+
     def _open_shard(self, dim: int) -> edge.EdgeShard:
         """Load the shard, or create it if missing (a new store, or a crash right after store.json)."""
+        self._check_space("open")
         path = str(self._shard_path)
         if (self._shard_path / "edge_config.json").exists():
             try:
@@ -125,7 +193,12 @@ class EdgeStore(_StoreBase):
         """Create store.json and the shard if missing; else check that they are for this model and dim."""
         self._check_open()
         if self._meta is None:
-            self._create(model_id, dim)
+            try:
+                self._create(model_id, dim)
+            except OSError as exc:
+                if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise read_only_error(self.directory, exc) from exc
+                raise StoreError(f"cannot create the store at {self.directory}: {_reason(exc)}") from exc
         meta = cast(_StoreMeta, self._meta)
         _check_model(meta.model_id, meta.dim, model_id, dim, self.location)
 
@@ -182,6 +255,7 @@ class EdgeStore(_StoreBase):
         (Each index costs an fsync'd WAL entry, so they are made here, not per ensure_collection.)"""
         shard = self._live_shard()
         if shard is not None:
+            self._check_space("optimize")
             with self._errors("optimize"):
                 _create_edge_indexes(shard)
                 shard.optimize()
@@ -200,6 +274,8 @@ class EdgeStore(_StoreBase):
         if shard is not None:
             with self._errors("flush"):
                 shard.flush()
+                held = shard.count(edge.CountRequest(exact=True))
+            self._save_points(held)
 
     def close(self) -> None:
         """Flush and close the shard, releasing the directory; idempotent."""
@@ -210,13 +286,16 @@ class EdgeStore(_StoreBase):
         try:
             if shard is not None:
                 with self._errors("close"):
+                    held = shard.count(edge.CountRequest(exact=True))
                     shard.close()
+                self._save_points(held)
         finally:
             self._lock.release()
 
     # -- primitives ------------------------------------------------------------------------------------
     def _upsert_batch(self, points: list[StoredPoint]) -> None:
         shard = self._writable_shard()
+        self._check_space("write")
         with self._errors("upsert"):
             edge_points = [
                 edge.Point(p.id, _vector_list(cast(Vector, p.vector)), normalise_payload(p.payload)) for p in points
@@ -226,13 +305,26 @@ class EdgeStore(_StoreBase):
     def _delete_batch(self, ids: list[str]) -> None:
         shard = self._live_shard()
         if shard is not None:
+            self._check_space("write")
+            # Lower the recorded count first: a crash between the two leaves more points than recorded, never fewer.
+            with self._errors("delete"):
+                existing = len(shard.retrieve(_edge_ids(ids), with_payload=False, with_vector=False))
+            if existing and self._points.points is not None:
+                self._points_after_delete(existing)
             with self._errors("delete"):
                 shard.update(edge.UpdateOperation.delete_points(_edge_ids(ids)))
+
+    def _points_after_delete(self, existing: int) -> None:
+        try:
+            self._points.save(max(0, (self._points.points or 0) - existing))
+        except OSError as exc:
+            raise StoreError(f"the store at {self.directory} cannot record its point count: {_reason(exc)}") from exc
 
     def _set_payload_batch(self, ids: list[str], payload: dict[str, Any]) -> None:
         shard = self._live_shard()
         if shard is None:
             return
+        self._check_space("write")
         by_id = edge.Filter(must=[edge.HasIdCondition(set(_edge_ids(ids)))])
         with self._errors("set payload"):
             shard.update(edge.UpdateOperation.set_payload_by_filter(by_id, payload))

@@ -8,27 +8,39 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.errors import ConfigError
-from indexer.store.edge_store import EdgeStore
+from indexer.store.edge_store import MIN_FREE_MB, EdgeStore
 from indexer.store.protocol import VectorStore
 
 if TYPE_CHECKING:
     from indexer.settings import Settings
 
 
-def open_store(*, store_dir: Path | None, qdrant_url: str | None, api_key: str | None, collection: str) -> VectorStore:
-    """The one factory: a Qdrant server when qdrant_url is given, else the embedded store in store_dir."""
+def open_store(
+    *,
+    store_dir: Path | None,
+    qdrant_url: str | None,
+    api_key: str | None,
+    collection: str,
+    min_free_mb: float = MIN_FREE_MB,
+) -> VectorStore:
+    """The one factory: a Qdrant server when qdrant_url is given, else the embedded store in store_dir
+    (which keeps min_free_mb free on its filesystem)."""
     if qdrant_url:
         from indexer.store.server import QdrantServerStore  # qdrant-client only when a server is asked for
 
         return QdrantServerStore.connect(qdrant_url, api_key, collection)
     if store_dir is None:
         raise ConfigError("store.dir", "give a store directory or a Qdrant URL")
-    return EdgeStore(store_dir)
+    return EdgeStore(store_dir, min_free_mb=min_free_mb)
 
 
 def open_store_from_settings(settings: Settings) -> VectorStore:
     """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge."""
     s = settings.store
     return open_store(
-        store_dir=s.dir, qdrant_url=s.qdrant_url or None, api_key=s.api_key or None, collection=s.collection
+        store_dir=s.dir,
+        qdrant_url=s.qdrant_url or None,
+        api_key=s.api_key or None,
+        collection=s.collection,
+        min_free_mb=s.min_free_mb,
     )

@@ -1,0 +1,274 @@
+"""The fault suite, HTTP side (issue 10, defects 5, 6 and 7), through real HTTP.
+
+* A folder (or the whole root) swapped for a symlink after indexing serves nothing from elsewhere (no serve.roots).
+* Uploads are decoded off the engine thread, at most serve.max_decodes at once (one more: 503 + Retry-After), while
+  /healthz keeps answering; the bound is read from the service's counters, not from timings.
+* The hostile requests of the campaign, against both HTTP surfaces: `indexer serve` (uvicorn, in a thread) and the
+  control endpoint of a real `indexer watch` process.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from indexer.api import create_app
+from indexer.daemon.client import advertised
+from indexer.model import LazyModel
+from indexer.pipeline import run_index, store_from_settings
+from indexer.records import point_id
+from indexer.settings import Settings
+from indexer.store import VectorStore
+from tests.clirun import INDEXER, MODEL
+from tests.conftest import shapes_settings
+from tests.fixtures.shapes import write_dataset
+from tests.live_server import serve
+
+pytestmark = pytest.mark.faults
+
+
+def _indexed(tmp_path: Path, roots: list[Path], **serve_options: Any) -> tuple[Settings, VectorStore, LazyModel]:
+    options = {"roots": [], "thumbnail_dir": str(tmp_path / "th"), **serve_options}
+    settings = shapes_settings(tmp_path / "store", serve=options)
+    model = LazyModel(settings.model)
+    store = store_from_settings(settings)
+    run_index(roots, settings, store, model)
+    return settings, store, model
+
+
+# --- defect 6: symlink swaps ---------------------------------------------------------------------------------------
+
+
+def test_a_folder_or_root_swapped_for_a_symlink_serves_nothing_from_elsewhere(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (sub_file,) = write_dataset(root / "sub", 1, seed=1, size=64)
+    real_linked = tmp_path / "real-linked"
+    (linked_file,) = write_dataset(real_linked, 1, seed=2, size=64)
+    (root / "linked").symlink_to(real_linked)  # a symlinked folder at index time: served (README)
+    elsewhere = tmp_path / "elsewhere"  # what an attacker points at: the same names, other content
+    (other,) = write_dataset(elsewhere / "sub", 1, seed=3, size=96)
+    assert other.name == sub_file.name
+
+    settings, store, model = _indexed(tmp_path, [root])
+    sub_id, linked_id = point_id(sub_file), point_id(root / "linked" / linked_file.name)
+    try:
+        with serve(create_app(settings, store, model, api_key="")) as url:
+
+            def get(image_id: str) -> httpx.Response:
+                return httpx.get(f"{url}/images/{image_id}", timeout=30)
+
+            assert get(sub_id).content == sub_file.read_bytes()
+            assert get(linked_id).content == linked_file.read_bytes()
+
+            # the parent folder swapped for a symlink to elsewhere
+            (root / "sub").rename(root / "sub.orig")
+            (root / "sub").symlink_to(elsewhere / "sub")
+            for path in (f"/images/{sub_id}", f"/images/{sub_id}/thumbnail"):
+                answer = httpx.get(url + path, timeout=30)
+                assert answer.status_code == 404 and answer.json()["error"] == "NotServableError", answer.text
+            (root / "sub").unlink()
+            (root / "sub.orig").rename(root / "sub")
+            assert get(sub_id).status_code == 200
+
+            # the whole root swapped for a symlink to a tree of the same shape
+            root.rename(tmp_path / "root.orig")
+            root.symlink_to(elsewhere)
+            answer = get(sub_id)
+            assert answer.status_code == 404 and "outside the served folders" in answer.json()["detail"]
+    finally:
+        store.close()
+
+
+# --- defect 7: slow uploads ----------------------------------------------------------------------------------------
+
+
+def _huge_png(side: int) -> bytes:
+    """A small PNG that decodes to side x side pixels (seconds of decoding at 8000)."""
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _examples_body(png: bytes, copies: int) -> dict[str, Any]:
+    return {"positive": {"images": [base64.b64encode(png).decode()] * copies}, "limit": 3}
+
+
+class _HealthPoller(threading.Thread):
+    """GET /healthz every 50 ms until stopped; keeps the slowest answer time and every status."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop, self.slowest, self.statuses = url, threading.Event(), 0.0, list[int]()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                started = time.monotonic()
+                self.statuses.append(client.get(self.url + "/healthz").status_code)
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def upload_service(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
+    write_dataset(tmp_path / "photos", 4, seed=5, size=64)
+    settings, store, model = _indexed(tmp_path, [tmp_path / "photos"], max_decodes=request.param)
+    app = create_app(settings, store, model, api_key="")
+    try:
+        with serve(app) as url:
+            yield url, app.state.service
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("upload_service", [1], indirect=True)
+def test_one_upload_beyond_the_bound_is_refused_and_healthz_answers(upload_service: tuple[str, Any]) -> None:
+    url, service = upload_service
+    body = _examples_body(_huge_png(8000), copies=6)  # one request decoding six 8000x8000 images
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url + "/search", json=body, timeout=300)
+        deadline = time.monotonic() + 60
+        while service.gate.active == 0:  # the counter says the decode slot is taken
+            assert time.monotonic() < deadline and not first.done(), "the upload never started decoding"
+            time.sleep(0.01)
+        refused = httpx.post(url + "/search", json=_examples_body(_huge_png(64), copies=1), timeout=60)
+        started = time.monotonic()
+        health = httpx.get(url + "/healthz", timeout=60)
+        health_s = time.monotonic() - started
+        still_decoding = service.gate.active == 1
+        answer = first.result()
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"] == "ServiceBusyError" and "serve.max_decodes" in refused.json()["detail"]
+    assert health.status_code == 200 and still_decoding
+    assert health_s < 5.0, f"/healthz took {health_s:.1f} s while an upload decoded"
+    assert answer.status_code == 200 and len(answer.json()["hits"]) == 3
+    assert (service.gate.peak, service.gate.refused, service.gate.active) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("upload_service", [2], indirect=True)
+def test_concurrent_uploads_hold_the_bound_while_healthz_answers(upload_service: tuple[str, Any]) -> None:
+    url, service = upload_service
+    png = _huge_png(8000)
+    poller = _HealthPoller(url)
+    poller.start()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(
+            pool.map(
+                lambda _: httpx.post(url + "/search/image", files={"file": ("big.png", png)}, timeout=300), range(6)
+            )
+        )
+    poller.stop.set()
+    poller.join(timeout=60)
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+    assert all(a.headers.get("retry-after") == "1" for a in answers if a.status_code == 503)
+    assert service.gate.peak <= 2 and service.gate.refused == statuses.count(503)
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    assert f"indexer_upload_decodes_peak {float(service.gate.peak)}" in metrics
+    assert poller.statuses and set(poller.statuses) == {200}
+    assert poller.slowest < 5.0, f"/healthz took {poller.slowest:.1f} s during the uploads"
+
+
+# --- defect 5's cases, on both HTTP surfaces -----------------------------------------------------------------------
+
+
+def _raw(base: str, method: str, path: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> Any:
+    """One request with exactly these headers; (status, JSON body or None, seconds)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    names = {name.lower() for name, _ in headers}
+    started = time.monotonic()
+    conn.putrequest(method, path, skip_host="host" in names)
+    for name, value in headers:
+        conn.putheader(name, value)
+    if body and "content-length" not in names:
+        conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body or None)
+    response = conn.getresponse()
+    raw = response.read()
+    conn.close()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    return response.status, data, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def surfaces(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[str, str]]]:
+    """{"serve": (url, a GET that reads the store), "daemon": (url, the same)}: both live."""
+    base = tmp_path_factory.mktemp("surfaces")
+    photos = base / "photos"
+    write_dataset(photos, 4, seed=8, size=64)
+    daemon_store = base / "daemon-store"
+    daemon = subprocess.Popen(
+        [INDEXER, "watch", str(photos), "--store", str(daemon_store), *MODEL, "--workers", "1", "--poll"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    settings = shapes_settings(base / "serve-store", serve={"roots": [str(photos)]})
+    model = LazyModel(settings.model)
+    store = store_from_settings(settings)
+    run_index([photos], settings, store, model)
+    try:
+        deadline = time.monotonic() + 120
+        while (found := advertised(daemon_store)) is None:
+            assert daemon.poll() is None, f"indexer watch exited: {daemon.stderr.read() if daemon.stderr else ''}"
+            assert time.monotonic() < deadline, "indexer watch did not advertise its control URL"
+            time.sleep(0.2)
+        with serve(create_app(settings, store, model, api_key="")) as url:
+            yield {"serve": (url, "/search?q=red"), "daemon": (found["url"], "/status")}
+    finally:
+        store.close()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+JSON = ("Content-Type", "application/json")
+QUERY = json.dumps({"positive": {"texts": ["red"]}}).encode()
+HOSTILE = {
+    "foreign Host on a read": ("GET", None, b"", (("Host", "evil.example"),), {403}),
+    "foreign Host on a search": ("POST", "/search", QUERY, (("Host", "evil.example"), JSON), {403}),
+    "text/plain POST": ("POST", "/search", QUERY, (("Content-Type", "text/plain"),), {415}),
+    "Content-Length abc": ("POST", "/search", b"", (JSON, ("Content-Length", "abc")), {400}),
+    "Content-Length -1": ("POST", "/search", b"", (JSON, ("Content-Length", "-1")), {400}),
+    "Content-Length 1e11": ("POST", "/search", b"", (JSON, ("Content-Length", "100000000000")), {413}),
+    "a JSON list body": ("POST", "/search", b"[1, 2]", (JSON,), {400, 422}),
+}
+
+
+@pytest.mark.parametrize("surface", ["serve", "daemon"])
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_hostile_requests_get_the_same_clear_answer_on_both_surfaces(
+    surfaces: dict[str, tuple[str, str]], surface: str, case: str
+) -> None:
+    url, read_path = surfaces[surface]
+    method, path, body, headers, expected = HOSTILE[case]
+    status, data, seconds = _raw(url, method, path or read_path, body, headers)
+    assert status in expected, (status, data)
+    assert seconds < 5.0, f"{case} took {seconds:.1f} s"
+    if data is not None or surface == "daemon":  # uvicorn answers a malformed request line itself, in text
+        assert isinstance(data, dict) and {"detail", "error"} <= data.keys(), data
+        assert "store" not in data and "hits" not in data
+    assert _raw(url, "GET", "/healthz")[0] == 200  # and the surface keeps answering

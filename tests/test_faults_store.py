@@ -1,0 +1,228 @@
+"""The fault suite, store side (issue 10, defects 2, 4 and 11): a full disk, a read-only store, a damaged shard.
+
+Each case runs the real ``indexer`` command on a real store on a real filesystem: a small tmpfs (a full disk) or a
+read-only bind mount, which need root; without root they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.clirun import INDEXER, MODEL, run, run_json
+from tests.fixtures.shapes import write_dataset
+
+pytestmark = pytest.mark.faults
+
+MB = 1024 * 1024
+
+
+def _mount(target: Path, *args: str) -> None:
+    """mount ARGS TARGET, or skip the test saying why it cannot."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs or a read-only bind mount")
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    target.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount here ({proc.stderr.strip()})")
+
+
+def _umount(target: Path) -> None:
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 160 MB tmpfs (Edge's WAL maps 32 MB segments, sparse on tmpfs); unmounted at teardown."""
+    disk = tmp_path / "disk"
+    _mount(disk, "-t", "tmpfs", "-o", "size=160m", "tmpfs")
+    try:
+        yield disk
+    finally:
+        _umount(disk)
+
+
+def _fill(disk: Path, leave_mb: float) -> Path:
+    """Allocate a filler file leaving about leave_mb free on disk."""
+    st = os.statvfs(disk)
+    free = st.f_bavail * st.f_frsize
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, max(free - int(leave_mb * MB), 0))
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _no_crash(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode >= 0 and proc.returncode != 135, f"killed by a signal: {proc.returncode}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_full_disk_is_one_clear_error_and_the_store_survives(tmp_path: Path, small_disk: Path) -> None:
+    photos, store = tmp_path / "photos", small_disk / "store"
+    write_dataset(photos / "a", 16, seed=1, size=64)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    assert run_json("status", "--store", str(store))["images"] == 16
+
+    filler = _fill(small_disk, leave_mb=24)  # below the default margin (store.min_free_mb = 64)
+    write_dataset(photos / "b", 8, seed=2, size=64)
+    for args in (("index", str(photos), *MODEL, "--workers", "1"), ("status",)):
+        proc = run(*args, "--store", str(store), check=2)
+        _no_crash(proc)
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-1].startswith("indexer: error: ") and "No space left on device" in lines[-1], proc.stderr
+        assert "store.min_free_mb" in lines[-1]
+
+    filler.unlink()  # space again: nothing stored was lost, and the store takes writes
+    assert run_json("status", "--store", str(store))["images"] == 16
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    assert run_json("status", "--store", str(store))["images"] == 24
+
+
+def test_the_free_space_margin_is_a_setting(tmp_path: Path, small_disk: Path) -> None:
+    photos, store = tmp_path / "photos", small_disk / "store"
+    write_dataset(photos, 4, seed=3, size=64)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    _fill(small_disk, leave_mb=80)
+    assert run_json("status", "--store", str(store))["images"] == 4  # 80 MB free: above the default 64
+    proc = run("status", "--store", str(store), env={"INDEXER_STORE__MIN_FREE_MB": "100"}, check=2)
+    assert "No space left on device" in proc.stderr and "at least 100 MB" in proc.stderr
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_the_watch_daemon_waits_out_a_full_disk(tmp_path: Path, small_disk: Path) -> None:
+    photos, store, log = tmp_path / "photos", small_disk / "store", tmp_path / "watch.log"
+    write_dataset(photos / "a", 4, seed=8, size=64)
+    with log.open("w") as out:
+        daemon = subprocess.Popen(
+            [INDEXER, "watch", str(photos), "--store", str(store), *MODEL, "--workers", "1", "--poll"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def images() -> int:
+            proc = run("status", "--store", str(store), "--json", check=None)
+            return int(json.loads(proc.stdout)["images"]) if proc.returncode == 0 else -1
+
+        _until("the first 4 images", lambda: images() == 4)
+        filler = _fill(small_disk, leave_mb=24)
+        write_dataset(photos / "b", 2, seed=9, size=64)
+        _until("the refused write", lambda: "No space left on device" in log.read_text())
+        time.sleep(2)
+        assert daemon.poll() is None, log.read_text()  # still running
+        assert images() == 4
+        filler.unlink()
+        _until("the files missed while the disk was full", lambda: images() == 6)
+        assert daemon.poll() is None and "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+
+
+@pytest.fixture
+def read_only_store(tmp_path: Path) -> Iterator[Path]:
+    """A store of 6 images, seen through a read-only bind mount."""
+    photos, store = tmp_path / "photos", tmp_path / "store"
+    write_dataset(photos, 6, seed=4, size=64)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    view = tmp_path / "ro"
+    _mount(view, "--bind", str(store))
+    try:
+        proc = subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot remount read-only ({proc.stderr.strip()})")
+        yield view
+    finally:
+        _umount(view)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("status",),
+        ("search", "a red circle", *MODEL),
+        ("export", "--output", "{tmp}/out.parquet"),
+        ("dedup",),
+        ("index", "{tmp}/photos", *MODEL, "--workers", "1"),
+    ],
+    ids=["status", "search", "export", "dedup", "index"],
+)
+def test_a_read_only_store_is_one_clear_line(tmp_path: Path, read_only_store: Path, command: tuple[str, ...]) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    proc = run(*args, "--store", str(read_only_store), check=2)
+    _no_crash(proc)
+    assert proc.stderr.strip().splitlines() == [
+        f"indexer: error: the store at {read_only_store} is not writable (Read-only file system): Qdrant Edge "
+        "maps its files for writing, so even reading needs a writable store; make it writable, or copy it "
+        f"(cp -a --sparse=always {read_only_store} COPY) and pass --store COPY"
+    ]
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_copy_of_a_read_only_store_made_as_the_error_says_works(tmp_path: Path, read_only_store: Path) -> None:
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", "--sparse=always", str(read_only_store), str(copy)], check=True)
+    assert run_json("status", "--store", str(copy))["images"] == 6
+
+
+def _truncate_id_tracker(store: Path, keep: float) -> None:
+    (mappings,) = store.glob("shard/segments/*/mutable_id_tracker.mappings")
+    size = mappings.stat().st_size
+    os.truncate(mappings, int(size * keep))
+
+
+def test_a_damaged_segment_is_reported_loudly_until_repaired(tmp_path: Path) -> None:
+    photos, store = tmp_path / "photos", tmp_path / "store"
+    write_dataset(photos, 40, seed=6, size=64)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    assert json.loads((store / "points.json").read_text())["points"] == 40
+
+    _truncate_id_tracker(store, keep=0.3)
+    status = run("status", "--store", str(store), "--json")
+    info = json.loads(status.stdout)
+    assert info["images"] < 40
+    for text in (info["warning"], status.stderr):
+        assert f"holds {info['images']} images but held 40 at its last flush" in text
+        assert "re-index" in text and "restore from an export" in text
+    text_status = run("status", "--store", str(store))
+    assert "WARNING:" in text_status.stdout
+    search = run("search", "a red circle", "--store", str(store), *MODEL)
+    assert "held 40 at its last flush" in search.stderr
+    # the warning stays until repaired (closing the damaged store does not lower the record)
+    assert json.loads((store / "points.json").read_text())["points"] == 40
+
+    repair = run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    assert "held 40 at its last flush" in repair.stderr  # index warns too, then re-adds the lost images
+    after = run("status", "--store", str(store), "--json")
+    assert json.loads(after.stdout)["images"] == 40 and "warning" not in json.loads(after.stdout)
+    assert "WARNING" not in after.stderr
+
+
+def test_deleting_images_lowers_the_record_so_no_false_alarm(tmp_path: Path) -> None:
+    photos, store = tmp_path / "photos", tmp_path / "store"
+    files = write_dataset(photos, 10, seed=7, size=64)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    for path in files[:4]:
+        path.unlink()
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    status = run("status", "--store", str(store), "--json")
+    assert json.loads(status.stdout)["images"] == 6 and "WARNING" not in status.stderr
+    assert json.loads((store / "points.json").read_text())["points"] == 6
