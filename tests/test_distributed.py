@@ -145,6 +145,22 @@ def test_index_on_ray_into_the_embedded_store_keeps_caption_and_metadata(
         assert other.retrieve([point_id(address(shard, "000000002"))])[0].payload["caption"] == "a red triangle"
 
 
+def test_index_on_ray_removes_the_points_of_files_gone_from_disk(
+    ray_cluster: str, tmp_path: Path, settings: Settings
+) -> None:
+    folder = tmp_path / "photos"
+    files = write_dataset(folder, 6, seed=5, size=64)
+    with EdgeStore(settings.store.dir) as store:
+        first = run_ray_index([folder], settings, store, TWO_ACTORS, tmp_path / "parts")
+        assert first.indexed == 6 and store.count() == 6
+        gone = files[:2]
+        for path in gone:
+            path.unlink()
+        again = run_ray_index([folder], settings, store, TWO_ACTORS, tmp_path / "parts")
+        assert again.removed == 2 and store.count() == 4
+        assert store.retrieve([point_id(p) for p in gone]) == []
+
+
 class _SpyClient:
     """qdrant-client's :memory: mode (it ignores sharding and HNSW settings), recording what it was asked."""
 

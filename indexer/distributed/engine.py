@@ -29,8 +29,8 @@ from indexer.distributed.stage import PartEmbedder, model_json, vectors_of
 from indexer.errors import ConfigError
 from indexer.export import export_points
 from indexer.model import LazyModel
-from indexer.pipeline import NoProgress, Progress, check_roots, decode_limits, payload_for
-from indexer.records import Failure, PreprocessSpec, RunSummary, StoredPoint, point_id
+from indexer.pipeline import Indexer, NoProgress, Progress, check_roots, decode_limits, payload_for
+from indexer.records import Failure, PreprocessSpec, RunSummary, SearchFilter, StoredPoint, point_id
 from indexer.settings import Settings
 from indexer.shards import SHARD_PENDING
 from indexer.store import QdrantServerStore, VectorStore
@@ -77,6 +77,7 @@ def run_ray_index(
         summary, parts = _run(paths, parts_dir, settings, options, progress or NoProgress(), store=store)
         if not summary.interrupted:
             _mark_complete_shards(parts, parts_dir, store)
+            Indexer(settings, store, model).remove(_gone(check_roots(paths), parts, store), summary)
     if summary.failures:
         store.record_failures(summary.failures)
     store.optimize()
@@ -117,6 +118,22 @@ def _run(
     finally:
         progress.close()
     return summary, parts
+
+
+def _gone(roots: Sequence[Path], parts: list[Part], store: VectorStore) -> list[StoredPoint]:
+    """Stored points under ``roots`` whose file (or whole shard) is no longer among the run's inputs."""
+    files = {path for part in parts if part.kind == "files" for path, _, _ in part.files}
+    shards = {part.source for part in parts if part.kind == "shard"}
+    gone: list[StoredPoint] = []
+    for root in roots:
+        prefix = root.parent if root.is_file() else root
+        for point in store.scroll(filter=SearchFilter(path_prefix=str(prefix))):
+            shard = point.payload.get("shard")
+            if root.is_file() and str(shard or point.path) != str(root):
+                continue  # beside the file given, not under it
+            if (shard not in shards) if shard else (point.path not in files):
+                gone.append(point)
+    return gone
 
 
 def _mark_complete_shards(parts: list[Part], parts_dir: Path, store: VectorStore) -> None:
