@@ -84,9 +84,9 @@ class NoProgress:
         pass
 
 
-def store_from_settings(settings: Settings) -> VectorStore:
+def store_from_settings(settings: Settings, *, read_only: bool = False) -> VectorStore:
     """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge."""
-    return open_store_from_settings(settings)
+    return open_store_from_settings(settings, read_only=read_only)
 
 
 def check_roots(paths: Sequence[str | Path]) -> list[Path]:

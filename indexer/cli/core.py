@@ -135,7 +135,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
         hits = search_via_daemon(url, settings, query)
     else:
-        with store_from_settings(settings) as store:
+        with store_from_settings(settings, read_only=True) as store:
             hits = search(store, LazyModel(settings.model), query)
     if args.json:
         print(json.dumps([{"id": h.id, "score": h.score, **h.payload} for h in hits], indent=2))
@@ -185,7 +185,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
         info = status_via_daemon(url, args.failures)
     else:
-        with open_store_from_settings(settings) as store:
+        with open_store_from_settings(settings, read_only=True) as store:
             info = store_status(store, args.failures)
     _print_status(info, args.json)
     if not args.json and info.get("daemon"):

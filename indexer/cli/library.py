@@ -123,7 +123,8 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     for path, flag in ((args.csv, "--csv"), (args.html, "--html")):
         _check_output(path, flag)
     flt = _folder_filter(args.folder)
-    with open_store_from_settings(settings) as store:
+    acts = args.move_to is not None or args.delete
+    with open_store_from_settings(settings, read_only=not acts) as store:
         report = find_duplicates(store, args.tier, threshold=threshold, filter=flt, block=settings.dedup.block_size)
         _write_dedup_files(report, args, settings)
         if args.move_to is None and not args.delete:
@@ -256,7 +257,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.store import open_store_from_settings
 
     flt = _folder_filter(args.folder)
-    with open_store_from_settings(settings) as store:
+    with open_store_from_settings(settings, read_only=True) as store:
         written = export_store(store, args.output, filter=flt)
     if args.json:
         print(json.dumps({"exported": written, "output": str(args.output)}))

@@ -143,8 +143,8 @@ class _FailureFile:
 def read_only_error(directory: Path, exc: OSError) -> StoreError:
     """The one line for a store that cannot be written (a read-only mount, no write permission)."""
     return StoreError(
-        f"the store at {directory} is not writable ({exc.strerror or _reason(exc)}): Qdrant Edge maps its files "
-        "for writing, so even reading needs a writable store; make it writable, or copy it "
+        f"the store at {directory} is not writable ({exc.strerror or _reason(exc)}): commands that only read it "
+        "work from a temporary copy, this one writes; make it writable, or copy it "
         f"(cp -a --sparse=always {directory} COPY) and pass --store COPY"
     )
 

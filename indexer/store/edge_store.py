@@ -6,6 +6,8 @@ import errno
 import logging
 import os
 import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -413,3 +415,50 @@ def _create_edge_indexes(shard: edge.EdgeShard) -> None:
     for field, kind in kinds:
         if field not in have:
             shard.update(edge.UpdateOperation.create_field_index(field, kind))
+
+
+def writable(directory: Path) -> bool:
+    """False for an existing store directory on a read-only filesystem or without write permission."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        return True
+    try:
+        read_only_fs = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return True
+    return not read_only_fs and os.access(directory, os.W_OK)
+
+
+class EdgeStoreCopy(EdgeStore):
+    """A read-only store read from a temporary copy of its directory (sparse, like `cp -a --sparse=always`),
+    deleted at close; `location` names the original. For commands that only read."""
+
+    def __init__(self, directory: Path) -> None:
+        original = Path(directory).expanduser().absolute()
+        self._copy_root = Path(tempfile.mkdtemp(prefix="indexer-readonly-"))
+        copy = self._copy_root / "store"
+        log.warning("the store at %s is read-only: reading a temporary copy (%s)", original, copy)
+        try:
+            _copy_tree(original, copy)
+            super().__init__(copy, min_free_mb=0.0)
+        except BaseException:
+            shutil.rmtree(self._copy_root, ignore_errors=True)
+            raise
+        self.location = str(original)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            shutil.rmtree(self._copy_root, ignore_errors=True)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """Copy a store directory keeping holes (Edge's files are mostly sparse); without GNU cp, shutil."""
+    cp = shutil.which("cp")
+    if cp is not None:
+        proc = subprocess.run([cp, "-a", "--sparse=always", str(source), str(target)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("lock"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.errors import ConfigError
-from indexer.store.edge_store import MIN_FREE_MB, EdgeStore
+from indexer.store.edge_store import MIN_FREE_MB, EdgeStore, EdgeStoreCopy, writable
 from indexer.store.protocol import VectorStore
 
 if TYPE_CHECKING:
@@ -34,9 +34,14 @@ def open_store(
     return EdgeStore(store_dir, min_free_mb=min_free_mb)
 
 
-def open_store_from_settings(settings: Settings) -> VectorStore:
-    """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge."""
+def open_store_from_settings(settings: Settings, *, read_only: bool = False) -> VectorStore:
+    """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge.
+
+    read_only: the command only reads. An embedded store on a read-only filesystem (or without write permission)
+    is then read from a temporary copy (Qdrant Edge cannot open a shard it may not write), removed at close."""
     s = settings.store
+    if read_only and not s.qdrant_url and not writable(s.dir):
+        return EdgeStoreCopy(s.dir)
     return open_store(
         store_dir=s.dir,
         qdrant_url=s.qdrant_url or None,
