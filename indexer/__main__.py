@@ -1,7 +1,5 @@
 """``python -m indexer`` runs the CLI."""
 
-import sys
+from indexer.cli import run
 
-from indexer.cli import main
-
-sys.exit(main())
+run()

@@ -10,8 +10,12 @@ Exit codes: 0 all good · 1 finished, but some files failed · 2 usage, configur
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from indexer import __version__
@@ -62,5 +66,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run() -> None:
+    """The ``indexer`` console script: `main`, then `quick_exit`."""
+    quick_exit(main())
+
+
+def quick_exit(code: int) -> None:
+    """End the process without the interpreter's teardown, once the command is done.
+
+    By then every file is closed and every thread joined; what is left — freeing torch's and open_clip's tens of
+    thousands of module objects one by one — costs 0.8–1.4 s on the 2-core test machine and does nothing a user
+    needs. So: the exit handlers run (logging, multiprocessing's children), the output is flushed, and the process
+    ends with ``os._exit``. Where a non-daemon thread is still running, the normal exit waits for it instead.
+    """
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe (| head): nothing more to say
+                stream.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
