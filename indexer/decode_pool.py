@@ -14,6 +14,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import multiprocessing.forkserver  # imported here, not by the pool's first start: that may run while another
+import multiprocessing.popen_forkserver  # thread imports torch (LazyModel.start), and imports of the same
+import multiprocessing.resource_tracker  # modules from two threads at once can deadlock
+import multiprocessing.shared_memory
 import os
 import select
 import signal

@@ -98,21 +98,36 @@ class BatchBuffer:
 
     def __init__(self) -> None:
         self._array: npt.NDArray[np.uint8] | None = None
+        self._pinned = False
 
     def stack(self, pixels: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
-        """``np.stack(pixels)``, into the reused array when the shapes allow."""
+        """``np.stack(pixels)``, into the reused array when the shapes allow (and once pinned memory can be had:
+        the first batches may be stacked while torch is still being imported on the model's loading thread)."""
         shape = (len(pixels), *pixels[0].shape)
-        if self._array is None or self._array.shape[1:] != shape[1:] or self._array.shape[0] < shape[0]:
-            self._array = _host_array(shape)
+        if (
+            self._array is None
+            or self._array.shape[1:] != shape[1:]
+            or self._array.shape[0] < shape[0]
+            or (not self._pinned and _cuda_ready())
+        ):
+            self._array, self._pinned = _host_array(shape)
         out = self._array[: shape[0]]
         np.stack(pixels, out=out)
         return out
 
 
-def _host_array(shape: tuple[int, ...]) -> npt.NDArray[np.uint8]:
-    """An uninitialised uint8 array; page-locked when torch is loaded and sees a CUDA device."""
+def _cuda_ready() -> bool:
+    """torch imported (completely: not still being imported by another thread) and seeing a CUDA device."""
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _host_array(shape: tuple[int, ...]) -> tuple[npt.NDArray[np.uint8], bool]:
+    """An uninitialised uint8 array, and whether it is page-locked (it is once torch is loaded and sees CUDA)."""
+    if _cuda_ready():
+        torch = sys.modules["torch"]
         pinned: npt.NDArray[np.uint8] = torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
-        return pinned
-    return np.empty(shape, np.uint8)
+        return pinned, True
+    return np.empty(shape, np.uint8), False

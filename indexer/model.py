@@ -28,12 +28,13 @@ import torch.nn.functional as F
 
 from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, ModelError
-from indexer.records import PreprocessSpec
+from indexer.lazymodel import CPU_BATCH, GPU_BATCH, LazyModel, preprocess_spec
 from indexer.settings import ModelSettings
 from indexer.weights import (
     HF_WEIGHT_FILES,
     ModelSource,
     find_pretrained_weights,
+    import_open_clip,
     resolve_source,
     tensor_reader,
 )
@@ -50,8 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CPU_BATCH = 32
-GPU_BATCH = 256
 TOWERS = ("visual", "text")
 
 
@@ -66,7 +65,12 @@ class ClipModel:
         self.requested_dtype = dtype  # None: measure on this CPU (see calibrate_cpu_dtype)
         self.dtype = dtype or torch.float32
         self.batch_size = batch
-        self.preprocess = _preprocess_spec(source.preprocess, net)
+        self.preprocess = preprocess_spec(source)  # what LazyModel told the decoders before the network existed
+        if self.preprocess.image_size != _image_size(net):
+            raise ModelError(
+                f"{source.model_id}: the network takes {_image_size(net)} px, its config says "
+                f"{self.preprocess.image_size}"
+            )
         self.dim = int(source.config["embed_dim"])
         self._tokenizer = _tokenizer(source)
         shape = (1, 3, 1, 1)
@@ -183,52 +187,14 @@ def encode_text_until_eot(net: Any, tokens: torch.Tensor) -> torch.Tensor:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
-class LazyModel:
-    """The model's identity now (weights found, id and dimension known), the network only when first needed.
-
-    A re-run that finds nothing new never pays for building ViT-L/14.
-    """
-
-    def __init__(self, settings: ModelSettings) -> None:
-        self.settings = settings
-        self.source = resolve_source(settings)
-        self._model: ClipModel | None = None
-
-    @property
-    def model_id(self) -> str:
-        return self.source.model_id
-
-    @property
-    def dim(self) -> int:
-        return int(self.source.config["embed_dim"])
-
-    @property
-    def batch_size(self) -> int:
-        if self._model is not None:
-            return self._model.batch_size
-        device = self.settings.device
-        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        return self.settings.batch_size or (GPU_BATCH if cuda else CPU_BATCH)
-
-    def get(self) -> ClipModel:
-        if self._model is None:
-            self._model = _load(self.source, self.settings)
-        return self._model
-
-    def close(self) -> None:
-        if self._model is not None:
-            self._model.close()
-            self._model = None
-
-
 def load_model(settings: ModelSettings) -> ClipModel:
     """Resolve weights, build the network and load both towers on the device in the chosen dtype."""
-    clip = _load(resolve_source(settings), settings)
+    clip = build_clip(resolve_source(settings), settings)
     clip.load()
     return clip
 
 
-def _load(source: ModelSource, settings: ModelSettings) -> ClipModel:
+def build_clip(source: ModelSource, settings: ModelSettings) -> ClipModel:
     """The network built on the meta device, no tower loaded yet (ClipModel loads each when first used)."""
     device = resolve_device(settings.device)
     chosen = choose_dtype(device, settings.dtype)
@@ -352,8 +318,7 @@ def cpu_has_native_bf16() -> bool:
 def build_network(source: ModelSource) -> Any:
     """The open_clip network for ``source.config``, its parameters on the meta device (nothing allocated, no random
     initialisation). A source without weights gets a random initialisation here, on the CPU."""
-    import open_clip
-
+    open_clip = import_open_clip(source.config)
     config = dict(source.config)
     custom = bool(config.pop("custom_text", False)) or "hf_model_name" in config.get("text_cfg", {})
     cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
@@ -431,21 +396,8 @@ def _reshape_scalars(net: Any, tensors: dict[str, torch.Tensor]) -> None:
             tensors[name] = have.reshape(want.shape)
 
 
-def _preprocess_spec(pp: dict[str, Any], net: Any) -> PreprocessSpec:
-    default = PreprocessSpec()
-    return PreprocessSpec(
-        image_size=_image_size(net),
-        mean=tuple(pp.get("mean", default.mean)),
-        std=tuple(pp.get("std", default.std)),
-        interpolation=str(pp.get("interpolation", default.interpolation)),
-        resize_mode=str(pp.get("resize_mode", default.resize_mode)),
-        crop_rounding=str(pp.get("crop_rounding", default.crop_rounding)),
-    )
-
-
 def _tokenizer(source: ModelSource) -> Any:
-    import open_clip
-
+    open_clip = import_open_clip(source.config)
     context = int(source.config["text_cfg"].get("context_length", 77))
     if source.builtin_name is not None:
         return open_clip.get_tokenizer(source.builtin_name, context_length=context)

@@ -23,7 +23,7 @@ from typing import Any, Protocol, Self
 from indexer.decode_pool import DecodePool, default_workers
 from indexer.embed import EmbeddedBatch, embed_batches
 from indexer.errors import ConfigError
-from indexer.model import LazyModel
+from indexer.lazymodel import LazyModel
 from indexer.payload import move_point as move_point  # re-exported: callers import it from here
 from indexer.payload import payload_for as payload_for
 from indexer.plan import (
@@ -244,12 +244,12 @@ class Indexer:
         left is not lost: it is still on disk for the next scan)."""
         if not plan.to_embed:
             return
-        clip = self.model.get()
         self.progress.start(len(plan.to_embed), "embedding")
         decoded = self.decoders().for_files(len(plan.to_embed)).imap(e.path for e in plan.to_embed)
+        self.model.start("visual")  # the network loads while the first files decode
         try:  # store writes overlap the next batch; during the loop the store is the writer thread's
             with BackgroundWriter() as writer:
-                for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
+                for item in embed_batches(decoded, self.model.encode_pixels, self.model.batch_size):
                     writer.submit(functools.partial(self._take, item, plan, summary, on_batch))
                     if stop():
                         summary.interrupted = True
@@ -300,10 +300,10 @@ class Indexer:
     def _embed_shard(self, shard: FileEntry, old: list[StoredPoint], summary: RunSummary) -> None:
         """Embed one shard; its points are marked complete (its size and mtime) only once all of it is stored, so
         an interrupted shard is read again by the next run."""
-        clip = self.model.get()
+        self.model.start("visual")
         ids: list[str] = []
-        decoded = decode_shard(shard, clip.preprocess, decode_limits(self.settings))
-        for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
+        decoded = decode_shard(shard, self.model.preprocess, decode_limits(self.settings))
+        for item in embed_batches(decoded, self.model.encode_pixels, self.model.batch_size):
             if isinstance(item, Failure):
                 self._take(item, Plan(), summary, None)
                 continue
@@ -324,8 +324,7 @@ class Indexer:
     def decoders(self) -> Decoders:
         """The decoders, made on first need (the model's preprocessing decides their output)."""
         if self._decoders is None:
-            clip = self.model.get()
-            self._decoders = Decoders(self.settings, clip.preprocess, clip.batch_size)
+            self._decoders = Decoders(self.settings, self.model.preprocess, self.model.batch_size)
         return self._decoders
 
     def _record(self, summary: RunSummary, optimize: bool) -> None:
@@ -351,13 +350,14 @@ def run_index(
 def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> DecodePool:
     """A decode pool sized from the settings; small jobs decode in-process (no worker start-up).
 
-    The look-ahead (files submitted but not yet consumed) defaults to two batches: enough to keep the model fed
-    while the next batch decodes, and it bounds memory whatever the size of the tree.
+    The look-ahead (files submitted but not yet consumed) defaults to four batches: the decoders fill them while
+    the network is still being imported and loaded (seconds; `LazyModel.start`), and then keep the model fed while
+    the next batch decodes. It bounds memory whatever the size of the tree (224 px images: 150 KB each).
     """
     workers = settings.decode.workers or default_workers()
     if files < IN_PROCESS_BELOW:
         workers = 0
-    lookahead = settings.decode.lookahead or max(2 * batch_size, 4 * max(workers, 1))
+    lookahead = settings.decode.lookahead or max(4 * batch_size, 4 * max(workers, 1))
     return DecodePool(spec, decode_limits(settings), workers=workers, lookahead=lookahead)
 
 
@@ -412,17 +412,17 @@ def run_embed(
     summary = RunSummary()
     entries = list(scan_entries(roots, settings, summary.add_failure))
     shards = find_shards(roots, settings.index.include_hidden)
-    clip = model.get()
     progress.start(len(entries) + sum(count_samples(s.path) for s in shards), "embedding")
-    pool = decode_pool(settings, clip.preprocess, len(entries), clip.batch_size)
-    output_file = open_embedding_writer(output, clip.dim, model.model_id, shard_columns=bool(shards))
+    pool = decode_pool(settings, model.preprocess, len(entries), model.batch_size)
+    output_file = open_embedding_writer(output, model.dim, model.model_id, shard_columns=bool(shards))
+    model.start("visual")  # imports, network and weights on a thread of their own, while the first files decode
     with output_file as writer, pool:
         try:
             with BackgroundWriter() as background:  # file output overlaps the next batch
                 decoded = itertools.chain(
-                    pool.imap(e.path for e in entries), decode_shards(shards, clip.preprocess, decode_limits(settings))
+                    pool.imap(e.path for e in entries), decode_shards(shards, model.preprocess, decode_limits(settings))
                 )
-                for item in embed_batches(decoded, clip.encode_pixels, clip.batch_size):
+                for item in embed_batches(decoded, model.encode_pixels, model.batch_size):
                     background.submit(functools.partial(_write_item, item, writer, summary, progress))
         except KeyboardInterrupt:
             summary.interrupted = True

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,19 +55,9 @@ def resolve_source(settings: ModelSettings) -> ModelSource:
     name = settings.name
     if name.endswith(".json"):
         return _source_from_config_file(Path(name), settings)
-    import open_clip
-
-    config = open_clip.get_model_config(name)
-    if config is None:
-        raise ConfigError("model.name", f"unknown model {name!r}: not an open_clip architecture nor a .json file")
     tag = settings.pretrained
     random = tag.lower() in ("", "none", "random")
-    pretrained_cfg = {} if random else open_clip.get_pretrained_cfg(name, tag)
-    if not random and not pretrained_cfg:
-        raise ConfigError("model.pretrained", f"{tag!r} is not a known pretrained tag for {name}")
-    # OpenAI's models use QuickGELU: the pretrained tag says so, whichever way the weights arrive.
-    quick = bool(pretrained_cfg.get("quick_gelu", config.get("quick_gelu", False)))
-    config = {**config, "quick_gelu": quick}
+    config, pretrained_cfg = builtin_config(name, "" if random else tag)
     if settings.weights:
         weights = _existing_file(settings.weights, "model.weights")
         return ModelSource(model_id(name, weights), config, pretrained_cfg, weights, name)
@@ -77,6 +68,107 @@ def resolve_source(settings: ModelSettings) -> ModelSource:
     if found.format == "transformers":
         return _transformers_source(found.folder, name, config)
     return ModelSource(model_id(name, found.path), config, pretrained_cfg, found.path, name)
+
+
+def builtin_config(name: str, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """open_clip's model config for ``name`` (QuickGELU set as the pretrained ``tag`` says) and the tag's
+    pretrained config (``{}`` for no tag).
+
+    Remembered per open_clip install in ``$XDG_CACHE_HOME/indexer/open_clip-configs.json``: importing open_clip
+    costs seconds (torch, torchvision, timm, transformers when installed), and a command that knows the model's
+    geometry without it can start decoding images while the network is still being imported.
+    """
+    cache, key = config_cache_file(), _config_key(name, tag)
+    remembered = read_json_cache(cache).get(key) if key else None
+    if isinstance(remembered, dict) and {"config", "pretrained"} <= remembered.keys():
+        return remembered["config"], remembered["pretrained"]
+    open_clip = import_open_clip(_packaged_config(name))
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ConfigError("model.name", f"unknown model {name!r}: not an open_clip architecture nor a .json file")
+    pretrained_cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+    if tag and not pretrained_cfg:
+        raise ConfigError("model.pretrained", f"{tag!r} is not a known pretrained tag for {name}")
+    # OpenAI's models use QuickGELU: the pretrained tag says so, whichever way the weights arrive.
+    quick = bool(pretrained_cfg.get("quick_gelu", config.get("quick_gelu", False)))
+    config = {**config, "quick_gelu": quick}
+    try:  # what is remembered is what is returned: JSON's lists where open_clip has tuples, either way
+        found = json.loads(json.dumps({"config": config, "pretrained": pretrained_cfg}))
+    except (TypeError, ValueError):  # a value JSON cannot hold: use it as it is, remember nothing
+        return config, pretrained_cfg
+    if key:
+        write_json_cache(cache, {**read_json_cache(cache), key: found})
+    return found["config"], found["pretrained"]
+
+
+def import_open_clip(config: dict[str, Any] | None) -> Any:
+    """``import open_clip`` without the optional libraries the network of ``config`` does not use (None: unknown).
+
+    open_clip imports transformers (1–1.8 s on the 2-core test machine, where it is installed) for its Hugging Face
+    text towers and timm (0.5 s) for its timm image towers, whatever the model; OpenAI's CLIP and every other
+    plain ViT/ResNet CLIP use neither. While open_clip is imported for such a model, those two are made
+    unimportable (open_clip's own ``try: import ... except ImportError`` then leaves them out), and importable
+    again right after. Should a later model in the same process need one, open_clip is imported afresh.
+    """
+    text, vision = (config or {}).get("text_cfg", {}), (config or {}).get("vision_cfg", {})
+    needs = {
+        "transformers": config is None or "hf_model_name" in text or "hf_tokenizer_name" in text,
+        "timm": config is None or "timm_model_name" in vision,
+    }
+    loaded = sys.modules.get("open_clip")
+    if loaded is not None:
+        if not any(need and getattr(loaded, "_indexer_left_out", {}).get(name) for name, need in needs.items()):
+            return loaded
+        for name in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
+            del sys.modules[name]
+    left_out = {name: True for name, need in needs.items() if not need and name not in sys.modules}
+    for name in left_out:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError meanwhile
+    try:
+        import open_clip
+    finally:
+        for name in left_out:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    open_clip._indexer_left_out = left_out
+    return open_clip
+
+
+def _packaged_config(name: str) -> dict[str, Any] | None:
+    """open_clip's own JSON for ``name``, read without importing open_clip (None where there is none)."""
+    folder = _open_clip_folder()
+    try:
+        found = json.loads((folder / "model_configs" / f"{name}.json").read_text()) if folder else None
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _open_clip_folder() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def config_cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "indexer" / "open_clip-configs.json"
+
+
+def _config_key(name: str, tag: str) -> str | None:
+    """Which open_clip install the remembered configs came from: its pretrained table's path, size and mtime
+    (found without importing open_clip), with the model and tag. None where open_clip is not installed."""
+    folder = _open_clip_folder()
+    try:
+        st = (folder / "pretrained.py").stat() if folder else None
+    except OSError:
+        return None
+    if st is None:
+        return None
+    return f"{name}|{tag}|{st.st_size}|{st.st_mtime_ns}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,7 +176,7 @@ def test_weights_found_in_model_dir(tmp_path: Path) -> None:
     digest = hashlib.sha256(b"not really").hexdigest()[:16]
     assert source.weights == weights and source.model_id == f"ViT-L-14@sha256:{digest}"
     assert source.config["quick_gelu"] is True and source.config["embed_dim"] == 768
-    assert source.preprocess["mean"] == (0.48145466, 0.4578275, 0.40821073)
+    assert tuple(source.preprocess["mean"]) == (0.48145466, 0.4578275, 0.40821073)
 
 
 def test_weights_found_in_hf_cache_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -168,8 +168,8 @@ class Service:
         )
 
     def preprocess_spec(self) -> PreprocessSpec:
-        """The model's input geometry (builds the model on first use: call it on the engine thread)."""
-        return self.model.get().preprocess
+        """The model's input geometry (from its config: the network need not be built)."""
+        return self.model.preprocess
 
     def _decode_all(
         self, pos: tuple[bytes, ...], neg: tuple[bytes, ...], spec: PreprocessSpec

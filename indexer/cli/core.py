@@ -82,7 +82,7 @@ def _add_status(sub: Any) -> None:
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.model import LazyModel
+    from indexer.lazymodel import LazyModel
     from indexer.pipeline import check_roots, run_index, store_from_settings
 
     check_roots(args.paths)
@@ -95,7 +95,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.model import LazyModel
+    from indexer.lazymodel import LazyModel
     from indexer.pipeline import check_roots, run_embed
 
     check_roots(args.paths)
@@ -109,7 +109,7 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.model import LazyModel
+    from indexer.lazymodel import LazyModel
     from indexer.pipeline import store_from_settings
     from indexer.search import Query, search
 

@@ -78,7 +78,7 @@ def _run(settings: Settings, key: str) -> int:
     import uvicorn
 
     from indexer.api import create_app
-    from indexer.model import LazyModel
+    from indexer.lazymodel import LazyModel
     from indexer.pipeline import store_from_settings
 
     model = LazyModel(settings.model)

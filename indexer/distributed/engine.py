@@ -28,9 +28,9 @@ from indexer.distributed.parts import PART_PREFIX, PART_SUFFIX, Part, decode_row
 from indexer.distributed.stage import PartEmbedder, model_json, vectors_of
 from indexer.errors import ConfigError
 from indexer.export import export_points
-from indexer.model import LazyModel
+from indexer.lazymodel import LazyModel
 from indexer.pipeline import Indexer, NoProgress, Progress, check_roots, decode_limits, payload_for
-from indexer.records import Failure, PreprocessSpec, RunSummary, SearchFilter, StoredPoint, point_id
+from indexer.records import Failure, RunSummary, SearchFilter, StoredPoint, point_id
 from indexer.settings import Settings
 from indexer.shards import SHARD_PENDING
 from indexer.store import QdrantServerStore, VectorStore
@@ -251,7 +251,7 @@ def _dataset(todo: list[Part], settings: Settings, options: RayOptions) -> Any:
     items: Any = ray.data.from_items([{"part": p.to_json()} for p in todo], override_num_blocks=len(todo))
     decoded: Any = items.map(
         decode_row,
-        fn_kwargs={"spec": preprocess_spec(model), "limits": decode_limits(settings)},
+        fn_kwargs={"spec": model.preprocess, "limits": decode_limits(settings)},
         num_cpus=options.decode_cpus,
         num_gpus=0,
     )
@@ -275,20 +275,6 @@ def _actor_resources(ray: Any, options: RayOptions, parts: int) -> tuple[float, 
     else:
         workers = 1
     return gpus, max(1, min(workers, parts))
-
-
-def preprocess_spec(model: LazyModel) -> PreprocessSpec:
-    """The model's input geometry from its config alone (the driver never builds the network)."""
-    size = model.source.config["vision_cfg"].get("image_size", 224)
-    pp = model.source.preprocess
-    default = PreprocessSpec()
-    return PreprocessSpec(
-        image_size=int(size[0] if isinstance(size, list | tuple) else size),
-        mean=tuple(pp.get("mean", default.mean)),
-        std=tuple(pp.get("std", default.std)),
-        interpolation=str(pp.get("interpolation", default.interpolation)),
-        resize_mode=str(pp.get("resize_mode", default.resize_mode)),
-    )
 
 
 # --- Qdrant server bulk load --------------------------------------------------------------------------------------
