@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,48 @@ def test_quick_exit_waits_for_a_running_thread(tmp_path: Path) -> None:
         """
     )
     assert done.returncode == 0 and marker.read_text() == "done"
+
+
+def test_embed_decodes_while_the_network_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_embed starts the decode workers before the model is built, and the vectors are those of a plain run."""
+    import numpy as np
+    from PIL import Image
+
+    import indexer.model
+    from indexer.decode_pool import DecodePool
+    from indexer.pipeline import run_embed
+    from tests.conftest import shapes_settings
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (64 + 8 * i, 48), ((20 * i) % 256, 40, 200)).save(folder / f"{i:02d}.png")
+    events: list[str] = []
+    real_build, real_imap = indexer.model.build_clip, DecodePool.imap
+
+    def slow_build(*args: object, **kwargs: object) -> object:
+        events.append("build started")
+        time.sleep(1.0)  # a network that takes a while to import and load
+        built = real_build(*args, **kwargs)  # type: ignore[arg-type]
+        events.append("build done")
+        return built
+
+    def imap(self: DecodePool, paths: object) -> object:
+        for i, result in enumerate(real_imap(self, paths)):  # type: ignore[arg-type]
+            if i == 0:
+                events.append("first file decoded")
+            yield result
+
+    settings = shapes_settings(tmp_path / "unused")
+    monkeypatch.setattr(indexer.model, "build_clip", slow_build)
+    monkeypatch.setattr(DecodePool, "imap", imap)
+    out = tmp_path / "out.npy"
+    assert run_embed([folder], out, settings, LazyModel(settings.model)).indexed == 12
+    assert events == ["build started", "first file decoded", "build done"], events  # overlapped
+    monkeypatch.setattr(DecodePool, "imap", real_imap)
+    plain = tmp_path / "plain.npy"
+    model = LazyModel(settings.model)
+    model.get()  # built first, the old order
+    run_embed([folder], plain, settings, model)
+    assert np.allclose(np.load(out), np.load(plain), atol=1e-6)
+    assert out.with_name("out.paths.txt").read_text() == plain.with_name("plain.paths.txt").read_text()
