@@ -303,16 +303,9 @@ class Indexer:
         self.model.start("visual")
         ids: list[str] = []
         decoded = decode_shard(shard, self.model.preprocess, decode_limits(self.settings))
-        for item in embed_batches(decoded, self.model.encode_pixels, self.model.batch_size):
-            if isinstance(item, Failure):
-                self._take(item, Plan(), summary, None)
-                continue
-            points = _shard_points(item, self.model.model_id)
-            self.store.upsert(points)
-            self.store.clear_failures([str(m.path) for m in item.metas])
-            ids.extend(p.id for p in points)
-            summary.indexed += len(points)
-            self.progress.advance(len(points))
+        with BackgroundWriter() as writer:  # store writes overlap the next batch, as for files
+            for item in embed_batches(decoded, self.model.encode_pixels, self.model.batch_size):
+                writer.submit(functools.partial(self._take_shard_batch, item, ids, summary))
         kept = set(ids)
         stale = [p.id for p in old if p.id not in kept]
         if stale:
@@ -320,6 +313,17 @@ class Indexer:
             summary.removed += len(stale)
         if ids:
             self.store.set_payload(ids, {"shard_mtime_ns": shard.mtime_ns})
+
+    def _take_shard_batch(self, item: EmbeddedBatch | Failure, ids: list[str], summary: RunSummary) -> None:
+        if isinstance(item, Failure):
+            self._take(item, Plan(), summary, None)
+            return
+        points = _shard_points(item, self.model.model_id)
+        self.store.upsert(points)
+        self.store.clear_failures([str(m.path) for m in item.metas])
+        ids.extend(p.id for p in points)
+        summary.indexed += len(points)
+        self.progress.advance(len(points))
 
     def decoders(self) -> Decoders:
         """The decoders, made on first need (the model's preprocessing decides their output)."""
