@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import multiprocessing
 import multiprocessing.forkserver  # imported here, not by the pool's first start: that may run while another
 import multiprocessing.popen_forkserver  # thread imports torch (LazyModel.start), and imports of the same
@@ -97,6 +98,9 @@ def _decode_in_worker(path: Path, spec: PreprocessSpec, limits: DecodeLimits) ->
     return decode_file(path, spec, limits)
 
 
+log = logging.getLogger(__name__)
+
+
 def default_workers() -> int:
     """How many CPUs this process may use."""
     if hasattr(os, "sched_getaffinity"):
@@ -146,6 +150,23 @@ def _row_result(path: Path, row: Row, pixels: Pixels) -> Result:
     return Decoded(ImageMeta(path, size, mtime_ns, sha256, width, height, fmt), pixels)
 
 
+def _shm_or_pickle(spec: PreprocessSpec, lookahead: int) -> str:
+    """ "shm" when /dev/shm has room for twice the look-ahead's pixels (slots in use plus slots being refilled),
+    else "pickle", said once: a full tmpfs would kill the workers (SIGBUS) instead of slowing them down."""
+    need = 2 * lookahead * 3 * spec.image_size**2
+    free = shm.free_bytes()
+    if free >= need:
+        return "shm"
+    log.warning(
+        "%s has %d MB free and the decoders' shared memory needs up to %d MB: their pixels are pickled instead "
+        "(slower; in a container give it more, e.g. docker run --shm-size=1g, compose shm_size)",
+        shm.SHM_DIR,
+        free >> 20,
+        round(need / 2**20),
+    )
+    return "pickle"
+
+
 class _Chunk(NamedTuple):
     paths: list[Path]
     slot: shm.Slot
@@ -180,6 +201,8 @@ class DecodePool:
         self.workers = workers
         self.lookahead = lookahead
         self.transport = transport if transport == "pickle" or shm.available() else "pickle"
+        if self.transport == "shm" and workers > 0:
+            self.transport = _shm_or_pickle(spec, lookahead)
         self.chunk = max(1, min(_CHUNK_MAX, lookahead // (2 * max(workers, 1))))
         self._executor: ProcessPoolExecutor | None = None
         self._ring: shm.SlotRing | None = None

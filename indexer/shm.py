@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SHM_DIR", "Slot", "SlotRing", "attach", "available", "segment_prefix"]
+__all__ = ["SHM_DIR", "Slot", "SlotRing", "attach", "available", "free_bytes", "segment_prefix"]
 
 SHM_DIR = Path("/dev/shm")
 _TRACKER_KIND = "shared_memory"  # the resource tracker unlinks these with shm_unlink("/" + name)
@@ -38,6 +38,16 @@ Pixels = npt.NDArray[np.uint8]
 def available() -> bool:
     """Whether POSIX shared memory is usable here (Linux: a writable /dev/shm)."""
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+
+
+def free_bytes() -> int:
+    """Space left in /dev/shm. Segments are sparse: a worker writing pixels into a full tmpfs dies of SIGBUS, so
+    the pool checks this first (Docker gives a container 64 MB unless told ``--shm-size``)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def segment_prefix(pid: int | None = None) -> str:

@@ -92,6 +92,8 @@ def test_watch_daemon_has_a_gpu_read_only_photos_and_a_model_volume(compose: dic
     assert env["HF_HOME"].startswith("/models/") and env["INDEXER_STORE__QDRANT_URL"] == "http://qdrant:6333"
     assert "QDRANT_API_KEY" in env["INDEXER_STORE__API_KEY"]
     assert watch["depends_on"]["qdrant"]["condition"] == "service_healthy"
+    # the decoders' shared memory for a GPU's look-ahead (4 batches of 256 at 224 px, twice): Docker's 64 MB is not
+    assert watch["shm_size"] == "1gb" and 2 * 4 * 256 * 3 * 224 * 224 < 2**30
 
 
 def test_search_service_needs_a_key_and_sees_the_same_photos(compose: dict[str, Any]) -> None:

@@ -78,6 +78,24 @@ def test_shm_pixels_identical_to_pickling_and_in_order(tmp_path: Path) -> None:
     assert int(decoded[-1].pixels.sum()) > 0
 
 
+def test_a_small_dev_shm_means_pickling_not_crashing_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert shm.free_bytes() > 0
+    paths = _corpus(tmp_path, 10)
+    with DecodePool(SPEC, LIMITS, workers=2, lookahead=LOOKAHEAD, transport="pickle") as old:
+        expected = _summary(list(old.imap(paths)))
+    need = 2 * LOOKAHEAD * 3 * 32 * 32
+    monkeypatch.setattr(shm, "free_bytes", lambda: need - 1)  # a container's tmpfs, nearly full
+    with DecodePool(SPEC, LIMITS, workers=2, lookahead=LOOKAHEAD) as pool:
+        assert pool.transport == "pickle"
+        assert _summary(list(pool.imap(paths))) == expected
+    assert "/dev/shm has 0 MB free" in caplog.text and "--shm-size" in caplog.text
+    monkeypatch.setattr(shm, "free_bytes", lambda: need)
+    with DecodePool(SPEC, LIMITS, workers=2, lookahead=LOOKAHEAD) as pool:
+        assert pool.transport == "shm"
+
+
 def test_shm_slots_are_reused_once_released(tmp_path: Path) -> None:
     paths = [_image(tmp_path / f"{i}.png", seed=i) for i in range(8)] * 20
     with DecodePool(SPEC, LIMITS, workers=2, lookahead=8) as pool:
