@@ -4,9 +4,7 @@ tested in test_daemon.py and test_watch.py."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from indexer.errors import (
 from indexer.records import Hit, SearchFilter, StoredPoint, dirs_of, point_id
 from indexer.search import Query
 from indexer.store import EdgeStore, VectorStore
+from tests.rawhttp import raw_request
 
 # --- the scheduler ------------------------------------------------------------------------------------------------
 
@@ -265,23 +264,9 @@ def control() -> Iterator[tuple[ControlServer, Target]]:
 
 def _request(
     server: ControlServer, method: str, path: str, body: bytes = b"", headers: Sequence[tuple[str, str]] = ()
-) -> tuple[int, dict[str, Any], float]:
-    """One request with exactly these headers (http.client sends Host and, for a body, Content-Length itself
-    unless given); (status, JSON body, seconds)."""
+) -> tuple[int, Any, float]:
     host, port = server.httpd.server_address[:2]
-    conn = http.client.HTTPConnection(str(host), int(port), timeout=10)
-    names = {name.lower() for name, _ in headers}
-    started = time.monotonic()
-    conn.putrequest(method, path, skip_host="host" in names)
-    for name, value in headers:
-        conn.putheader(name, value)
-    if body and "content-length" not in names:
-        conn.putheader("Content-Length", str(len(body)))
-    conn.endheaders(body or None)
-    response = conn.getresponse()
-    data = json.loads(response.read() or b"null")
-    conn.close()
-    return response.status, data, time.monotonic() - started
+    return raw_request(str(host), int(port), method, path, body, headers, timeout=10)
 
 
 JSON = ("Content-Type", "application/json")

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import shutil
@@ -38,6 +37,7 @@ from tests.clirun import INDEXER, MODEL
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
 from tests.live_server import serve
+from tests.rawhttp import raw_request
 
 pytestmark = pytest.mark.faults
 
@@ -188,25 +188,8 @@ def test_concurrent_uploads_hold_the_bound_while_healthz_answers(upload_service:
 
 
 def _raw(base: str, method: str, path: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> Any:
-    """One request with exactly these headers; (status, JSON body or None, seconds)."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=20)
-    names = {name.lower() for name, _ in headers}
-    started = time.monotonic()
-    conn.putrequest(method, path, skip_host="host" in names)
-    for name, value in headers:
-        conn.putheader(name, value)
-    if body and "content-length" not in names:
-        conn.putheader("Content-Length", str(len(body)))
-    conn.endheaders(body or None)
-    response = conn.getresponse()
-    raw = response.read()
-    conn.close()
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        data = None
-    return response.status, data, time.monotonic() - started
+    return raw_request(host, int(port), method, path, body, headers)
 
 
 @pytest.fixture(scope="module")
