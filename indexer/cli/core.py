@@ -135,8 +135,12 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
         hits = search_via_daemon(url, settings, query)
     else:
+        model = LazyModel(settings.model)
+        towers = [t for t, used in (("text", query.texts or query.negative_texts), ("visual", query.images)) if used]
+        if towers or query.negative_images:
+            model.start(*(towers or ["visual"]))  # the network loads while the store opens
         with store_from_settings(settings, read_only=True) as store:
-            hits = search(store, LazyModel(settings.model), query)
+            hits = search(store, model, query)
     if args.json:
         print(json.dumps([{"id": h.id, "score": h.score, **h.payload} for h in hits], indent=2))
     else:
