@@ -20,9 +20,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from indexer.decode_pool import DecodePool, default_workers
+from indexer.decode_pool import default_workers
 from indexer.embed import EmbeddedBatch, embed_batches
 from indexer.errors import ConfigError
+from indexer.mixed_decode import Decoder, decoder_for
 from indexer.model import LazyModel
 from indexer.payload import move_point as move_point  # re-exported: callers import it from here
 from indexer.payload import payload_for as payload_for
@@ -348,8 +349,9 @@ def run_index(
         return indexer.index(paths)
 
 
-def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> DecodePool:
-    """A decode pool sized from the settings; small jobs decode in-process (no worker start-up).
+def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> Decoder:
+    """A decode pool sized from the settings; small jobs decode in-process (no worker start-up). Where the model
+    runs on CUDA, JPEGs are shared between nvJPEG and the pool (`indexer.mixed_decode`, setting ``decode.gpu``).
 
     The look-ahead (files submitted but not yet consumed) defaults to two batches: enough to keep the model fed
     while the next batch decodes, and it bounds memory whatever the size of the tree.
@@ -358,7 +360,7 @@ def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size
     if files < IN_PROCESS_BELOW:
         workers = 0
     lookahead = settings.decode.lookahead or max(2 * batch_size, 4 * max(workers, 1))
-    return DecodePool(spec, decode_limits(settings), workers=workers, lookahead=lookahead)
+    return decoder_for(settings, spec, decode_limits(settings), workers, lookahead)
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
@@ -377,9 +379,9 @@ class Decoders:
     def __init__(self, settings: Settings, spec: PreprocessSpec, batch_size: int) -> None:
         self.settings, self.spec, self.batch_size = settings, spec, batch_size
         self._inline = decode_pool(settings, spec, 1, batch_size)
-        self._pool: DecodePool | None = None
+        self._pool: Decoder | None = None
 
-    def for_files(self, count: int) -> DecodePool:
+    def for_files(self, count: int) -> Decoder:
         """The pool to decode ``count`` files with."""
         if count < IN_PROCESS_BELOW:
             return self._inline
