@@ -4,10 +4,14 @@
 (by extension) go to one shared queue, other files to a CPU-only queue. Two threads of this process take work from
 the front of them (oldest first), so the split follows their speeds (work stealing):
 
-- the GPU thread takes chunks of up to ``gpu_chunk`` JPEGs and decodes them with `NvJpegDecoder` on its own CUDA
-  stream (a file nvJPEG refuses is decoded by the CPU path there, as `NvJpegDecoder` does);
-- the CPU thread feeds the `DecodePool`: every non-JPEG, and JPEGs whenever it has room (the pool's own look-ahead,
-  which bounds how much it holds at once).
+- the CPU thread feeds the `DecodePool`: every non-JPEG, and JPEGs whenever the pool has room (its own look-ahead
+  bounds how much it holds). It is the first choice: the GPU's time belongs to the model.
+- the GPU thread takes the JPEGs the CPU leaves: a chunk of ``gpu_chunk`` once that many wait (the CPU workers are
+  all busy), or fewer when the oldest waiting file is the next one to yield or the input has ended. It decodes them
+  with `NvJpegDecoder` on its own CUDA stream (a file nvJPEG refuses is decoded by the CPU path there).
+
+So where the CPU workers keep up with the model (VGA photos on 16 cores), nvJPEG stays idle; where they do not
+(12 MP photos), it takes what they cannot.
 
 Results come back one `Decoded` or `Failure` per input file, in input order; closing the generator early stops both
 threads and cancels what the pool had submitted. The pool is only used from the CPU thread, one `imap` at a time.
@@ -22,22 +26,27 @@ Keeping them on the device would save that link traffic, not main-process CPU; i
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Any, Self
 
-import torch
-
-from indexer import gpu_decode
 from indexer.decode_pool import DecodePool
 from indexer.errors import ConfigError
 from indexer.formats import EXTENSIONS
-from indexer.gpu_decode import NvJpegDecoder
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 from indexer.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from indexer.gpu_decode import NvJpegDecoder
+
+# torch (and gpu_decode, which imports it) only where nvJPEG may run: a CPU-only start never imports them here.
 
 __all__ = ["GPU_MODES", "Decoder", "MixedDecoder", "decoder_for", "gpu_decode_device"]
 
@@ -62,11 +71,27 @@ def gpu_decode_device(settings: Settings) -> str | None:
         if mode == "on":
             raise ConfigError("decode.gpu", '"on" needs the model on CUDA, but model.device is "cpu"')
         return None
+    if mode == "auto" and device == "auto" and not _cuda_expected():
+        return None
+    from indexer import gpu_decode
+
     if not gpu_decode.available():
         if mode == "on":
             raise ConfigError("decode.gpu", '"on" needs a CUDA device and torchvision (nvJPEG); none here')
         return None
     return "cuda" if device == "auto" else device
+
+
+def _cuda_expected() -> bool:
+    """Whether ``model.device = "auto"`` may find CUDA, without importing torch where it is not imported yet: a
+    device node of NVIDIA's driver, unless CUDA_VISIBLE_DEVICES hides every device."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl")
 
 
 def decoder_for(
@@ -76,6 +101,8 @@ def decoder_for(
     device = gpu_decode_device(settings) if workers > 0 else None
     if device is None:
         return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
+    from indexer.gpu_decode import NvJpegDecoder
+
     pool = DecodePool(spec, limits, workers=workers, lookahead=max(2 * workers, lookahead // 2))
     gpu = NvJpegDecoder(spec, limits, device=device)
     return MixedDecoder(gpu, pool, lookahead=lookahead, gpu_chunk=max(1, min(GPU_CHUNK, lookahead // 4)))
@@ -134,6 +161,8 @@ class MixedDecoder:
             results, stacked = self.gpu.decode(paths)
             host = stacked.numpy()
         else:
+            import torch
+
             with torch.cuda.stream(self._stream):
                 results, stacked = self.gpu.decode(paths)
                 host = stacked.cpu().numpy()  # waits for this stream only
@@ -148,13 +177,14 @@ class MixedDecoder:
         return out
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+def _side_stream(device: torch.device) -> Any:
     """A CUDA stream of its own for ``device`` (None on the CPU): nvJPEG's work and its copy back to the host wait
     for nothing the model queued on the default stream."""
     if device.type != "cuda":
         return None
-    stream: torch.cuda.Stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-    return stream
+    import torch
+
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
 
 class _Run:
@@ -191,6 +221,7 @@ class _Run:
                     raise self.error
                 if self.head == self.tail and self.exhausted:
                     return None
+                self.cond.notify_all()  # the file waited for may be queued: the GPU side takes it
                 self.cond.wait()
             result = self.done.pop(self.head)
             self.head += 1
@@ -243,11 +274,17 @@ class _Run:
             if self.head in self.done:
                 self.cond.notify_all()
 
+    def _gpu_wanted(self) -> bool:
+        """Whether the GPU side takes JPEGs now: a chunk's worth waits (the CPU pool is full), the oldest waiting
+        one is the next to yield, or the input has ended."""
+        jpegs = self.jpegs
+        return bool(jpegs) and (len(jpegs) >= self.owner.gpu_chunk or jpegs[0][0] == self.head or self.exhausted)
+
     def _gpu_loop(self) -> None:
         owner = self.owner
         while True:
             with self.cond:
-                while not self.jpegs and not self.stopped and not self.exhausted:
+                while not self.stopped and not self._gpu_wanted() and not (self.exhausted and not self.jpegs):
                     self.cond.wait()
                 if self.stopped or not self.jpegs:  # after the input ended no JPEG comes any more
                     return
@@ -257,38 +294,39 @@ class _Run:
             self._put([seq for seq, _ in chunk], results)
 
     def _cpu_loop(self) -> None:
-        """Rounds of `DecodePool.imap` over whatever is queued; a round ends when both queues are empty (the pool
-        pulls its input before collecting results, so its input must never block), the next starts on new work."""
-        while True:
-            with self.cond:
-                while not self.jpegs and not self.others and not self.stopped and not self.exhausted:
-                    self.cond.wait()
-                if self.stopped or (not self.jpegs and not self.others):
-                    return
-            given: deque[int] = deque()
-            results = self.owner.pool.imap(self._cpu_source(given))
-            try:
-                for result in results:
-                    self.owner.cpu_files += 1
-                    self._put([given.popleft()], [result])
-                    if self.stopped:
-                        return
-            finally:
-                results.close()
-
-    def _cpu_source(self, given: deque[int]) -> Iterator[Path]:
-        while True:
-            with self.cond:
+        """One `DecodePool.imap` over the queues for the whole run (see `_cpu_source`)."""
+        given: deque[int] = deque()  # sequence numbers handed to the pool, not yet back
+        results = self.owner.pool.imap(self._cpu_source(given))
+        try:
+            for result in results:
+                self.owner.cpu_files += 1
+                self._put([given.popleft()], [result])
                 if self.stopped:
                     return
-                if self.others:
-                    seq, path = self.others.popleft()
-                elif self.jpegs:
-                    seq, path = self.jpegs.popleft()
+        finally:
+            results.close()
+
+    def _cpu_source(self, given: deque[int]) -> Iterator[Path | None]:
+        """The pool's input: queued files (non-JPEGs first), oldest first. With nothing queued it yields None ("none
+        for now") while the pool has files in flight, so it goes on collecting them, and blocks only while it has
+        none (so nothing the consumer waits for is held up); it ends with the input or when stopped."""
+        while True:
+            with self.cond:
+                while True:
+                    if self.stopped:
+                        return
+                    queue = self.others or self.jpegs
+                    if queue or given or self.exhausted:
+                        break
+                    self.cond.wait()
+                if not queue:
+                    if self.exhausted and not given:
+                        return
+                    item = None
                 else:
-                    return
-                given.append(seq)
-            yield path
+                    seq, item = queue.popleft()
+                    given.append(seq)
+            yield item
 
 
 Decoder = DecodePool | MixedDecoder

@@ -220,3 +220,32 @@ def test_nvjpeg_mixed_on_cuda_agrees_with_the_cpu_path(tmp_path: Path) -> None:
         assert type(got) is type(want)
         if isinstance(got, Decoded) and isinstance(want, Decoded):
             assert got.meta == want.meta and _cosine(got.pixels, want.pixels) > 0.999
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_pool_source_may_pause_with_none(tmp_path: Path, transport: str) -> None:
+    """`DecodePool.imap` reads a None from its input as "nothing for now": it collects what is in flight, asks again,
+    and does not split what it got into one-file tasks (that spreading is for the input's real end)."""
+    paths = _corpus(tmp_path, jpegs=12)
+
+    def paused() -> Iterator[Path | None]:
+        for i, path in enumerate(paths):
+            yield path
+            if i % 6 == 5:
+                yield None
+
+    with DecodePool(SPEC, LIMITS, workers=2, lookahead=32, transport=transport) as pool:
+        sizes: list[int] = []
+        submit = pool._submit_chunk
+
+        def spy(chunk: list[Path]) -> object:
+            sizes.append(len(chunk))
+            return submit(chunk)
+
+        pool._submit_chunk = spy  # type: ignore[method-assign,assignment]
+        results = list(pool.imap(paused()))
+    assert [r.path if isinstance(r, Failure) else r.meta.path for r in results] == paths
+    want = [decode_file(p, SPEC, LIMITS) for p in paths]
+    assert [type(r) for r in results] == [type(w) for w in want]
+    if pool.transport == "shm":  # each paused fill is one task (chunks of up to 8), not spread as a tail would be
+        assert len(paths) == 18 and pool.chunk == 8 and sizes == [6, 6, 6]
