@@ -8,7 +8,9 @@ the front of them (oldest first), so the split follows their speeds (work steali
   bounds how much it holds). It is the first choice: the GPU's time belongs to the model.
 - the GPU thread takes the JPEGs the CPU leaves: a chunk of ``gpu_chunk`` once that many wait (the CPU workers are
   all busy), or fewer when the oldest waiting file is the next one to yield or the input has ended. It decodes them
-  with `NvJpegDecoder` on its own CUDA stream (a file nvJPEG refuses is decoded by the CPU path there).
+  with `NvJpegDecoder` on its own CUDA stream (a file nvJPEG refuses is decoded by the CPU path there). If nvJPEG
+  fails as a whole (a RuntimeError: CUDA out of memory, a device error), that chunk is decoded by the CPU path,
+  a warning is logged, and the pool decodes the rest of the run.
 
 So where the CPU workers keep up with the model (VGA photos on 16 cores), nvJPEG stays idle; where they do not
 (12 MP photos), it takes what they cannot.
@@ -35,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from indexer.decode import decode_file
 from indexer.decode_pool import DecodePool
 from indexer.errors import ConfigError
 from indexer.formats import EXTENSIONS
@@ -289,7 +292,13 @@ class _Run:
                 if self.stopped or not self.jpegs:  # after the input ended no JPEG comes any more
                     return
                 chunk = [self.jpegs.popleft() for _ in range(min(owner.gpu_chunk, len(self.jpegs)))]
-            results = owner.decode_on_gpu([path for _, path in chunk])
+            paths = [path for _, path in chunk]
+            try:
+                results = owner.decode_on_gpu(paths)
+            except RuntimeError as exc:  # CUDA out of memory, a device error: the CPU decodes the rest of this run
+                log.warning("nvJPEG decoding failed, the CPU decodes the rest of this run: %s", exc)
+                self._put([seq for seq, _ in chunk], [decode_file(path, owner.spec, owner.limits) for path in paths])
+                return
             owner.gpu_files += len(chunk)
             self._put([seq for seq, _ in chunk], results)
 

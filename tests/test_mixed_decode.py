@@ -141,14 +141,34 @@ def test_closing_early_stops_both_sides_and_the_decoder_is_reusable(tmp_path: Pa
         assert not list(shm.SHM_DIR.glob(shm.segment_prefix() + "*"))
 
 
-def test_a_failing_gpu_side_raises_in_the_consumer(tmp_path: Path) -> None:
+def test_a_failing_gpu_side_hands_the_run_to_the_cpu(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     class Broken(NvJpegDecoder):
+        calls = 0
+
         def decode(self, paths: list[Path]) -> tuple[list[Decoded | Failure], torch.Tensor]:
-            raise RuntimeError("device lost")
+            Broken.calls += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    paths = _corpus(tmp_path, jpegs=30)
+    mixed = MixedDecoder(Broken(SPEC, LIMITS, device="cpu"), DecodePool(SPEC, LIMITS, 2, 4), lookahead=16, gpu_chunk=2)
+    with mixed:
+        results = list(mixed.imap(paths))
+    assert Broken.calls == 1 and mixed.gpu_files == 0 and mixed.cpu_files > 0
+    assert "nvJPEG decoding failed" in caplog.text and "simulated" in caplog.text
+    want = [decode_file(p, SPEC, LIMITS) for p in paths]
+    assert [r.path if isinstance(r, Failure) else r.meta.path for r in results] == paths
+    assert [type(r) for r in results] == [type(w) for w in want]
+    assert not _decode_threads()
+
+
+def test_an_error_in_a_decode_thread_reaches_the_consumer(tmp_path: Path) -> None:
+    class Buggy(NvJpegDecoder):
+        def decode(self, paths: list[Path]) -> tuple[list[Decoded | Failure], torch.Tensor]:
+            raise ValueError("a bug")
 
     paths = _corpus(tmp_path, jpegs=10)
-    mixed = MixedDecoder(Broken(SPEC, LIMITS, device="cpu"), DecodePool(SPEC, LIMITS, 0, 2), lookahead=8, gpu_chunk=2)
-    with mixed, pytest.raises(RuntimeError, match="device lost"):
+    mixed = MixedDecoder(Buggy(SPEC, LIMITS, device="cpu"), DecodePool(SPEC, LIMITS, 0, 2), lookahead=8, gpu_chunk=2)
+    with mixed, pytest.raises(ValueError, match="a bug"):
         list(mixed.imap(paths))
     assert not _decode_threads()
 
