@@ -112,7 +112,8 @@ def decoder_for(
 
 
 class MixedDecoder:
-    """JPEGs decoded by ``gpu`` and by ``pool`` (whichever is free first), other files by ``pool``.
+    """JPEGs decoded by ``pool`` as it has room and by ``gpu`` where they wait (see the module), other files by
+    ``pool``.
 
     Owns the pool (closing this closes it). `gpu_files` and `cpu_files` count the files each side handled."""
 
