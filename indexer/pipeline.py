@@ -350,8 +350,7 @@ def run_index(
 
 
 def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> Decoder:
-    """A decode pool sized from the settings; small jobs decode in-process (no worker start-up). Where the model
-    runs on CUDA, JPEGs are shared between nvJPEG and the pool (`indexer.mixed_decode`, setting ``decode.gpu``).
+    """A decode pool sized from the settings; small jobs decode in-process (no worker start-up).
 
     The look-ahead (files submitted but not yet consumed) defaults to two batches: enough to keep the model fed
     while the next batch decodes, and it bounds memory whatever the size of the tree.
@@ -360,7 +359,7 @@ def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size
     if files < IN_PROCESS_BELOW:
         workers = 0
     lookahead = settings.decode.lookahead or max(2 * batch_size, 4 * max(workers, 1))
-    return decoder_for(settings, spec, decode_limits(settings), workers, lookahead)
+    return decoder_for(settings, spec, decode_limits(settings), workers, lookahead)  # nvJPEG mixed in on CUDA
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
