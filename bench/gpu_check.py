@@ -1,6 +1,11 @@
 """The figures bench/gpu_check.sh prints: ViT-L/14 (random weights, same FLOPs) model-only, eager and compiled;
 nvJPEG decode; `indexer embed` and `indexer index` end to end (the functions the CLI calls, model built before the
-clock) on VGA and 12 MP JPEGs; GPU utilisation sampled with nvidia-smi during each end-to-end run.
+clock) on VGA and 12 MP JPEGs, with nvJPEG mixed into the decode stage (``decode.gpu = "on"``) and without
+(``"off"``), and how many files each side took; GPU utilisation sampled with nvidia-smi during each run.
+
+In the CPU mode there is no nvJPEG: the "mixed on" runs use `NvJpegDecoder(device="cpu")` (torchvision's libjpeg
+on a thread of the main process) as the GPU side, so the mixed path is exercised end to end; its figures say
+nothing about a GPU.
 
     python -m bench.gpu_check --device cuda [--vga 4096] [--mp12 512] [--batch 256] [--compile]
     python -m bench.gpu_check --device cpu --vga 8 --mp12 2 --batch 4 --iters 1   # the reduced CPU mode
@@ -45,11 +50,11 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> Path:
     return folder
 
 
-def settings_for(device: str, batch: int, compile_: bool, store: Path) -> Any:
+def settings_for(device: str, batch: int, compile_: bool, store: Path, gpu_decode: str = "auto") -> Any:
     from indexer.settings import load_settings
 
     model = {"name": "ViT-L-14", "pretrained": "none", "device": device, "batch_size": batch, "compile": compile_}
-    return load_settings(None, {"model": model, "store": {"dir": store}})
+    return load_settings(None, {"model": model, "store": {"dir": store}, "decode": {"gpu": gpu_decode}})
 
 
 def model_only(device: str, batch: int, iters: int, compile_: bool) -> tuple[float, float]:
@@ -98,37 +103,88 @@ class GpuSampler:
         return f"GPU util mean {np.mean(self.samples):.0f}% max {max(self.samples):.0f}% ({len(self.samples)} samples)"
 
 
-def end_to_end(folder: Path, device: str, batch: int, compile_: bool) -> list[str]:
-    """`indexer embed` then `indexer index` (run_embed / run_index, the model warm) on ``folder``."""
+class DecoderSpy:
+    """Remembers the decoders the pipeline's factory makes (to print the nvJPEG/CPU split); in the CPU mode it
+    also stands `NvJpegDecoder(device="cpu")` in for nvJPEG (bench only, never the product)."""
+
+    def __init__(self, cpu_stand_in: bool) -> None:
+        import indexer.mixed_decode as mixed_decode
+        import indexer.pipeline as pipeline
+
+        self.made: list[Any] = []
+        self._saved = (pipeline.decoder_for, mixed_decode.gpu_decode_device)
+        real = pipeline.decoder_for
+
+        def spy(*args: Any) -> Any:
+            decoder = real(*args)
+            self.made.append(decoder)
+            return decoder
+
+        pipeline.decoder_for = spy
+        if cpu_stand_in:
+            mixed_decode.gpu_decode_device = lambda settings: None if settings.decode.gpu == "off" else "cpu"
+
+    def close(self) -> None:
+        import indexer.mixed_decode as mixed_decode
+        import indexer.pipeline as pipeline
+
+        pipeline.decoder_for, mixed_decode.gpu_decode_device = self._saved
+
+    def split(self) -> str:
+        from indexer.mixed_decode import MixedDecoder
+
+        mixed = [d for d in self.made if isinstance(d, MixedDecoder)]
+        self.made.clear()
+        if not mixed:
+            return "CPU decode only"
+        gpu, cpu = sum(d.gpu_files for d in mixed), sum(d.cpu_files for d in mixed)
+        return f"nvJPEG {gpu} / CPU {cpu} files"
+
+
+def warm_model(device: str, batch: int, compile_: bool) -> Any:
+    """The LazyModel every end-to-end run shares, built and warmed (and compiled) before any clock."""
     from indexer.model import LazyModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = LazyModel(settings_for(device, batch, compile_, Path(tmp)).model)
+    model.get().encode_pixels(np.zeros((batch, 3, 224, 224), np.uint8))
+    return model
+
+
+def end_to_end(folder: Path, device: str, batch: int, compile_: bool, model: Any, gpu_decode: str) -> list[str]:
+    """`indexer embed` then `indexer index` (run_embed / run_index, the model warm) on ``folder``."""
+    from indexer.errors import ConfigError
     from indexer.pipeline import run_embed, run_index, store_from_settings
 
     lines = []
     count = len(list(folder.glob("*.jpg")))
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = settings_for(device, batch, compile_, Path(tmp) / "store")
-        model = LazyModel(settings.model)
-        clip = model.get()
-        clip.encode_pixels(np.zeros((batch, 3, 224, 224), np.uint8))  # warm (and compile) before the clock
-        with GpuSampler() as smi:
-            start = time.perf_counter()
-            summary = run_embed([folder], Path(tmp) / "out.parquet", settings, model)
-            seconds = time.perf_counter() - start
-        lines.append(_line("embed", summary.indexed, count, seconds, smi))
-        store = store_from_settings(settings)
-        try:
+    spy = DecoderSpy(cpu_stand_in=device == "cpu")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = settings_for(device, batch, compile_, Path(tmp) / "store", gpu_decode)
             with GpuSampler() as smi:
                 start = time.perf_counter()
-                summary = run_index([folder], settings, store, model)
+                summary = run_embed([folder], Path(tmp) / "out.parquet", settings, model)
                 seconds = time.perf_counter() - start
-        finally:
-            store.close()
-        lines.append(_line("index", summary.indexed, count, seconds, smi))
+            lines.append(_line(f"embed  nvJPEG {gpu_decode:3}", summary.indexed, count, seconds, smi, spy.split()))
+            store = store_from_settings(settings)
+            try:
+                with GpuSampler() as smi:
+                    start = time.perf_counter()
+                    summary = run_index([folder], settings, store, model)
+                    seconds = time.perf_counter() - start
+            finally:
+                store.close()
+            lines.append(_line(f"index  nvJPEG {gpu_decode:3}", summary.indexed, count, seconds, smi, spy.split()))
+    except ConfigError as exc:  # decode.gpu = "on" where nvJPEG cannot run
+        lines.append(f"  nvJPEG {gpu_decode}: not run: {exc}")
+    finally:
+        spy.close()
     return lines
 
 
-def _line(what: str, done: int, count: int, seconds: float, smi: GpuSampler) -> str:
-    return f"  {what:6} {done:6d}/{count} images {done / seconds:8.1f} images/s  {smi.text()}"
+def _line(what: str, done: int, count: int, seconds: float, smi: GpuSampler, split: str) -> str:
+    return f"  {what} {done:6d}/{count} images {done / seconds:8.1f} images/s  {smi.text()}  ({split})"
 
 
 def nvjpeg(folder: Path, device: str, chunk: int) -> str:
@@ -173,11 +229,15 @@ def main() -> None:
             f" {rate_c / rate:.2f}x eager)",
             flush=True,
         )
+    model = warm_model(args.device, args.batch, args.compile)
+    print(f"[{time.perf_counter() - t0:5.0f} s] end-to-end model built and warm", flush=True)
     for name, folder in sets.items():
         print(f"[{time.perf_counter() - t0:5.0f} s] {name}:", flush=True)
         print(nvjpeg(folder, args.device, 64 if name == "12MP" else 256), flush=True)
-        for line in end_to_end(folder, args.device, args.batch, args.compile):
-            print(line, flush=True)
+        for gpu_decode in ("on", "off"):
+            for line in end_to_end(folder, args.device, args.batch, args.compile, model, gpu_decode):
+                print(line, flush=True)
+    model.close()
     print(f"[{time.perf_counter() - t0:5.0f} s] done", flush=True)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU device check (issue 11): ViT-L/14 with random weights (same FLOPs as the real one), model-only eager and
-# compiled, nvJPEG decode, `indexer embed` / `indexer index` end to end on VGA and 12 MP JPEGs, GPU utilisation.
+# compiled, nvJPEG decode, `indexer embed` / `indexer index` end to end on VGA and 12 MP JPEGs with nvJPEG mixed into
+# the decode stage and without (decode.gpu on/off), GPU utilisation.
 # Meant to finish in under 5 minutes on one H200; run from the repository root:
 #
 #   bench/gpu_check.sh                                  # on the GPU machine
@@ -46,11 +47,12 @@ FLAGS=(--device "$DEVICE" --vga "$VGA" --mp12 "$MP12" --batch "$BATCH" --iters "
 [[ $COMPILE == 1 ]] && FLAGS+=(--compile)
 "$PY" -m bench.gpu_check "${FLAGS[@]}"
 
-echo "== \`indexer embed\` as a whole process (startup and model build included), VGA"
 OUTDIR=$(mktemp -d)
+for GPU_DECODE in auto off; do  # auto: nvJPEG mixed in where CUDA is (decode.gpu); off: CPU decoding only
+echo "== \`indexer embed\` as a whole process (startup and model build included), VGA, decode.gpu=$GPU_DECODE"
 start=$(date +%s.%N)
-"$PY" -m indexer embed bench/data/gpu-vga -o "$OUTDIR/out.parquet" --model ViT-L-14 --pretrained none \
-    --device "$DEVICE" --batch-size "$BATCH" --json > "$OUTDIR/summary.json"
+INDEXER_DECODE__GPU=$GPU_DECODE "$PY" -m indexer embed bench/data/gpu-vga -o "$OUTDIR/out.parquet" \
+    --model ViT-L-14 --pretrained none --device "$DEVICE" --batch-size "$BATCH" --json > "$OUTDIR/summary.json"
 end=$(date +%s.%N)
 "$PY" - "$OUTDIR/summary.json" "$start" "$end" <<'PY'
 import json, sys
@@ -59,5 +61,6 @@ seconds = float(sys.argv[3]) - float(sys.argv[2])
 n = summary.get("indexed", 0)
 print(f"  {n} images in {seconds:.1f} s whole process: {n / seconds:.1f} images/s")
 PY
+done
 rm -rf "$OUTDIR"
 echo "== done ($(date -u +%H:%M:%S))"

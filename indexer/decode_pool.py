@@ -12,7 +12,6 @@ crashing decoder costs only its own file. Decoding in-process never reads it.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import multiprocessing
 import multiprocessing.forkserver  # imported here, not by the pool's first start: that may run while another
@@ -124,6 +123,7 @@ TRANSPORTS = ("shm", "pickle")
 _Pending = tuple[Path, "Future[Result]"]
 _CRASHED = "decoder crashed: the worker process died while decoding this file"
 _MAX_CRASHES_IN_A_ROW = 8  # isolated crashes of consecutive files: the pool is unusable, not the files
+_PAUSED = 0.001  # seconds before asking again a source that paused while nothing was in flight
 _CHUNK_MAX = 32  # files per task on the shm transport: a task costs the main process ~0.7 ms (bench/README.md)
 
 
@@ -141,6 +141,20 @@ def _decode_chunk(slot: str, rows: int, paths: list[Path], spec: PreprocessSpec,
         else:
             out.append(result.reason)
     return out
+
+
+def _take(source: Iterator[Path | None], room: int) -> tuple[list[Path], bool]:
+    """Up to ``room`` paths from ``source``, fewer where it pauses (yields None); and whether it has ended."""
+    paths: list[Path] = []
+    if room <= 0:
+        return paths, False
+    for path in source:
+        if path is None:
+            return paths, False
+        paths.append(path)
+        if len(paths) >= room:
+            return paths, False
+    return paths, True
 
 
 def _row_result(path: Path, row: Row, pixels: Pixels) -> Result:
@@ -226,14 +240,16 @@ class DecodePool:
             self._ring.close()
             self._ring = None
 
-    def imap(self, paths: Iterable[Path]) -> Generator[Result, None, None]:
+    def imap(self, paths: Iterable[Path | None]) -> Generator[Result, None, None]:
         """Decode `paths` lazily; yields one Decoded or Failure per path, in input order.
 
-        Closing the generator early (or dropping it) cancels the files it had submitted."""
+        Closing the generator early (or dropping it) cancels the files it had submitted. A None from `paths` means
+        "nothing more for now": the pool goes on collecting what it submitted and asks again later (a source fed as
+        work arrives, `indexer.mixed_decode`; it should block instead while the pool has nothing in flight)."""
         if self._closed:
             raise RuntimeError("DecodePool is closed")
         if self.workers == 0:
-            return (decode_file(path, self.spec, self.limits) for path in paths)
+            return (decode_file(path, self.spec, self.limits) for path in paths if path is not None)
         if self.transport == "shm":
             return self._imap_shm(iter(paths))
         return self._imap_pool(iter(paths))
@@ -275,17 +291,22 @@ class DecodePool:
         except Exception as exc:  # e.g. a result that could not be pickled
             return Failure(path, f"decoder failed: {type(exc).__name__}: {exc}")
 
-    def _fill(self, pending: deque[_Pending], source: Iterator[Path]) -> None:
-        for path in itertools.islice(source, max(0, self.lookahead - len(pending))):
+    def _fill(self, pending: deque[_Pending], source: Iterator[Path | None]) -> bool:
+        paths, ended = _take(source, self.lookahead - len(pending))
+        for path in paths:
             pending.append((path, self._submit(path)))
+        return ended
 
-    def _imap_pool(self, source: Iterator[Path]) -> Generator[Result, None, None]:
+    def _imap_pool(self, source: Iterator[Path | None]) -> Generator[Result, None, None]:
         pending: deque[_Pending] = deque()
         try:
             while True:
-                self._fill(pending, source)
+                ended = self._fill(pending, source)
                 if not pending:
-                    return
+                    if ended:
+                        return
+                    time.sleep(_PAUSED)  # paused with nothing in flight: ask again
+                    continue
                 path, future = pending.popleft()
                 result = self._collect(path, future)
                 if result is None:
@@ -366,22 +387,26 @@ class DecodePool:
         chunk.slot.leased = False
         return out
 
-    def _fill_chunks(self, pending: deque[_Chunk], source: Iterator[Path]) -> None:
+    def _fill_chunks(self, pending: deque[_Chunk], source: Iterator[Path | None]) -> bool:
         room = self.lookahead - sum(len(c.paths) for c in pending)
-        paths = list(itertools.islice(source, max(0, room)))
+        paths, ended = _take(source, room)
         size = self.chunk
-        if len(paths) < room:  # the input's tail (or a short job): spread it over every worker
+        if ended:  # the input's tail (or a short job): spread it over every worker
             size = max(1, min(size, -(-len(paths) // (2 * self.workers))))
         for i in range(0, len(paths), size):
             pending.append(self._submit_chunk(paths[i : i + size]))
+        return ended
 
-    def _imap_shm(self, source: Iterator[Path]) -> Generator[Result, None, None]:
+    def _imap_shm(self, source: Iterator[Path | None]) -> Generator[Result, None, None]:
         pending: deque[_Chunk] = deque()
         try:
             while True:
-                self._fill_chunks(pending, source)
+                ended = self._fill_chunks(pending, source)
                 if not pending:
-                    return
+                    if ended:
+                        return
+                    time.sleep(_PAUSED)  # paused with nothing in flight: ask again
+                    continue
                 chunk = pending.popleft()
                 rows = self._collect_chunk(chunk)
                 if rows is None:

@@ -11,7 +11,7 @@ decode (CMYK, progressive oddities, corrupt data) is handed to the CPU path, whi
 Without CUDA, `available()` is False and the pipeline never builds one. (It also runs with ``device="cpu"``,
 where torchvision decodes with libjpeg: that is how the tests check it without a GPU.)
 
-Not wired into the pipeline yet: see CHANGELOG.md ("not yet").
+`indexer.mixed_decode` wires it into the pipeline (JPEGs shared with the CPU decode pool).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from indexer.decode import _check_pixels, _open, _read, _reason, check_spec, decode_file
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
-__all__ = ["NvJpegDecoder", "available", "resize_crop", "target_geometry"]
+__all__ = ["NvJpegDecoder", "available", "resize_crop", "resize_crop_many", "target_geometry"]
 
 log = logging.getLogger(__name__)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_GROUP_PIXELS = 1 << 25  # pixels per batched resize (as float: 400 MB of device memory for 3 channels)
 _MODES = {"bicubic": "bicubic", "bilinear": "bilinear"}
 
 
@@ -60,15 +61,37 @@ def target_geometry(width: int, height: int, spec: PreprocessSpec) -> tuple[int,
 def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 (3, H, W) → uint8 (3, S, S) on the same device, with `indexer.decode.preprocess`'s geometry."""
     check_spec(spec)
+    return _resize_crop_batch(image.unsqueeze(0), spec)[0]
+
+
+def resize_crop_many(images: list[torch.Tensor], spec: PreprocessSpec) -> list[torch.Tensor]:
+    """`resize_crop` of each image; images of one size share one resize call (a few kernel launches per group of
+    photos from one camera instead of per photo), in groups of at most `_GROUP_PIXELS` pixels."""
+    check_spec(spec)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault((int(image.shape[1]), int(image.shape[2])), []).append(i)
+    for (height, width), members in groups.items():
+        per = max(1, _GROUP_PIXELS // (height * width))
+        for start in range(0, len(members), per):
+            part = members[start : start + per]
+            batch = images[part[0]].unsqueeze(0) if len(part) == 1 else torch.stack([images[i] for i in part])
+            for i, result in zip(part, _resize_crop_batch(batch, spec), strict=True):
+                out[i] = result
+    return [r for r in out if r is not None]
+
+
+def _resize_crop_batch(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 (N, 3, H, W) → uint8 (N, 3, S, S)."""
     size = spec.image_size
-    _, height, width = image.shape
+    height, width = int(x.shape[2]), int(x.shape[3])
     new_w, new_h, left, top = target_geometry(width, height, spec)
-    x = image.unsqueeze(0)
     if (new_w, new_h) != (width, height):
         mode = _MODES[spec.interpolation]
         resized = F.interpolate(x.float(), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
         x = resized.round_().clamp_(0, 255).to(torch.uint8)
-    return x[0, :, top : top + size, left : left + size].contiguous()
+    return x[:, :, top : top + size, left : left + size].contiguous()
 
 
 class NvJpegDecoder:
@@ -86,7 +109,9 @@ class NvJpegDecoder:
         read = [self._read(path) for path in paths]
         jpegs = [i for i, r in enumerate(read) if isinstance(r, tuple) and r[0][:3] == _JPEG_MAGIC]
         on_gpu = self._batch(decode_jpeg, ImageReadMode.RGB, [read[i] for i in jpegs])
-        gpu_pixels = dict(zip(jpegs, on_gpu, strict=True))
+        decoded = [(i, t) for i, t in zip(jpegs, on_gpu, strict=True) if t is not None]
+        resized = dict(zip((i for i, _ in decoded), resize_crop_many([t for _, t in decoded], self.spec), strict=True))
+        gpu_pixels = dict(decoded)
         out: list[Decoded | Failure] = []
         rows: list[torch.Tensor] = []
         for i, (path, r) in enumerate(zip(paths, read, strict=True)):
@@ -102,7 +127,7 @@ class NvJpegDecoder:
                 _, meta_args = r
                 height, width = int(pixels.shape[1]), int(pixels.shape[2])
                 out.append(Decoded(ImageMeta(path, *meta_args, width, height, "JPEG"), _EMPTY))
-                rows.append(resize_crop(pixels, self.spec))
+                rows.append(resized[i])
         size = self.spec.image_size
         stacked = torch.stack(rows) if rows else torch.empty((0, 3, size, size), dtype=torch.uint8)
         return out, stacked

@@ -79,6 +79,7 @@ class ClipModel:
         self._loaded: set[str] = set()
         self._reader: Any = None
         self.compile = False  # torch.compile the image tower once loaded (model.compile)
+        self._copy_stream: torch.cuda.Stream | None = None  # host→device copies on CUDA (see _to_device)
 
     def load(self, *towers: str) -> None:
         """Load the weights of ``towers`` ("visual", "text"; all when none given) if not loaded yet."""
@@ -137,10 +138,29 @@ class ClipModel:
         log.warning("CUDA out of memory: batch size halved to %d", self.batch_size)
 
     def _forward_images(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+        x = self._to_device(torch.from_numpy(np.ascontiguousarray(pixels)))
         x = ((x.float() / 255.0 - self._mean) / self._std).to(self.dtype)
         features = self.net.encode_image(x)
         return _normalise(features)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """The batch on the model's device. On CUDA the copy runs on a stream of its own (non-blocking from the
+        pinned batch buffer) and the compute stream waits for it with an event, so the copy's DMA does not queue
+        behind other work on the compute stream. The host buffer stays safe to reuse once this call's forward has
+        returned: `_normalise` copies the vectors back, which waits for the compute stream, which waited for the
+        copy (the contract `embed.BatchBuffer` relies on)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        with torch.cuda.stream(self._copy_stream):
+            x = host.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            copied.record(self._copy_stream)
+        compute.wait_event(copied)
+        x.record_stream(compute)  # made on the copy stream, used on this one: not reused before this one is done
+        return x
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:

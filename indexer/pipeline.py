@@ -20,10 +20,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from indexer.decode_pool import DecodePool, default_workers
+from indexer.decode_pool import default_workers
 from indexer.embed import EmbeddedBatch, embed_batches
 from indexer.errors import ConfigError
 from indexer.lazymodel import LazyModel
+from indexer.mixed_decode import Decoder, decoder_for
 from indexer.payload import move_point as move_point  # re-exported: callers import it from here
 from indexer.payload import payload_for as payload_for
 from indexer.plan import (
@@ -351,7 +352,7 @@ def run_index(
         return indexer.index(paths)
 
 
-def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> DecodePool:
+def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size: int) -> Decoder:
     """A decode pool sized from the settings; small jobs decode in-process (no worker start-up).
 
     The look-ahead (files submitted but not yet consumed) defaults to four batches: the decoders fill them while
@@ -362,7 +363,7 @@ def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size
     if files < IN_PROCESS_BELOW:
         workers = 0
     lookahead = settings.decode.lookahead or max(4 * batch_size, 4 * max(workers, 1))
-    return DecodePool(spec, decode_limits(settings), workers=workers, lookahead=lookahead)
+    return decoder_for(settings, spec, decode_limits(settings), workers, lookahead)  # nvJPEG mixed in on CUDA
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
@@ -381,9 +382,9 @@ class Decoders:
     def __init__(self, settings: Settings, spec: PreprocessSpec, batch_size: int) -> None:
         self.settings, self.spec, self.batch_size = settings, spec, batch_size
         self._inline = decode_pool(settings, spec, 1, batch_size)
-        self._pool: DecodePool | None = None
+        self._pool: Decoder | None = None
 
-    def for_files(self, count: int) -> DecodePool:
+    def for_files(self, count: int) -> Decoder:
         """The pool to decode ``count`` files with."""
         if count < IN_PROCESS_BELOW:
             return self._inline

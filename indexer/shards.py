@@ -278,6 +278,5 @@ def is_shard_point(point: StoredPoint) -> bool:
 def shard_unchanged(shard: FileEntry, points: list[StoredPoint]) -> bool:
     """The stored points of a shard were made from this very shard file (same size and mtime)."""
     return bool(points) and all(
-        p.payload.get("shard_size") == shard.size and p.payload.get("shard_mtime_ns") == shard.mtime_ns
-        for p in points
+        p.payload.get("shard_size") == shard.size and p.payload.get("shard_mtime_ns") == shard.mtime_ns for p in points
     )

@@ -204,16 +204,28 @@ def test_docker_compose_config_accepts_the_stack_and_the_smoke_override(tmp_path
         command = ["docker-compose"]
     else:
         pytest.skip("neither docker compose (v2) nor docker-compose (v1) is installed")
-    env = {**example_env(), "PATH": os.environ["PATH"], "INDEXER_API_KEY_FILE": str(tmp_path / "key"),
-           "SMOKE_MODEL_DIR": str(tmp_path), "SMOKE_DATA_VOLUME": "smoke-data"}
+    env = {
+        **example_env(),
+        "PATH": os.environ["PATH"],
+        "INDEXER_API_KEY_FILE": str(tmp_path / "key"),
+        "SMOKE_MODEL_DIR": str(tmp_path),
+        "SMOKE_DATA_VOLUME": "smoke-data",
+    }
     (tmp_path / "key").write_text("k\n")
     for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(ROOT / "tests" / "docker-compose.smoke.yml")]):
-        proc = subprocess.run([*command, "--project-directory", str(ROOT), *files, "config"],
-                              capture_output=True, text=True, env=env, timeout=60)
+        proc = subprocess.run(
+            [*command, "--project-directory", str(ROOT), *files, "config"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         merged = yaml.safe_load(proc.stdout)
         assert {"qdrant", "watch", "serve"} <= set(merged["services"])
     serve = merged["services"]["serve"]
     assert serve["environment"]["INDEXER_STORE__QDRANT_URL"] == ""
-    assert any(str(v).endswith("/photos:ro") or (isinstance(v, dict) and v.get("target") == "/photos")
-               for v in serve["volumes"])
+    assert any(
+        str(v).endswith("/photos:ro") or (isinstance(v, dict) and v.get("target") == "/photos")
+        for v in serve["volumes"]
+    )

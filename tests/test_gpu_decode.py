@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from indexer import gpu_decode
 from indexer.decode import decode_file
-from indexer.gpu_decode import NvJpegDecoder, available, resize_crop, target_geometry
+from indexer.gpu_decode import NvJpegDecoder, available, resize_crop, resize_crop_many, target_geometry
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 
 torchvision_io = pytest.importorskip("torchvision.io")
@@ -72,6 +73,23 @@ def test_geometry_close_to_the_drafted_pil_path(tmp_path: Path, size: tuple[int,
     ours, pil = _torch_path(path, spec), _pil_path(path, spec)
     assert _cosine(ours, pil) > 0.99
     assert np.abs(ours.astype(np.int16) - pil.astype(np.int16)).mean() < 4
+
+
+@pytest.mark.parametrize("group_pixels", [1 << 25, 2 * 120 * 90])
+def test_resize_of_many_equals_one_at_a_time(monkeypatch: pytest.MonkeyPatch, group_pixels: int) -> None:
+    """Same-size images share a resize call (in groups of at most _GROUP_PIXELS): the same pixels, in order."""
+    monkeypatch.setattr(gpu_decode, "_GROUP_PIXELS", group_pixels)
+    rng = np.random.default_rng(4)
+    shapes = [(90, 120), (90, 120), (120, 90), (90, 120), (64, 64), (90, 120), (120, 90)]
+    images = [torch.from_numpy(rng.integers(0, 255, (3, h, w), dtype=np.uint8)) for h, w in shapes]
+    spec = PreprocessSpec(image_size=64)
+    many = resize_crop_many(images, spec)
+    assert len(many) == len(images)
+    for image, got in zip(images, many, strict=True):
+        want = resize_crop(image, spec)
+        assert got.shape == want.shape == (3, 64, 64)
+        assert (got.int() - want.int()).abs().max() <= 1  # batched vs single kernels: rounding at most
+    assert resize_crop_many([], spec) == []
 
 
 def test_target_geometry_uses_torchvision_rounding() -> None:

@@ -1,0 +1,329 @@
+"""JPEGs split between nvJPEG on the GPU and the CPU decode pool, so both are busy; results as `DecodePool.imap`.
+
+`MixedDecoder.imap` takes files from its input in order, up to ``lookahead`` ahead of what it has yielded. JPEGs
+(by extension) go to one shared queue, other files to a CPU-only queue. Two threads of this process take work from
+the front of them (oldest first), so the split follows their speeds (work stealing):
+
+- the CPU thread feeds the `DecodePool`: every non-JPEG, and JPEGs whenever the pool has room (its own look-ahead
+  bounds how much it holds). It is the first choice: the GPU's time belongs to the model.
+- the GPU thread takes the JPEGs the CPU leaves: a chunk of ``gpu_chunk`` once that many wait (the CPU workers are
+  all busy), or fewer when the oldest waiting file is the next one to yield or the input has ended. It decodes them
+  with `NvJpegDecoder` on its own CUDA stream (a file nvJPEG refuses is decoded by the CPU path there). If nvJPEG
+  fails as a whole (a RuntimeError: CUDA out of memory, a device error), that chunk is decoded by the CPU path,
+  a warning is logged, and the pool decodes the rest of the run.
+
+So where the CPU workers keep up with the model (VGA photos on 16 cores), nvJPEG stays idle; where they do not
+(12 MP photos), it takes what they cannot.
+
+Results come back one `Decoded` or `Failure` per input file, in input order; closing the generator early stops both
+threads and cancels what the pool had submitted. The pool is only used from the CPU thread, one `imap` at a time.
+
+GPU-decoded pixels come back as host arrays (one device→host copy per chunk, on the GPU thread), so the consumers
+(`embed.embed_batches` and its pinned batch buffers) are the same for both sides. The round trip it costs: 150 kB
+per 224×224 image each way, at 2,700 images/s about 0.4 GB/s of a PCIe link that moves tens of GB/s, and the main
+thread's per-image work (one row copied into the pinned batch) is what it does for a CPU-decoded image anyway.
+Keeping them on the device would save that link traffic, not main-process CPU; it is not measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from indexer.decode import decode_file
+from indexer.decode_pool import DecodePool
+from indexer.errors import ConfigError
+from indexer.formats import EXTENSIONS
+from indexer.lazymodel import cuda_expected
+from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
+from indexer.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from indexer.gpu_decode import NvJpegDecoder
+
+# torch (and gpu_decode, which imports it) only where nvJPEG may run: a CPU-only start never imports them here.
+
+__all__ = ["GPU_MODES", "Decoder", "MixedDecoder", "decoder_for", "gpu_decode_device"]
+
+log = logging.getLogger(__name__)
+
+GPU_MODES = ("auto", "on", "off")
+GPU_CHUNK = 64  # JPEGs per nvJPEG call: one batched decode (VGA: ~9 ms at 7,000/s on an H200)
+Result = Decoded | Failure
+_JPEG_SUFFIXES = frozenset(ext for ext, name in EXTENSIONS.items() if name == "JPEG")
+
+
+def gpu_decode_device(settings: Settings) -> str | None:
+    """The CUDA device nvJPEG decodes on (the model's), or None for CPU decoding only.
+
+    ``decode.gpu``: "auto" uses nvJPEG where the model runs on CUDA and nvJPEG is available; "on" requires it
+    (a ConfigError says why it cannot run); "off" never uses it."""
+    mode = settings.decode.gpu
+    if mode == "off":
+        return None
+    device = settings.model.device
+    if device == "cpu":
+        if mode == "on":
+            raise ConfigError("decode.gpu", '"on" needs the model on CUDA, but model.device is "cpu"')
+        return None
+    if mode == "auto" and device == "auto" and not cuda_expected("auto"):
+        return None
+    from indexer import gpu_decode
+
+    if not gpu_decode.available():
+        if mode == "on":
+            raise ConfigError("decode.gpu", '"on" needs a CUDA device and torchvision (nvJPEG); none here')
+        return None
+    return "cuda" if device == "auto" else device
+
+
+def decoder_for(
+    settings: Settings, spec: PreprocessSpec, limits: DecodeLimits, workers: int, lookahead: int
+) -> Decoder:
+    """A `MixedDecoder` where nvJPEG runs (and the job is big enough for worker processes), else a `DecodePool`."""
+    device = gpu_decode_device(settings) if workers > 0 else None
+    if device is None:
+        return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
+    from indexer.gpu_decode import NvJpegDecoder
+
+    pool = DecodePool(spec, limits, workers=workers, lookahead=max(2 * workers, lookahead // 2))
+    gpu = NvJpegDecoder(spec, limits, device=device)
+    return MixedDecoder(gpu, pool, lookahead=lookahead, gpu_chunk=max(1, min(GPU_CHUNK, lookahead // 4)))
+
+
+class MixedDecoder:
+    """JPEGs decoded by ``pool`` as it has room and by ``gpu`` where they wait (see the module), other files by
+    ``pool``.
+
+    Owns the pool (closing this closes it). `gpu_files` and `cpu_files` count the files each side handled."""
+
+    def __init__(self, gpu: NvJpegDecoder, pool: DecodePool, lookahead: int, gpu_chunk: int = GPU_CHUNK) -> None:
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, not {lookahead}")
+        if gpu_chunk < 1:
+            raise ValueError(f"gpu_chunk must be >= 1, not {gpu_chunk}")
+        self.gpu, self.pool = gpu, pool
+        self.spec, self.limits = pool.spec, pool.limits
+        self.lookahead, self.gpu_chunk = lookahead, gpu_chunk
+        self.gpu_files = 0
+        self.cpu_files = 0
+        self._closed = False
+        self._stream = _side_stream(gpu.device)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(wait=exc_type is None)
+
+    def close(self, wait: bool = True) -> None:
+        """Close the CPU pool (see `DecodePool.close`)."""
+        self._closed = True
+        self.pool.close(wait)
+
+    def imap(self, paths: Iterable[Path]) -> Generator[Result, None, None]:
+        """Decode `paths` lazily; yields one Decoded or Failure per path, in input order.
+
+        Closing the generator early (or dropping it) stops both sides and cancels the pool's submitted files."""
+        if self._closed:
+            raise RuntimeError("MixedDecoder is closed")
+        return self._imap(iter(paths))
+
+    def _imap(self, source: Iterator[Path]) -> Generator[Result, None, None]:
+        run = _Run(self, source)
+        try:
+            while (result := run.next()) is not None:
+                yield result
+        finally:
+            run.stop()
+
+    def decode_on_gpu(self, paths: list[Path]) -> list[Result]:
+        """One chunk through nvJPEG (on this decoder's CUDA stream); pixels copied back to host arrays."""
+        if self._stream is None:
+            results, stacked = self.gpu.decode(paths)
+            host = stacked.numpy()
+        else:
+            import torch
+
+            with torch.cuda.stream(self._stream):
+                results, stacked = self.gpu.decode(paths)
+                host = stacked.cpu().numpy()  # waits for this stream only
+        out: list[Result] = []
+        row = 0
+        for result in results:
+            if isinstance(result, Decoded):
+                out.append(Decoded(result.meta, host[row]))
+                row += 1
+            else:
+                out.append(result)
+        return out
+
+
+def _side_stream(device: torch.device) -> Any:
+    """A CUDA stream of its own for ``device`` (None on the CPU): nvJPEG's work and its copy back to the host wait
+    for nothing the model queued on the default stream."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+
+
+class _Run:
+    """The state of one `MixedDecoder.imap` call: the window of files taken, two queues and two threads."""
+
+    def __init__(self, owner: MixedDecoder, source: Iterator[Path]) -> None:
+        self.owner = owner
+        self.source = source
+        self.cond = threading.Condition()
+        self.jpegs: deque[tuple[int, Path]] = deque()  # either side takes these
+        self.others: deque[tuple[int, Path]] = deque()  # the CPU pool only
+        self.done: dict[int, Result] = {}
+        self.head = 0  # the next sequence number to yield
+        self.tail = 0  # the next sequence number to give out
+        self.exhausted = False
+        self.stopped = False
+        self.error: BaseException | None = None
+        self.refill = max(1, min(32, owner.lookahead // 4))  # take input in small batches, not one file a time
+        self.threads = [
+            threading.Thread(target=self._guard, args=(self._gpu_loop,), name="nvjpeg", daemon=True),
+            threading.Thread(target=self._guard, args=(self._cpu_loop,), name="decode-pool-feed", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    # -- the consumer (the generator's thread) ---------------------------------------------------------------
+
+    def next(self) -> Result | None:
+        """The next result in input order; None once every input file was yielded."""
+        self._fill()
+        with self.cond:
+            while self.head not in self.done:
+                if self.error is not None:
+                    raise self.error
+                if self.head == self.tail and self.exhausted:
+                    return None
+                self.cond.notify_all()  # the file waited for may be queued: the GPU side takes it
+                self.cond.wait()
+            result = self.done.pop(self.head)
+            self.head += 1
+            return result
+
+    def _fill(self) -> None:
+        if self.exhausted:
+            return
+        room = self.owner.lookahead - (self.tail - self.head)
+        if room < self.refill and self.tail > self.head:
+            return
+        taken = []
+        for path in self.source:
+            taken.append(path)
+            if len(taken) >= room:
+                break
+        with self.cond:
+            for path in taken:
+                queue = self.jpegs if path.suffix.lower() in _JPEG_SUFFIXES else self.others
+                queue.append((self.tail, path))
+                self.tail += 1
+            if len(taken) < room:
+                self.exhausted = True
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        """Stop both threads (each finishes the chunk it is on) and wait for them."""
+        with self.cond:
+            self.stopped = True
+            self.jpegs.clear()
+            self.others.clear()
+            self.cond.notify_all()
+        for thread in self.threads:
+            thread.join()
+
+    # -- the two sides -----------------------------------------------------------------------------------------
+
+    def _guard(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except BaseException as exc:
+            log.debug("decode thread failed", exc_info=True)
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
+
+    def _put(self, seqs: list[int], results: list[Result]) -> None:
+        with self.cond:
+            self.done.update(zip(seqs, results, strict=True))
+            if self.head in self.done:
+                self.cond.notify_all()
+
+    def _gpu_wanted(self) -> bool:
+        """Whether the GPU side takes JPEGs now: a chunk's worth waits (the CPU pool is full), the oldest waiting
+        one is the next to yield, or the input has ended."""
+        jpegs = self.jpegs
+        return bool(jpegs) and (len(jpegs) >= self.owner.gpu_chunk or jpegs[0][0] == self.head or self.exhausted)
+
+    def _gpu_loop(self) -> None:
+        owner = self.owner
+        while True:
+            with self.cond:
+                while not self.stopped and not self._gpu_wanted() and not (self.exhausted and not self.jpegs):
+                    self.cond.wait()
+                if self.stopped or not self.jpegs:  # after the input ended no JPEG comes any more
+                    return
+                chunk = [self.jpegs.popleft() for _ in range(min(owner.gpu_chunk, len(self.jpegs)))]
+            paths = [path for _, path in chunk]
+            try:
+                results = owner.decode_on_gpu(paths)
+            except RuntimeError as exc:  # CUDA out of memory, a device error: the CPU decodes the rest of this run
+                log.warning("nvJPEG decoding failed, the CPU decodes the rest of this run: %s", exc)
+                self._put([seq for seq, _ in chunk], [decode_file(path, owner.spec, owner.limits) for path in paths])
+                return
+            owner.gpu_files += len(chunk)
+            self._put([seq for seq, _ in chunk], results)
+
+    def _cpu_loop(self) -> None:
+        """One `DecodePool.imap` over the queues for the whole run (see `_cpu_source`)."""
+        given: deque[int] = deque()  # sequence numbers handed to the pool, not yet back
+        results = self.owner.pool.imap(self._cpu_source(given))
+        try:
+            for result in results:
+                self.owner.cpu_files += 1
+                self._put([given.popleft()], [result])
+                if self.stopped:
+                    return
+        finally:
+            results.close()
+
+    def _cpu_source(self, given: deque[int]) -> Iterator[Path | None]:
+        """The pool's input: queued files (non-JPEGs first), oldest first. With nothing queued it yields None ("none
+        for now") while the pool has files in flight, so it goes on collecting them, and blocks only while it has
+        none (so nothing the consumer waits for is held up); it ends with the input or when stopped."""
+        while True:
+            with self.cond:
+                while True:
+                    if self.stopped:
+                        return
+                    queue = self.others or self.jpegs
+                    if queue or given or self.exhausted:
+                        break
+                    self.cond.wait()
+                if not queue:
+                    if self.exhausted and not given:
+                        return
+                    item = None
+                else:
+                    seq, item = queue.popleft()
+                    given.append(seq)
+            yield item
+
+
+Decoder = DecodePool | MixedDecoder
