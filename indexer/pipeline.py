@@ -303,7 +303,8 @@ class Indexer:
         an interrupted shard is read again by the next run."""
         self.model.start("visual")
         ids: list[str] = []
-        decoded = decode_shard(shard, self.model.preprocess, decode_limits(self.settings))
+        threads = self.settings.decode.workers or default_workers()
+        decoded = decode_shard(shard, self.model.preprocess, decode_limits(self.settings), threads=threads)
         with BackgroundWriter() as writer:  # store writes overlap the next batch, as for files
             for item in embed_batches(decoded, self.model.encode_pixels, self.model.batch_size):
                 writer.submit(functools.partial(self._take_shard_batch, item, ids, summary))
@@ -419,13 +420,15 @@ def run_embed(
     shards = find_shards(roots, settings.index.include_hidden)
     progress.start(len(entries) + sum(count_samples(s.path) for s in shards), "embedding")
     pool = decode_pool(settings, model.preprocess, len(entries), model.batch_size)
+    threads = settings.decode.workers or default_workers()  # the shards' decoding threads
     output_file = open_embedding_writer(output, model.dim, model.model_id, shard_columns=bool(shards))
     model.start("visual")  # imports, network and weights on a thread of their own, while the first files decode
     with output_file as writer, pool:
         try:
             with BackgroundWriter() as background:  # file output overlaps the next batch
                 decoded = itertools.chain(
-                    pool.imap(e.path for e in entries), decode_shards(shards, model.preprocess, decode_limits(settings))
+                    pool.imap(e.path for e in entries),
+                    decode_shards(shards, model.preprocess, decode_limits(settings), threads=threads),
                 )
                 for item in embed_batches(decoded, model.encode_pixels, model.batch_size):
                     background.submit(functools.partial(_write_item, item, writer, summary, progress))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,7 +14,7 @@ import pytest
 from indexer import shards as shards_mod
 from indexer.model import LazyModel
 from indexer.pipeline import run_embed, run_index
-from indexer.records import DecodeLimits, Failure, PreprocessSpec, point_id
+from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec, point_id
 from indexer.search import Query, search
 from indexer.settings import Settings
 from indexer.shards import Sample, address, count_samples, decode_shard, find_shards, iter_samples
@@ -64,6 +65,29 @@ def test_bad_members_fail_with_a_reason_and_never_the_shard(tmp_path: Path) -> N
     assert "not an image" in failures[address(shard, "000000001")]
     assert "truncated" in failures[address(shard, "000000003")]
     assert sum(not isinstance(i, Failure) for i in items) == 3
+
+
+def test_threads_decode_the_same_samples_in_the_same_order(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, 40, bad={5: b"this is not an image", 17: shape_png(2)[:200]})
+    entry = find_shards([shard])[0]
+    spec = PreprocessSpec(image_size=64)
+
+    def summary(items: list[Decoded | Failure]) -> list[tuple[str, object]]:
+        return [
+            (str(i.path), i.reason) if isinstance(i, Failure) else (str(i.meta.path), (i.meta, i.pixels.tobytes()))
+            for i in items
+        ]
+
+    one = summary(list(decode_shard(entry, spec, DecodeLimits())))
+    assert summary(list(decode_shard(entry, spec, DecodeLimits(), threads=3))) == one
+    assert len(one) == 40 and sum(isinstance(v, str) for _, v in one) == 2
+    early = decode_shard(entry, spec, DecodeLimits(), threads=3)
+    assert summary([next(early), next(early)]) == one[:2]
+    early.close()  # the queued samples are cancelled, the threads gone
+    assert not [t for t in threading.enumerate() if t.name.startswith("shard-decode")]
+    again = find_shards([shard])[0]
+    assert summary(list(decode_shard(again, spec, DecodeLimits(), start=10, stop=20, threads=2))) == one[10:20]
 
 
 def test_a_shard_cut_short_keeps_the_samples_before_the_cut(tmp_path: Path) -> None:
