@@ -21,7 +21,7 @@ import logging
 import os
 import tarfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +170,7 @@ def _text(tf: tarfile.TarFile, members: list[tarfile.TarInfo], exts: tuple[str, 
 
 def iter_samples(
     shard: Path, limits: DecodeLimits, start: int = 0, stop: int | None = None
-) -> Iterator[Sample | Failure]:
+) -> Generator[Sample | Failure, None, None]:
     """The samples numbered ``start`` to ``stop`` (those with an image member, counted from 0), or Failures.
 
     A member too large, unreadable or cut short is a Failure naming ``SHARD#KEY``; a shard that is no tar at all
@@ -253,7 +253,7 @@ def decode_shard(
     start: int = 0,
     stop: int | None = None,
     threads: int = 1,
-) -> Iterator[Decoded | Failure]:
+) -> Generator[Decoded | Failure, None, None]:
     """Decode a shard's samples ``start`` to ``stop`` in this process, in order, on ``threads`` threads.
 
     The tar is read on the calling thread; decoding (PIL's decoder, the resize and the sha256 let go of the GIL)
