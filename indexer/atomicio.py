@@ -161,11 +161,6 @@ def create_json_exclusive(path: Path, data: object) -> bool:
     return True
 
 
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/indexer`` (``~/.cache/indexer`` when unset): what the indexer remembers between runs."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "indexer"
-
-
 def read_json_cache(path: Path) -> dict[str, Any]:
     """A small JSON cache file's contents; {} when it is missing, unreadable or not an object."""
     try:

@@ -8,6 +8,7 @@ on a thread of its own, one batch behind the gathering of the next (see `embed_b
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from indexer.lazymodel import imported_torch
 from indexer.records import Decoded, Failure, ImageMeta
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,16 @@ class BatchBuffer:
 
 def _cuda_ready() -> bool:
     """torch imported (completely: not still being imported by another thread) and seeing a CUDA device."""
-    torch = imported_torch()
-    return torch is not None and bool(torch.cuda.is_available())
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def _host_array(shape: tuple[int, ...]) -> tuple[npt.NDArray[np.uint8], bool]:
     """An uninitialised uint8 array, and whether it is page-locked (it is once torch is loaded and sees CUDA)."""
     if _cuda_ready():
-        torch = imported_torch()
+        torch = sys.modules["torch"]
         pinned: npt.NDArray[np.uint8] = torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
         return pinned, True
     return np.empty(shape, np.uint8), False

@@ -25,7 +25,7 @@ from indexer.weights import ModelSource, resolve_source
 if TYPE_CHECKING:
     from indexer.model import ClipModel
 
-__all__ = ["CPU_BATCH", "GPU_BATCH", "LazyModel", "cuda_expected", "imported_torch", "preprocess_spec"]
+__all__ = ["CPU_BATCH", "GPU_BATCH", "LazyModel", "cuda_expected", "preprocess_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -133,24 +133,15 @@ def preprocess_spec(source: ModelSource) -> PreprocessSpec:
     )
 
 
-def imported_torch() -> Any:
-    """The torch module where it is imported completely, else None (not imported, or still being imported on
-    another thread by `LazyModel.start`: a partly initialised torch has no ``cuda`` yet)."""
-    torch = sys.modules.get("torch")
-    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
-        return None
-    return torch
-
-
 def cuda_expected(device: str) -> bool:
     """Whether ``model.device`` will be a CUDA GPU, without importing torch when it is not imported yet: it sizes
     batches and the decoders' look-ahead before the network is built (the network's own device is torch's
     answer). For ``auto`` that is an NVIDIA (or ROCm) device node, unless CUDA_VISIBLE_DEVICES hides them all."""
     if device != "auto":
         return device.startswith("cuda")
-    torch = imported_torch()
-    if torch is not None:
-        return bool(torch.cuda.is_available())
+    torch = sys.modules.get("torch")
+    if torch is not None and not getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return bool(torch.cuda.is_available())  # imported completely (not still being imported by start())
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return False

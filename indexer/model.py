@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from indexer.atomicio import cache_dir, read_json_cache, write_json_cache
+from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, ModelError
 from indexer.lazymodel import CPU_BATCH, GPU_BATCH, LazyModel, preprocess_spec
 from indexer.settings import ModelSettings
@@ -310,7 +311,8 @@ def _image_size(net: Any) -> int:
 
 def dtype_cache_file() -> Path:
     """``$XDG_CACHE_HOME/indexer/cpu-dtype.json`` (``~/.cache/indexer/cpu-dtype.json`` when unset)."""
-    return cache_dir() / "cpu-dtype.json"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "indexer" / "cpu-dtype.json"
 
 
 def cpu_name() -> str:

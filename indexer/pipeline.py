@@ -303,7 +303,7 @@ class Indexer:
         an interrupted shard is read again by the next run."""
         self.model.start("visual")
         ids: list[str] = []
-        threads = decode_workers(self.settings)
+        threads = self.settings.decode.workers or default_workers()
         decoded = decode_shard(shard, self.model.preprocess, decode_limits(self.settings), threads=threads)
         with BackgroundWriter() as writer:  # store writes overlap the next batch, as for files
             for item in embed_batches(decoded, self.model.encode_pixels, self.model.batch_size):
@@ -360,16 +360,11 @@ def decode_pool(settings: Settings, spec: PreprocessSpec, files: int, batch_size
     the network is still being imported and loaded (seconds; `LazyModel.start`), and then keep the model fed while
     the next batch decodes. It bounds memory whatever the size of the tree (224 px images: 150 KB each).
     """
-    workers = decode_workers(settings)
+    workers = settings.decode.workers or default_workers()
     if files < IN_PROCESS_BELOW:
         workers = 0
     lookahead = settings.decode.lookahead or max(4 * batch_size, 4 * max(workers, 1))
     return decoder_for(settings, spec, decode_limits(settings), workers, lookahead)  # nvJPEG mixed in on CUDA
-
-
-def decode_workers(settings: Settings) -> int:
-    """``decode.workers``, or one per CPU this process may use: the file decoders' processes, the shards' threads."""
-    return settings.decode.workers or default_workers()
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
@@ -425,7 +420,7 @@ def run_embed(
     shards = find_shards(roots, settings.index.include_hidden)
     progress.start(len(entries) + sum(count_samples(s.path) for s in shards), "embedding")
     pool = decode_pool(settings, model.preprocess, len(entries), model.batch_size)
-    threads = decode_workers(settings)  # the shards' decoding threads
+    threads = settings.decode.workers or default_workers()  # the shards' decoding threads
     output_file = open_embedding_writer(output, model.dim, model.model_id, shard_columns=bool(shards))
     model.start("visual")  # imports, network and weights on a thread of their own, while the first files decode
     with output_file as writer, pool:

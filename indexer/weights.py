@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from indexer import hfclip
-from indexer.atomicio import cache_dir, read_json_cache, write_json_cache
+from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, WeightsNotFoundError
 from indexer.settings import ModelSettings
 
@@ -154,7 +154,8 @@ def _open_clip_folder() -> Path | None:
 
 
 def config_cache_file() -> Path:
-    return cache_dir() / "open_clip-configs.json"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "indexer" / "open_clip-configs.json"
 
 
 def _config_key(name: str, tag: str) -> str | None:
@@ -303,7 +304,8 @@ def model_id(label: str, weights: Path) -> str:
 
 
 def hash_cache_file() -> Path:
-    return cache_dir() / "weights-sha256.json"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "indexer" / "weights-sha256.json"
 
 
 def weights_sha256(path: Path, cache: Path | None = None) -> str:

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from indexer.atomicio import cache_dir
 from indexer.errors import DecodeError, NotServableError, ServiceBusyError, UnknownImageError
 from indexer.formats import SUPPORTED_EXTENSIONS
 from indexer.model import LazyModel
@@ -235,4 +234,5 @@ def default_thumbnail_dir(settings: Settings) -> Path:
         return Path(settings.serve.thumbnail_dir).expanduser()
     if not settings.store.qdrant_url:
         return settings.store.dir.parent / "thumbnails"
-    return cache_dir() / "thumbnails"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "indexer" / "thumbnails"
