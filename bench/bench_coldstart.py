@@ -63,7 +63,7 @@ def timed(cmd: list[str]) -> float:
 
 
 def imports_torch(args: list[str]) -> bool:
-    code = "import sys; from indexer.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from indexer.cli.main import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *args], capture_output=True, text=True)
     return any(line.rstrip().endswith("| torch") for line in proc.stderr.splitlines())
 

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from indexer.dedup import find_duplicates
+from indexer.library.dedup import find_duplicates
 from indexer.records import StoredPoint, point_id
-from indexer.store import EdgeStore
+from indexer.store.edge_store import EdgeStore
 
 DIM = 768
 THRESHOLD = 0.95

@@ -38,8 +38,8 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
 
 def host_path(paths: list[Path], transport: str, workers: int, batch: int = 64) -> tuple[float, float]:
     """Decode pool → embed_batches with a no-op encoder; returns (images/s, main-process CPU ms per image)."""
-    from indexer.decode_pool import DecodePool
-    from indexer.embed import embed_batches
+    from indexer.decode.pool import DecodePool
+    from indexer.ingest.embed import embed_batches
     from indexer.records import DecodeLimits, PreprocessSpec
 
     def no_op(pixels: np.ndarray) -> np.ndarray:

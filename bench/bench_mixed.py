@@ -30,7 +30,7 @@ def _no_op(pixels: np.ndarray) -> np.ndarray:
 
 def run(decoder: Any, paths: list[Path], batch: int) -> tuple[float, float]:
     """(seconds, main-process CPU seconds) of decoder.imap → embed_batches with a no-op encoder."""
-    from indexer.embed import embed_batches
+    from indexer.ingest.embed import embed_batches
 
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in embed_batches(decoder.imap(paths), _no_op, batch):
@@ -42,9 +42,9 @@ def main() -> None:
     import torch
 
     from bench.bench_embed import make_photos
-    from indexer.decode_pool import DecodePool
-    from indexer.gpu_decode import NvJpegDecoder
-    from indexer.mixed_decode import MixedDecoder
+    from indexer.decode.mixed import MixedDecoder
+    from indexer.decode.nvjpeg import NvJpegDecoder
+    from indexer.decode.pool import DecodePool
     from indexer.records import DecodeLimits, PreprocessSpec
 
     torch.set_num_threads(1)  # the stand-in's work all on its own thread, so thread_time measures all of it

@@ -41,8 +41,8 @@ def settings_for(store: Path, model: str, device: str, cpus: int, batch: int) ->
 
 
 def single_process(images: Path, out: Path, settings: object) -> float:
-    from indexer.model import LazyModel
-    from indexer.pipeline import run_embed
+    from indexer.ingest.pipeline import run_embed
+    from indexer.model.clip import LazyModel
 
     model = LazyModel(settings.model)  # type: ignore[attr-defined]
     model.get()  # built before the clock, as the Ray actors build theirs before their first part
@@ -56,7 +56,7 @@ def single_process(images: Path, out: Path, settings: object) -> float:
 def on_ray(images: Path, out: Path, settings: object, cpus: int, gpus: int, part_size: int) -> tuple[float, float]:
     import ray
 
-    from indexer.distributed import RayOptions, run_ray_embed
+    from indexer.distributed.engine import RayOptions, run_ray_embed
 
     start = time.perf_counter()
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

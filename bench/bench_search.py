@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.model import LazyModel, encode_text_until_eot
+from indexer.model.clip import LazyModel, encode_text_until_eot
 from indexer.records import StoredPoint, point_id
 from indexer.search import Query, timed_search
 from indexer.settings import ModelSettings
-from indexer.store import EdgeStore
+from indexer.store.edge_store import EdgeStore
 
 DATA = Path(__file__).parent / "data"
 QUERIES = [

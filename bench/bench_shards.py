@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from indexer.records import DecodeLimits, PreprocessSpec
-    from indexer.shards import decode_shard, find_shards
+    from indexer.sources.shards import decode_shard, find_shards
 
     entry = find_shards([make_shard(args.count)])[0]
     best: dict[int, float] = {}

@@ -59,7 +59,7 @@ def settings_for(device: str, batch: int, compile_: bool, store: Path, gpu_decod
 
 def model_only(device: str, batch: int, iters: int, compile_: bool) -> tuple[float, float]:
     """(images/s of encode_pixels on random uint8 batches, seconds of the first two calls: build + compile)."""
-    from indexer.model import LazyModel
+    from indexer.model.clip import LazyModel
 
     with tempfile.TemporaryDirectory() as tmp:
         model = LazyModel(settings_for(device, batch, compile_, Path(tmp)).model)
@@ -108,8 +108,8 @@ class DecoderSpy:
     also stands `NvJpegDecoder(device="cpu")` in for nvJPEG (bench only, never the product)."""
 
     def __init__(self, cpu_stand_in: bool) -> None:
-        import indexer.mixed_decode as mixed_decode
-        import indexer.pipeline as pipeline
+        import indexer.decode.mixed as mixed_decode
+        import indexer.ingest.pipeline as pipeline
 
         self.made: list[Any] = []
         self._saved = (pipeline.decoder_for, mixed_decode.gpu_decode_device)
@@ -125,13 +125,13 @@ class DecoderSpy:
             mixed_decode.gpu_decode_device = lambda settings: None if settings.decode.gpu == "off" else "cpu"
 
     def close(self) -> None:
-        import indexer.mixed_decode as mixed_decode
-        import indexer.pipeline as pipeline
+        import indexer.decode.mixed as mixed_decode
+        import indexer.ingest.pipeline as pipeline
 
         pipeline.decoder_for, mixed_decode.gpu_decode_device = self._saved
 
     def split(self) -> str:
-        from indexer.mixed_decode import MixedDecoder
+        from indexer.decode.mixed import MixedDecoder
 
         mixed = [d for d in self.made if isinstance(d, MixedDecoder)]
         self.made.clear()
@@ -143,7 +143,7 @@ class DecoderSpy:
 
 def warm_model(device: str, batch: int, compile_: bool) -> Any:
     """The LazyModel every end-to-end run shares, built and warmed (and compiled) before any clock."""
-    from indexer.model import LazyModel
+    from indexer.model.clip import LazyModel
 
     with tempfile.TemporaryDirectory() as tmp:
         model = LazyModel(settings_for(device, batch, compile_, Path(tmp)).model)
@@ -154,7 +154,7 @@ def warm_model(device: str, batch: int, compile_: bool) -> Any:
 def end_to_end(folder: Path, device: str, batch: int, compile_: bool, model: Any, gpu_decode: str) -> list[str]:
     """`indexer embed` then `indexer index` (run_embed / run_index, the model warm) on ``folder``."""
     from indexer.errors import ConfigError
-    from indexer.pipeline import run_embed, run_index, store_from_settings
+    from indexer.ingest.pipeline import run_embed, run_index, store_from_settings
 
     lines = []
     count = len(list(folder.glob("*.jpg")))
@@ -191,7 +191,7 @@ def nvjpeg(folder: Path, device: str, chunk: int) -> str:
     """Images/s of the batched nvJPEG decoder (decode + resize/crop on the device), CPU libjpeg on ``cpu``."""
     import torch
 
-    from indexer.gpu_decode import NvJpegDecoder
+    from indexer.decode.nvjpeg import NvJpegDecoder
     from indexer.records import DecodeLimits, PreprocessSpec
 
     paths = sorted(folder.glob("*.jpg"))

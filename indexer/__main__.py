@@ -1,5 +1,5 @@
 """``python -m indexer`` runs the CLI."""
 
-from indexer.cli import run
+from indexer.cli.main import run
 
 run()

@@ -25,12 +25,12 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from indexer.decode import Pixels, decode_file, load_image, preprocess
+from indexer.decode.image import Pixels, decode_file, load_image, preprocess
 from indexer.errors import ConfigError, DecodeError, ModelMismatchError, StoreError, UnknownImageError
-from indexer.model import ClipModel, LazyModel
+from indexer.model.clip import ClipModel, LazyModel
 from indexer.records import DecodeLimits, Failure, Hit, PreprocessSpec, SearchFilter
 from indexer.settings import SEARCH_LIMIT, SEARCH_THRESHOLD
-from indexer.store import VectorStore
+from indexer.store.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 

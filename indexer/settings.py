@@ -86,7 +86,7 @@ class DecodeSettings(_Section):
     max_pixels: int = Field(default=178_956_970, gt=0)
     max_file_mb: float = Field(default=512.0, gt=0)
     full_resolution: bool = False  # JPEGs at full size instead of a DCT draft: exact reference parity, slower
-    # nvJPEG on the GPU for JPEGs, mixed with the CPU workers (indexer.mixed_decode): auto = where the model is on CUDA
+    # nvJPEG on the GPU for JPEGs, mixed with the CPU workers (indexer.decode.mixed): auto = where the model is on CUDA
     gpu: Literal["auto", "on", "off"] = "auto"
 
 

@@ -27,14 +27,16 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.api import check_bind, create_app, is_loopback, resolve_api_key
+from indexer.api.guards import check_bind, resolve_api_key
+from indexer.api.httpcheck import is_loopback
+from indexer.api.routes import create_app
 from indexer.errors import ConfigError
 from indexer.records import StoredPoint, point_id
 from indexer.settings import ServeSettings
-from indexer.store import EdgeStore
-from tests.clirun import INDEXER, MODEL, run
+from indexer.store.edge_store import EdgeStore
 from tests.fixtures.shapes import write_dataset
-from tests.live_server import OLD_MTIME, Corpus, class_of, make_corpus, serve
+from tests.support.clirun import INDEXER, MODEL, run
+from tests.support.live_server import OLD_MTIME, Corpus, class_of, make_corpus, serve
 
 UPLOAD_MB = 1.0
 

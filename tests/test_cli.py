@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.badfiles import write_bad_corpus
-from tests.clirun import INDEXER, MODEL, run, run_json
 from tests.fixtures.shapes import write_dataset
+from tests.support.badfiles import write_bad_corpus
+from tests.support.clirun import INDEXER, MODEL, run, run_json
 
 
 @pytest.fixture(scope="module")

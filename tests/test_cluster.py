@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.cluster import candidate_ks, cluster_store, resolve_k
 from indexer.errors import ConfigError
-from indexer.model import LazyModel
-from indexer.pipeline import run_index
+from indexer.ingest.pipeline import run_index
+from indexer.library.cluster import candidate_ks, cluster_store, resolve_k
+from indexer.model.clip import LazyModel
 from indexer.records import SearchFilter, StoredPoint, point_id
 from indexer.settings import ClusterSettings
-from indexer.store import EdgeStore
-from tests.clirun import MODEL, run, run_json
+from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import class_of, write_dataset
+from tests.support.clirun import MODEL, run, run_json
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from indexer.cli import build_parser
+from indexer.cli.main import build_parser
 from indexer.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

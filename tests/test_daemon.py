@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from tests.clirun import INDEXER, MODEL
 from tests.fixtures.shapes import draw_shape, write_dataset
+from tests.support.clirun import INDEXER, MODEL
 
 BASE_ENV = {
     "INDEXER_WATCH__STABLE_SECONDS": "0.3",

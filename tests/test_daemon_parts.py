@@ -12,17 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from indexer.daemon import (
-    ControlServer,
-    DeletionGuard,
-    LockedStore,
-    Scan,
-    ScanKind,
-    Scheduler,
-    ask_daemon,
-    query_from_json,
-    query_to_json,
-)
+from indexer.daemon.client import ask_daemon, query_from_json, query_to_json
+from indexer.daemon.control import ControlServer
+from indexer.daemon.guard import DeletionGuard
+from indexer.daemon.schedule import Scan, ScanKind, Scheduler
+from indexer.daemon.shared import LockedStore
 from indexer.errors import (
     ConfigError,
     IndexerError,
@@ -34,8 +28,9 @@ from indexer.errors import (
 )
 from indexer.records import Hit, SearchFilter, StoredPoint, dirs_of, point_id
 from indexer.search import Query
-from indexer.store import EdgeStore, VectorStore
-from tests.rawhttp import raw_request
+from indexer.store.edge_store import EdgeStore
+from indexer.store.protocol import VectorStore
+from tests.support.rawhttp import raw_request
 
 # --- the scheduler ------------------------------------------------------------------------------------------------
 

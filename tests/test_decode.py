@@ -22,16 +22,10 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageOps, features
 
-from indexer import decode, decode_pool
-from indexer.decode import (
-    SUPPORTED_EXTENSIONS,
-    decode_file,
-    draft_scale,
-    hash_file,
-    load_image,
-    preprocess,
-)
-from indexer.decode_pool import DecodePool, default_workers
+from indexer.decode import image as decode
+from indexer.decode import pool as decode_pool
+from indexer.decode.image import SUPPORTED_EXTENSIONS, decode_file, draft_scale, hash_file, load_image, preprocess
+from indexer.decode.pool import DecodePool, default_workers
 from indexer.errors import DecodeError, IndexerError
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 
@@ -129,7 +123,7 @@ def test_hash_file_streams(tmp_path: Path) -> None:
 
 
 def test_decode_does_not_import_torch() -> None:
-    code = "import sys, indexer.decode; print('torch' in sys.modules)"
+    code = "import sys, indexer.decode.image; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -23,27 +23,18 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from indexer.dedup import (
-    Item,
-    UnionFind,
-    apply_plan,
-    choose_keeper,
-    find_duplicates,
-    move_file,
-    neighbour_pairs,
-    plan_actions,
-    tier_threshold,
-)
 from indexer.errors import ConfigError
-from indexer.export import VectorFile
-from indexer.model import LazyModel
-from indexer.pipeline import run_index
+from indexer.ingest.pipeline import run_index
+from indexer.library.actions import apply_plan, move_file, plan_actions
+from indexer.library.dedup import Item, UnionFind, choose_keeper, find_duplicates, neighbour_pairs, tier_threshold
+from indexer.library.export import VectorFile
+from indexer.model.clip import LazyModel
 from indexer.records import StoredPoint, dirs_of, point_id
 from indexer.settings import DedupSettings
-from indexer.store import EdgeStore
-from tests.clirun import MODEL, run
+from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import CLASSES, draw_shape
+from tests.support.clirun import MODEL, run
 
 # One base image per class, drawn with seeds [SEED, class index, VARIANT[class index]].
 SEED = 1234

@@ -20,18 +20,20 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'indexer[ray]')")
 
-from indexer.distributed import ImageEmbedder, RayOptions, run_ray_embed, run_ray_index  # noqa: E402
-from indexer.export import import_file  # noqa: E402
-from indexer.model import LazyModel  # noqa: E402
-from indexer.pipeline import run_index  # noqa: E402
+from indexer.distributed.engine import RayOptions, run_ray_embed, run_ray_index  # noqa: E402
+from indexer.distributed.stage import ImageEmbedder  # noqa: E402
+from indexer.ingest.pipeline import run_index  # noqa: E402
+from indexer.library.export import import_file  # noqa: E402
+from indexer.model.clip import LazyModel  # noqa: E402
 from indexer.records import point_id  # noqa: E402
 from indexer.settings import Settings  # noqa: E402
-from indexer.shards import SHARD_PENDING, address  # noqa: E402
-from indexer.store import EdgeStore, QdrantServerStore  # noqa: E402
-from tests.clirun import MODEL  # noqa: E402
+from indexer.sources.shards import SHARD_PENDING, address  # noqa: E402
+from indexer.store.edge_store import EdgeStore  # noqa: E402
+from indexer.store.server import QdrantServerStore  # noqa: E402
 from tests.conftest import SHAPES_MODEL, shapes_settings  # noqa: E402
 from tests.fixtures.shapes import write_dataset  # noqa: E402
-from tests.shardfiles import write_shards  # noqa: E402
+from tests.support.clirun import MODEL  # noqa: E402
+from tests.support.shardfiles import write_shards  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,8 +80,8 @@ def test_folder_on_four_fractional_gpu_actors(
     assert len(list(out.glob("part-*.parquet"))) == 3  # a/ in 8 + 6, b/ in 6: a part holds one folder's files
     # the vectors are the single-process ones (same model, same pixels)
     model = LazyModel(settings.model).get()
-    from indexer.decode import decode_file
-    from indexer.pipeline import decode_limits
+    from indexer.decode.image import decode_file
+    from indexer.ingest.pipeline import decode_limits
 
     first = rows[0]
     decoded = decode_file(Path(first["path"]), model.preprocess, decode_limits(settings))
@@ -199,7 +201,7 @@ def test_index_on_ray_bulk_loads_a_server_collection_with_hnsw_deferred(
 def test_image_embedder_in_a_map_batches_pipeline(ray_cluster: str, settings: Settings) -> None:
     from PIL import Image
 
-    from indexer.decode import preprocess
+    from indexer.decode.image import preprocess
     from tests.fixtures.shapes import draw_shape, image_rng
 
     images = [np.asarray(draw_shape("red", "circle", image_rng(0, i), 80)) for i in range(6)]
@@ -229,7 +231,7 @@ def test_cli_embed_on_a_two_node_cluster(tmp_path: Path) -> None:
         cluster.add_node(num_cpus=1, num_gpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "out"
-        from tests.clirun import run
+        from tests.support.clirun import run
 
         proc = run("embed", str(tmp_path / "shards"), "--output", str(out), *MODEL, "--ray", "--ray-address",
                    cluster.address, "--part-size", "4", "--json")  # fmt: skip

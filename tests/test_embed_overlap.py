@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.embed import EmbeddedBatch, embed_batches
+from indexer.ingest.embed import EmbeddedBatch, embed_batches
 from indexer.records import Decoded, Failure, ImageMeta
 
 

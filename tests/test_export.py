@@ -18,16 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexer.cluster import cluster_store
-from indexer.export import export_store, import_file
-from indexer.model import LazyModel
-from indexer.pipeline import run_embed, run_index
+from indexer.ingest.pipeline import run_embed, run_index
+from indexer.library.cluster import cluster_store
+from indexer.library.export import export_store, import_file
+from indexer.model.clip import LazyModel
 from indexer.records import RunSummary, StoredPoint, point_id
 from indexer.settings import ClusterSettings
-from indexer.store import EdgeStore, QdrantServerStore, VectorStore
-from tests.clirun import MODEL, run, run_json
+from indexer.store.edge_store import EdgeStore
+from indexer.store.protocol import VectorStore
+from indexer.store.server import QdrantServerStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
+from tests.support.clirun import MODEL, run, run_json
 
 
 @pytest.fixture(scope="module")

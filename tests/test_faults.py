@@ -26,13 +26,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.export import paths_line
-from indexer.pipeline import store_from_settings
+from indexer.ingest.pipeline import store_from_settings
+from indexer.library.export import paths_line
 from indexer.records import NOT_UTF8, POINT_NAMESPACE, Failure, display_path, name_problem, point_id
-from indexer.scan import scan
-from tests.clirun import INDEXER, MODEL, run
+from indexer.sources.scan import scan
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import draw_shape, write_dataset
+from tests.support.clirun import INDEXER, MODEL, run
 from tests.test_daemon import Daemon, wait_for
 
 pytestmark = pytest.mark.faults

@@ -26,18 +26,18 @@ import httpx
 import pytest
 from PIL import Image
 
-from indexer.api import create_app
+from indexer.api.routes import create_app
 from indexer.daemon.client import advertised
-from indexer.model import LazyModel
-from indexer.pipeline import run_index, store_from_settings
+from indexer.ingest.pipeline import run_index, store_from_settings
+from indexer.model.clip import LazyModel
 from indexer.records import point_id
 from indexer.settings import Settings
-from indexer.store import VectorStore
-from tests.clirun import INDEXER, MODEL
+from indexer.store.protocol import VectorStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
-from tests.live_server import serve
-from tests.rawhttp import raw_request
+from tests.support.clirun import INDEXER, MODEL
+from tests.support.live_server import serve
+from tests.support.rawhttp import raw_request
 
 pytestmark = pytest.mark.faults
 

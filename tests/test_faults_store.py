@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clirun import INDEXER, MODEL, run, run_json
 from tests.fixtures.shapes import write_dataset
+from tests.support.clirun import INDEXER, MODEL, run, run_json
 
 pytestmark = pytest.mark.faults
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from indexer import decode, formats
-from indexer.store import normalise_formats
+from indexer import formats
+from indexer.decode import image as decode
+from indexer.store.filters import normalise_formats
 
 
 def test_every_extension_maps_to_a_format_with_a_media_type() -> None:

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode, openapi
 from schemathesis.checks import not_a_server_error
 
-from indexer.api import create_app
-from tests.live_server import make_corpus, serve
+from indexer.api.routes import create_app
+from tests.support.live_server import make_corpus, serve
 
 MAX_EXAMPLES = 50
 NO_INPUT = ("GET /healthz", "GET /metrics")  # nothing to break: positive inputs only

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer import gpu_decode
-from indexer.decode import decode_file
-from indexer.gpu_decode import NvJpegDecoder, available, resize_crop, resize_crop_many, target_geometry
+from indexer.decode import nvjpeg as gpu_decode
+from indexer.decode.image import decode_file
+from indexer.decode.nvjpeg import NvJpegDecoder, available, resize_crop, resize_crop_many, target_geometry
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 
 torchvision_io = pytest.importorskip("torchvision.io")

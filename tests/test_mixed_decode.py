@@ -1,4 +1,4 @@
-"""JPEGs shared between the nvJPEG decoder and the CPU decode pool (`indexer.mixed_decode`).
+"""JPEGs shared between the nvJPEG decoder and the CPU decode pool (`indexer.decode.mixed`).
 
 On the CPU the "GPU" side is `NvJpegDecoder(device="cpu")` (torchvision's libjpeg, the same code path as on CUDA
 but the device) and the CPU side the real `DecodePool` with worker processes, on real files. CUDA runs are marked.
@@ -16,14 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer import mixed_decode, shm
-from indexer.decode import decode_file
-from indexer.decode_pool import DecodePool
+from indexer.decode import mixed as mixed_decode
+from indexer.decode import shm as shm
+from indexer.decode.image import decode_file
+from indexer.decode.mixed import MixedDecoder, decoder_for, gpu_decode_device
+from indexer.decode.nvjpeg import NvJpegDecoder
+from indexer.decode.pool import DecodePool
 from indexer.errors import ConfigError
-from indexer.gpu_decode import NvJpegDecoder
-from indexer.mixed_decode import MixedDecoder, decoder_for, gpu_decode_device
-from indexer.model import LazyModel
-from indexer.pipeline import decode_pool, run_embed
+from indexer.ingest.pipeline import decode_pool, run_embed
+from indexer.model.clip import LazyModel
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
@@ -218,7 +219,7 @@ def test_embed_through_the_pipeline_with_mixed_decoding(tmp_path: Path, monkeypa
         return decoder
 
     monkeypatch.setattr(mixed_decode, "gpu_decode_device", lambda settings: "cpu")  # the "GPU" is the CPU
-    monkeypatch.setattr("indexer.pipeline.decoder_for", build)
+    monkeypatch.setattr("indexer.ingest.pipeline.decoder_for", build)
     small = shapes_settings(tmp_path, decode={"workers": 1, "lookahead": 4})  # the pool full: the "GPU" gets work
     mixed = run_embed([folder], tmp_path / "mixed.parquet", small, model)
     assert isinstance(made[0], MixedDecoder) and made[0].gpu_files > 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from indexer.errors import ConfigError, WeightsNotFoundError
-from indexer.model import (
+from indexer.model.clip import (
     ClipModel,
     calibrate_cpu_dtype,
     choose_dtype,
@@ -67,7 +67,7 @@ def test_vectors_are_unit_length(shapes_clip: ClipModel, tmp_path: Path) -> None
 
 def test_bf16_keeps_cosine_0999_against_fp32(shapes_clip: ClipModel, tmp_path: Path) -> None:
     """The CPU dtype rule: bf16 is only acceptable because its vectors stay within cosine 0.999 of fp32."""
-    from indexer.decode import decode_file
+    from indexer.decode.image import decode_file
     from indexer.records import Decoded, DecodeLimits
 
     files = write_dataset(tmp_path, 12, seed=3)
@@ -84,9 +84,9 @@ def test_bf16_keeps_cosine_0999_against_fp32(shapes_clip: ClipModel, tmp_path: P
 def test_dtype_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert choose_dtype(cpu, "fp32") == torch.float32 and choose_dtype(cpu, "fp16") == torch.float16
-    monkeypatch.setattr("indexer.model.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("indexer.model.clip.cpu_has_native_bf16", lambda: True)
     assert choose_dtype(cpu, "auto") is None  # measured: see the calibration tests
-    monkeypatch.setattr("indexer.model.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("indexer.model.clip.cpu_has_native_bf16", lambda: False)
     assert choose_dtype(cpu, "auto") == torch.float32  # never fp16 on a CPU
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert choose_dtype(torch.device("cuda"), "auto") == torch.float16
@@ -97,7 +97,7 @@ def test_dtype_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cpu_dtype_calibration_picks_the_faster_dtype_and_remembers_it(
     shapes_clip: ClipModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from indexer import model as model_module
+    from indexer.model import clip as model_module
 
     real = model_module.forward_seconds
     calls: list[torch.dtype] = []
@@ -123,7 +123,7 @@ def test_cpu_dtype_calibration_picks_the_faster_dtype_and_remembers_it(
 def test_cpu_dtype_calibration_refuses_bf16_that_changes_the_vectors(
     shapes_clip: ClipModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from indexer import model as model_module
+    from indexer.model import clip as model_module
 
     real = model_module.forward_seconds
 

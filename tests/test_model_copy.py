@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.embed import BatchBuffer
-from indexer.model import ClipModel, load_model
+from indexer.ingest.embed import BatchBuffer
+from indexer.model.clip import ClipModel, load_model
 from indexer.settings import ModelSettings
 from tests.conftest import SHAPES_MODEL
 

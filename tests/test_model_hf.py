@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from indexer.decode import decode_file
+from indexer.decode.image import decode_file
 from indexer.errors import ModelError
-from indexer.model import ClipModel, load_model, resolve_source
+from indexer.model.clip import ClipModel, load_model, resolve_source
 from indexer.records import Decoded, DecodeLimits
 from indexer.settings import ModelSettings
-from tests.hfmodels import REPO, TINY, VIT_L_FULL, VIT_L_SHALLOW, make_clip_dir, odd_images
+from tests.support.hfmodels import REPO, TINY, VIT_L_FULL, VIT_L_SHALLOW, make_clip_dir, odd_images
 
 pytest.importorskip("transformers")
 

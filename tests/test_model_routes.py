@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.model import build_network, load_model, resolve_source
+from indexer.model.clip import build_network, load_model, resolve_source
+from indexer.model.weights import hash_cache_file, weights_sha256
 from indexer.settings import ModelSettings
-from indexer.weights import hash_cache_file, weights_sha256
-from tests.clirun import run, run_json
 from tests.conftest import SHAPES_MODEL
 from tests.fixtures.shapes import write_dataset
+from tests.support.clirun import run, run_json
 
 VIT_L_REPO = "timm/vit_large_patch14_clip_224.openai"
 

@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 
 from indexer.errors import ConfigError, ModelMismatchError
-from indexer.model import ClipModel, LazyModel
-from indexer.pipeline import run_index
+from indexer.ingest.pipeline import run_index
+from indexer.model.clip import ClipModel, LazyModel
 from indexer.records import SearchFilter, point_id
 from indexer.search import Query, search
 from indexer.settings import ModelSettings, Settings
-from indexer.store import EdgeStore, QdrantServerStore, VectorStore
-from tests.badfiles import write_bad_corpus, write_misnamed_png
+from indexer.store.edge_store import EdgeStore
+from indexer.store.protocol import VectorStore
+from indexer.store.server import QdrantServerStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
+from tests.support.badfiles import write_bad_corpus, write_misnamed_png
 
 
 @pytest.fixture(params=["edge", "memory"])
@@ -194,7 +196,7 @@ def test_bad_files_are_skipped_with_reasons_and_vectors_stay_aligned(
     assert {f.path for f in store.failures(100)} == {str(folder / n) for n in expected}
     # Every stored vector is the one of its own file, computed alone.
     clip = model.get()
-    from indexer.decode import decode_file
+    from indexer.decode.image import decode_file
     from indexer.records import Decoded, DecodeLimits
 
     for f in good:

@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from indexer.api import create_app
-from indexer.model import LazyModel
-from indexer.pipeline import run_index
+from indexer.api.routes import create_app
+from indexer.ingest.pipeline import run_index
+from indexer.model.clip import LazyModel
 from indexer.records import point_id
-from indexer.store import EdgeStore
+from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
-from tests.live_server import serve
+from tests.support.live_server import serve
 from tests.test_dedup import EXACT, NEAR, snapshot, write_library
 
 Library = tuple[httpx.Client, dict[str, Path], EdgeStore]

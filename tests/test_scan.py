@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from indexer.records import Failure
-from indexer.scan import scan
+from indexer.sources.scan import scan
 
 EXT = frozenset({".jpg", ".png"})
 

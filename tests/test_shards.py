@@ -11,17 +11,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from indexer import shards as shards_mod
-from indexer.model import LazyModel
-from indexer.pipeline import run_embed, run_index
+from indexer.ingest.pipeline import run_embed, run_index
+from indexer.model.clip import LazyModel
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec, point_id
 from indexer.search import Query, search
 from indexer.settings import Settings
-from indexer.shards import Sample, address, count_samples, decode_shard, find_shards, iter_samples
-from indexer.store import EdgeStore
-from tests.clirun import MODEL, run_json
+from indexer.sources import shards as shards_mod
+from indexer.sources.shards import Sample, address, count_samples, decode_shard, find_shards, iter_samples
+from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
-from tests.shardfiles import shape_png, truncate, write_shard, write_shards
+from tests.support.clirun import MODEL, run_json
+from tests.support.shardfiles import shape_png, truncate, write_shard, write_shards
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import decode_pool, shm
-from indexer.decode_pool import DecodePool
+from indexer.decode import pool as decode_pool
+from indexer.decode import shm as shm
+from indexer.decode.pool import DecodePool
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="needs POSIX shared memory (/dev/shm)")
@@ -151,7 +152,7 @@ def test_shm_abandoned_run_releases_slots(tmp_path: Path) -> None:
 _KILLED_MAIN = """
 import os, sys, time
 from pathlib import Path
-from indexer.decode_pool import DecodePool
+from indexer.decode.pool import DecodePool
 from indexer.records import DecodeLimits, PreprocessSpec
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from indexer.errors import ConfigError
-from indexer.lazymodel import CPU_BATCH, GPU_BATCH, LazyModel, cuda_expected
+from indexer.model.lazy import CPU_BATCH, GPU_BATCH, LazyModel, cuda_expected
+from indexer.model.weights import builtin_config, config_cache_file
 from indexer.settings import ModelSettings
-from indexer.weights import builtin_config, config_cache_file
 from tests.conftest import SHAPES_MODEL
 
 ROOT = Path(__file__).parent.parent
@@ -42,8 +42,8 @@ def test_a_remembered_config_needs_neither_torch_nor_open_clip() -> None:
     done = _python(
         """
         import json, sys
-        from indexer.lazymodel import LazyModel
-        from indexer.weights import builtin_config
+        from indexer.model.lazy import LazyModel
+        from indexer.model.weights import builtin_config
         config, pretrained = builtin_config("ViT-B-32", "openai")
         print(json.dumps({"config": config, "pretrained": pretrained,
                           "torch": "torch" in sys.modules, "open_clip": "open_clip" in sys.modules}))
@@ -118,10 +118,10 @@ def test_open_clip_is_imported_without_transformers_and_timm_unless_the_model_ne
     done = _python(
         """
         import sys
-        from indexer.lazymodel import LazyModel
-        from indexer.weights import import_open_clip
+        from indexer.model.lazy import LazyModel
+        from indexer.model.weights import import_open_clip
         from indexer.settings import ModelSettings
-        from indexer.weights import ModelSource
+        from indexer.model.weights import ModelSource
         model = LazyModel(ModelSettings(name="ViT-B-32", pretrained="none", device="cpu"))
         model.get().encode_pixels(__import__("numpy").zeros((1, 3, 224, 224), "uint8"))
         print("transformers" in sys.modules, "timm" in sys.modules)
@@ -140,7 +140,7 @@ def test_the_console_script_exits_quickly_with_its_output_whole(tmp_path: Path) 
     done = _python(
         f"""
         import atexit, pathlib
-        from indexer.cli import quick_exit
+        from indexer.cli.main import quick_exit
         atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text("yes"))
         print("x" * 300_000, end="")
         quick_exit(3)
@@ -154,7 +154,7 @@ def test_quick_exit_waits_for_a_running_thread(tmp_path: Path) -> None:
     done = _python(
         f"""
         import pathlib, threading, time
-        from indexer.cli import quick_exit
+        from indexer.cli.main import quick_exit
         def work():
             time.sleep(0.5)
             pathlib.Path({str(marker)!r}).write_text("done")
@@ -170,9 +170,9 @@ def test_embed_decodes_while_the_network_loads(tmp_path: Path, monkeypatch: pyte
     import numpy as np
     from PIL import Image
 
-    import indexer.model
-    from indexer.decode_pool import DecodePool
-    from indexer.pipeline import run_embed
+    import indexer.model.clip
+    from indexer.decode.pool import DecodePool
+    from indexer.ingest.pipeline import run_embed
     from tests.conftest import shapes_settings
 
     folder = tmp_path / "images"
@@ -180,7 +180,7 @@ def test_embed_decodes_while_the_network_loads(tmp_path: Path, monkeypatch: pyte
     for i in range(12):
         Image.new("RGB", (64 + 8 * i, 48), ((20 * i) % 256, 40, 200)).save(folder / f"{i:02d}.png")
     events: list[str] = []
-    real_build, real_imap = indexer.model.build_clip, DecodePool.imap
+    real_build, real_imap = indexer.model.clip.build_clip, DecodePool.imap
 
     def slow_build(*args: object, **kwargs: object) -> object:
         events.append("build started")
@@ -196,7 +196,7 @@ def test_embed_decodes_while_the_network_loads(tmp_path: Path, monkeypatch: pyte
             yield result
 
     settings = shapes_settings(tmp_path / "unused")
-    monkeypatch.setattr(indexer.model, "build_clip", slow_build)
+    monkeypatch.setattr(indexer.model.clip, "build_clip", slow_build)
     monkeypatch.setattr(DecodePool, "imap", imap)
     out = tmp_path / "out.npy"
     assert run_embed([folder], out, settings, LazyModel(settings.model)).indexed == 12

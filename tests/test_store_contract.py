@@ -23,8 +23,11 @@ import pytest
 
 from indexer.errors import ModelMismatchError, StoreBusyError, StoreError
 from indexer.records import Failure, SearchFilter, StoredPoint, point_id
-from indexer.store import EdgeStore, QdrantServerStore, VectorStore, open_store
 from indexer.store import protocol as store_mod
+from indexer.store.edge_store import EdgeStore
+from indexer.store.factory import open_store
+from indexer.store.protocol import VectorStore
+from indexer.store.server import QdrantServerStore
 
 DIM = 16
 MODEL = "test-model"

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.decode import SUPPORTED_EXTENSIONS
-from indexer.watch import (
+from indexer.decode.image import SUPPORTED_EXTENSIONS
+from indexer.sources.watch import (
     ChangeKind,
     Coalescer,
     EventKind,
@@ -255,7 +255,7 @@ LIMITED = textwrap.dedent(
     import logging, sys
     from pathlib import Path
     logging.basicConfig(level=logging.WARNING)
-    from indexer.watch import Watcher
+    from indexer.sources.watch import Watcher
     w = Watcher(lambda e: None, lambda r: (lambda p: True))
     print(w.start(Path(sys.argv[1])))
     w.close()

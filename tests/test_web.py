@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from indexer.api import create_app
+from indexer.api.routes import create_app
 from tests.fixtures.shapes import write_dataset
-from tests.live_server import Corpus, class_of, make_corpus, serve
+from tests.support.live_server import Corpus, class_of, make_corpus, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from indexer.api import create_app
-from indexer.model import LazyModel
-from indexer.pipeline import run_index
-from indexer.store import EdgeStore
+from indexer.api.routes import create_app
+from indexer.ingest.pipeline import run_index
+from indexer.model.clip import LazyModel
+from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
-from tests.live_server import serve
+from tests.support.live_server import serve
 from tests.test_dedup import snapshot, write_library
 from tests.test_web import CHROMIUM, browser, guarded_page  # noqa: F401  (browser: a fixture)
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from indexer import shm
+from indexer.decode import shm as shm
 from indexer.errors import StoreError
-from indexer.model import LazyModel
-from indexer.pipeline import run_embed, run_index
+from indexer.ingest.pipeline import run_embed, run_index
+from indexer.ingest.writer import BackgroundWriter
+from indexer.model.clip import LazyModel
 from indexer.records import StoredPoint
-from indexer.store import EdgeStore
-from indexer.writer import BackgroundWriter
+from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
 
@@ -92,7 +92,7 @@ def test_a_store_error_stops_the_index_run_cleanly(tmp_path: Path, monkeypatch: 
 
 
 def test_an_output_error_stops_the_embed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from indexer import export
+    from indexer.library import export as export
 
     photos = tmp_path / "photos"
     write_dataset(photos, 16, seed=4)

@@ -28,26 +28,3 @@ Modules: `routes` (the app factory, routes and error handlers), `guards` (ASGI m
 body size), `models` (request and response models and their conversions), `service` (the engine-thread work, the
 file guard, metrics).
 """
-
-from __future__ import annotations
-
-from indexer.api.guards import check_bind, resolve_api_key
-from indexer.api.models import max_body_bytes
-from indexer.api.routes import create_app
-from indexer.api.service import FileGuard, Metrics, Service, default_thumbnail_dir
-from indexer.errors import NotServableError, PayloadTooLargeError
-from indexer.httpcheck import is_loopback
-
-__all__ = [
-    "FileGuard",
-    "Metrics",
-    "NotServableError",
-    "PayloadTooLargeError",
-    "Service",
-    "check_bind",
-    "create_app",
-    "default_thumbnail_dir",
-    "is_loopback",
-    "max_body_bytes",
-    "resolve_api_key",
-]

@@ -1,5 +1,5 @@
 """ASGI middleware of the service: metrics and security headers, Host and key checks, body size; the API key
-and bind checks. The checks themselves are `indexer.httpcheck`'s, shared with the watch daemon's control endpoint."""
+and bind checks. The checks themselves are `indexer.api.httpcheck`'s, shared with the daemon's control endpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from indexer.api.httpcheck import check_access, check_json, declared_length, is_loopback, too_large
 from indexer.api.service import Metrics
 from indexer.errors import (
     AccessError,
@@ -19,7 +20,6 @@ from indexer.errors import (
     body_for,
     http_status_for,
 )
-from indexer.httpcheck import check_access, check_json, declared_length, is_loopback, too_large
 from indexer.settings import ServeSettings
 
 Scope = MutableMapping[str, Any]

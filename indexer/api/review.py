@@ -1,4 +1,4 @@
-"""The HTTP routes of the Duplicates and Clusters views (see indexer/review.py for the rules they follow).
+"""The HTTP routes of the Duplicates and Clusters views (see indexer/library/jobs.py for the rules they follow).
 
     POST /duplicates/scans                     start a scan: tier (exact / near / similar), threshold, folder
     GET  /duplicates/scans/{scan_id}           its progress and, once done, a page of groups (largest first)
@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.api.models import ErrorOut, FilterIn, to_filter
 from indexer.api.service import Service
-from indexer.dedup import Group, Item, Member
-from indexer.review import (
+from indexer.library.dedup import Group, Item, Member
+from indexer.library.jobs import (
     MAX_GROUPS_PER_ACTION,
     Job,
     JobKind,

@@ -44,6 +44,7 @@ from indexer.api.service import (
     default_thumbnail_dir,
     engine_thread_init,
 )
+from indexer.api.thumbs import ThumbnailCache
 from indexer.errors import (
     INTERNAL_ERROR,
     ConfigError,
@@ -54,12 +55,11 @@ from indexer.errors import (
     http_status_for,
 )
 from indexer.formats import MEDIA_TYPES
-from indexer.model import LazyModel
+from indexer.model.clip import LazyModel
 from indexer.records import DecodeLimits
 from indexer.search import Query as SearchQuery
 from indexer.settings import Settings
-from indexer.store import VectorStore
-from indexer.thumbs import ThumbnailCache
+from indexer.store.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from typing import Any, TypeVar
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from indexer.api.thumbs import ThumbnailCache
 from indexer.errors import DecodeError, NotServableError, ServiceBusyError, UnknownImageError
 from indexer.formats import SUPPORTED_EXTENSIONS
-from indexer.model import LazyModel
+from indexer.model.clip import LazyModel
 from indexer.records import DecodeLimits, Hit, PreprocessSpec
 from indexer.search import Query as SearchQuery
 from indexer.search import Timings, check_store_model, timed_search, upload_pixels
 from indexer.settings import Settings
-from indexer.store import VectorStore
-from indexer.thumbs import ThumbnailCache
+from indexer.store.protocol import VectorStore
 
 T = TypeVar("T")
 

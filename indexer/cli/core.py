@@ -82,8 +82,8 @@ def _add_status(sub: Any) -> None:
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.lazymodel import LazyModel
-    from indexer.pipeline import check_roots, run_index, store_from_settings
+    from indexer.ingest.pipeline import check_roots, run_index, store_from_settings
+    from indexer.model.lazy import LazyModel
 
     check_roots(args.paths)
     if args.ray:
@@ -95,8 +95,8 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.lazymodel import LazyModel
-    from indexer.pipeline import check_roots, run_embed
+    from indexer.ingest.pipeline import check_roots, run_embed
+    from indexer.model.lazy import LazyModel
 
     check_roots(args.paths)
     if args.ray:
@@ -109,8 +109,8 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.lazymodel import LazyModel
-    from indexer.pipeline import store_from_settings
+    from indexer.ingest.pipeline import store_from_settings
+    from indexer.model.lazy import LazyModel
     from indexer.search import Query, search
 
     text = " ".join(args.text).strip()
@@ -131,7 +131,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     )
     url = _daemon_url(settings)
     if url is not None:
-        from indexer.daemon import search_via_daemon
+        from indexer.daemon.client import search_via_daemon
 
         hits = search_via_daemon(url, settings, query)
     else:
@@ -172,20 +172,20 @@ def _daemon_url(settings: Settings) -> str | None:
     (the store opens in one process only, and a second opener disturbs the holder)."""
     if settings.store.qdrant_url:
         return None
-    from indexer.daemon import find_daemon
+    from indexer.daemon.client import find_daemon
 
     return find_daemon(settings.store.dir)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.status import missing_store_status, store_status
-    from indexer.store import open_store_from_settings
+    from indexer.store.factory import open_store_from_settings
+    from indexer.store.status import missing_store_status, store_status
 
     s = settings.store
     if not s.qdrant_url and not s.dir.exists():
         info: dict[str, Any] = missing_store_status(s.dir)
     elif (url := _daemon_url(settings)) is not None:
-        from indexer.daemon import status_via_daemon
+        from indexer.daemon.client import status_via_daemon
 
         info = status_via_daemon(url, args.failures)
     else:

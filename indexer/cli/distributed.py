@@ -29,7 +29,7 @@ def ray_options(parser: argparse.ArgumentParser, *, index: bool = False) -> None
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from indexer.distributed import RayOptions
+    from indexer.distributed.engine import RayOptions
 
     return RayOptions(
         address=args.ray_address,
@@ -43,7 +43,7 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def cmd_embed_ray(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.distributed import run_ray_embed
+    from indexer.distributed.engine import run_ray_embed
 
     with progress_bar(args) as progress:
         summary = run_ray_embed(args.paths, args.output, settings, _options(args), progress)
@@ -53,8 +53,8 @@ def cmd_embed_ray(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_index_ray(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.distributed import run_ray_index
-    from indexer.pipeline import store_from_settings
+    from indexer.distributed.engine import run_ray_index
+    from indexer.ingest.pipeline import store_from_settings
 
     parts_dir = args.parts_dir or settings.store.dir / "ray-parts"
     with store_from_settings(settings) as store, progress_bar(args) as progress:

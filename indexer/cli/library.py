@@ -19,9 +19,10 @@ from indexer.records import SearchFilter
 from indexer.settings import Settings
 
 if TYPE_CHECKING:
-    from indexer.cluster import ClusterReport
-    from indexer.dedup import Action, ActionPlan, DedupReport
-    from indexer.store import VectorStore
+    from indexer.library.actions import Action, ActionPlan
+    from indexer.library.cluster import ClusterReport
+    from indexer.library.dedup import DedupReport
+    from indexer.store.protocol import VectorStore
 
 TIER_CHOICES = ("exact", "near", "similar")
 
@@ -114,8 +115,8 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.dedup import find_duplicates, tier_threshold
-    from indexer.store import open_store_from_settings
+    from indexer.library.dedup import find_duplicates, tier_threshold
+    from indexer.store.factory import open_store_from_settings
 
     threshold = tier_threshold(args.tier, settings.dedup, args.threshold)
     if args.yes and not args.delete:
@@ -137,14 +138,14 @@ def _write_dedup_files(report: DedupReport, args: argparse.Namespace, settings: 
     if args.csv is not None:
         _write_csv(report, args.csv)
     if args.html is not None:
-        from indexer.report import dedup_page, write_page
+        from indexer.library.report import dedup_page, write_page
 
         write_page(args.html, dedup_page(report, settings.dedup.report_max_groups))
 
 
 def _act(report: DedupReport, args: argparse.Namespace, store: VectorStore, flt: SearchFilter | None) -> int:
     """Print the dry-run summary, then (unless --delete lacks --yes) move or delete, file by file."""
-    from indexer.dedup import apply_plan, plan_actions
+    from indexer.library.actions import apply_plan, plan_actions
 
     root = Path(flt.path_prefix) if flt is not None and flt.path_prefix else None
     plan = plan_actions(report, move_to=args.move_to, delete=args.delete, root=root)
@@ -224,15 +225,15 @@ def _write_csv(report: DedupReport, path: Path) -> None:
 
 
 def cmd_cluster(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.cluster import cluster_store, resolve_k
-    from indexer.store import open_store_from_settings
+    from indexer.library.cluster import cluster_store, resolve_k
+    from indexer.store.factory import open_store_from_settings
 
     k = resolve_k(args.k, args.auto, settings.cluster)
     _check_output(args.html, "--html")
     with open_store_from_settings(settings) as store:
         report = cluster_store(store, settings.cluster, k=k)
     if args.html is not None:
-        from indexer.report import cluster_page, write_page
+        from indexer.library.report import cluster_page, write_page
 
         write_page(args.html, cluster_page(report))
     _print_clusters(report, args.json)
@@ -253,8 +254,8 @@ def _print_clusters(report: ClusterReport, as_json: bool) -> None:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.export import export_store
-    from indexer.store import open_store_from_settings
+    from indexer.library.export import export_store
+    from indexer.store.factory import open_store_from_settings
 
     flt = _folder_filter(args.folder)
     with open_store_from_settings(settings, read_only=True) as store:
@@ -267,8 +268,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.export import import_file
-    from indexer.store import open_store_from_settings
+    from indexer.library.export import import_file
+    from indexer.store.factory import open_store_from_settings
 
     with open_store_from_settings(settings) as store:
         summary = import_file(store, args.file, optimize_after=settings.store.optimize_after)

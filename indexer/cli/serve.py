@@ -39,7 +39,7 @@ def register(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Check the address and key, open the store, load the model, then serve until Ctrl-C / SIGTERM."""
-    from indexer.api import check_bind, resolve_api_key
+    from indexer.api.guards import check_bind, resolve_api_key
 
     if not args.verbose:  # a long-running command: serve's log level comes from the settings
         logging.getLogger("indexer").setLevel(settings.log_level)
@@ -77,9 +77,9 @@ def _terminate(signum: int, frame: object) -> None:
 def _run(settings: Settings, key: str) -> int:
     import uvicorn
 
-    from indexer.api import create_app
-    from indexer.lazymodel import LazyModel
-    from indexer.pipeline import store_from_settings
+    from indexer.api.routes import create_app
+    from indexer.ingest.pipeline import store_from_settings
+    from indexer.model.lazy import LazyModel
 
     model = LazyModel(settings.model)
     with store_from_settings(settings) as store:

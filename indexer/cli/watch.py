@@ -47,12 +47,12 @@ def register(sub: Any) -> None:
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.watch import check_watch_roots
+    from indexer.sources.watch import check_watch_roots
 
     roots = check_watch_roots(args.paths or settings.watch.paths)  # before the heavy imports: usage errors are quick
     setup_daemon_logging(settings, args.verbose)
 
-    from indexer.daemon import Daemon
+    from indexer.daemon.loop import Daemon
 
     daemon = Daemon(settings, roots, confirm_deletes=args.confirm_deletes)
     daemon.install_signal_handlers()
@@ -64,7 +64,7 @@ def setup_daemon_logging(settings: Settings, verbose: int) -> None:
     level = _log_level(settings.log_level, verbose)
     logging.getLogger("indexer").setLevel(level)
     if level > logging.DEBUG:  # the daemon logs its own line per batch
-        logging.getLogger("indexer.embed").setLevel(logging.WARNING)
+        logging.getLogger("indexer.ingest.embed").setLevel(logging.WARNING)
     formatter = JsonFormatter() if settings.watch.json_logs else logging.Formatter(TEXT_FORMAT)
     root = logging.getLogger()
     if not root.handlers:

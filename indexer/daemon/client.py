@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from indexer.atomicio import atomic_write_json
 from indexer.errors import ConfigError, IndexerError, StoreError, error_from_body
-from indexer.model import LazyModel
+from indexer.model.clip import LazyModel
 from indexer.records import Hit, SearchFilter
 from indexer.settings import Settings
-from indexer.store import atomic_write_json
 
 ADVERT_FILE = "daemon.json"
 

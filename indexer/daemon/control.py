@@ -7,7 +7,7 @@ embedded store.
     POST /search    a search by ``indexer search`` (the same, and a JSON body within serve.max_upload_mb)
 
 /status and /search show file paths: they answer only clients on this machine, and make the service's checks
-(`indexer.httpcheck`: a loopback Host header against DNS rebinding, a body declared as JSON against cross-origin
+(`indexer.api.httpcheck`: a loopback Host header against DNS rebinding, a body declared as JSON against cross-origin
 posts, a valid Content-Length within the limit). Every error has the service's body (`indexer.errors.body_for`).
 """
 
@@ -21,8 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
+from indexer.api.httpcheck import check_host, check_json, declared_length
 from indexer.errors import INTERNAL_ERROR, ConfigError, IndexerError, body_for, error_body, http_status_for
-from indexer.httpcheck import check_host, check_json, declared_length
 from indexer.records import Hit
 
 log = logging.getLogger(__name__)

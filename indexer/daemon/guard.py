@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexer.records import SearchFilter, StoredPoint
-from indexer.store import VectorStore
+from indexer.store.protocol import VectorStore
 
 MASS_WINDOW = 60.0  # deletions of one root within this many seconds count together
 

@@ -1,13 +1,13 @@
 """The watch loop: `Daemon` keeps the store equal to the watched folders, forever, without losing a file.
 
     main thread      signals; starts everything; on SIGTERM/SIGINT stops within 10 s (exit 0)
-    observer threads watchdog → Coalescer (indexer.watch): per-path, debounced, bounded
+    observer threads watchdog → Coalescer (indexer.sources.watch): per-path, debounced, bounded
     worker thread    start-up reconciliation, then: refresh the coalescer, run a batch when it is full or when the
                      oldest complete file has waited ``max_wait``; the scans the Scheduler says are due; root checks
                      every second
     control server   `indexer.daemon.control`, in its own threads
 
-Every write goes through one `indexer.pipeline.Indexer`; the deletions it returns pass the DeletionGuard first.
+Every write goes through one `indexer.ingest.pipeline.Indexer`; the deletions it returns pass the DeletionGuard first.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from indexer.daemon.guard import DeletionGuard, Held, root_identity, root_state
 from indexer.daemon.metrics import Metrics
 from indexer.daemon.schedule import Scan, ScanKind, Scheduler
 from indexer.daemon.shared import LockedStore, SharedModel
-from indexer.embed import EmbeddedBatch
 from indexer.errors import StoreBusyError, StoreError, StoreFullError
 from indexer.formats import SUPPORTED_EXTENSIONS
-from indexer.pipeline import Indexer, SyncResult, store_from_settings
+from indexer.ingest.embed import EmbeddedBatch
+from indexer.ingest.pipeline import Indexer, SyncResult, store_from_settings
 from indexer.records import Hit, RunSummary, SearchFilter
 from indexer.settings import Settings
-from indexer.status import store_status
-from indexer.store import STORE_FILE
-from indexer.watch import Coalescer, FileChange, FsEvent, Watcher, check_watch_roots, default_filter
+from indexer.sources.watch import Coalescer, FileChange, FsEvent, Watcher, check_watch_roots, default_filter
+from indexer.store.directory import STORE_FILE
+from indexer.store.status import store_status
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import ModelMismatchError, StoreBusyError, StoreError, StoreFullError
-from indexer.model import ClipModel, LazyModel
+from indexer.model.clip import ClipModel, LazyModel
 from indexer.records import Failure, Hit, SearchFilter, StoredPoint
 from indexer.settings import SEARCH_LIMIT, ModelSettings
-from indexer.store import FailureRecord, VectorStore
+from indexer.store.protocol import FailureRecord, VectorStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

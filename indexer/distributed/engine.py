@@ -27,13 +27,14 @@ from typing import Any
 from indexer.distributed.parts import PART_PREFIX, PART_SUFFIX, Part, decode_row, meta_from_dict, plan_parts
 from indexer.distributed.stage import PartEmbedder, model_json, vectors_of
 from indexer.errors import ConfigError
-from indexer.export import export_points
-from indexer.lazymodel import LazyModel
-from indexer.pipeline import Indexer, NoProgress, Progress, check_roots, decode_limits, payload_for
+from indexer.ingest.pipeline import Indexer, NoProgress, Progress, check_roots, decode_limits, payload_for
+from indexer.library.export import export_points
+from indexer.model.lazy import LazyModel
 from indexer.records import Failure, RunSummary, SearchFilter, StoredPoint, point_id
 from indexer.settings import Settings
-from indexer.shards import SHARD_PENDING
-from indexer.store import QdrantServerStore, VectorStore
+from indexer.sources.shards import SHARD_PENDING
+from indexer.store.protocol import VectorStore
+from indexer.store.server import QdrantServerStore
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from indexer.decode import SUPPORTED_EXTENSIONS, decode_file
+from indexer.decode.image import SUPPORTED_EXTENSIONS, decode_file
 from indexer.records import Decoded, DecodeLimits, Failure, FileEntry, ImageMeta, PreprocessSpec
-from indexer.scan import scan
-from indexer.shards import ShardMeta, count_samples, decode_shard, find_shards
+from indexer.sources.scan import scan
+from indexer.sources.shards import ShardMeta, count_samples, decode_shard, find_shards
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"

@@ -37,7 +37,7 @@ class PartEmbedder:
     """An actor that turns a decoded part's pixels into vectors (the pixels are dropped from the row)."""
 
     def __init__(self, model: str, die_marker: str = "") -> None:
-        from indexer.model import load_model
+        from indexer.model.clip import load_model
 
         self.model = load_model(ModelSettings.model_validate_json(model))
         self.die_marker = die_marker  # test-only: die once, mid-batch (see tests/test_distributed.py)
@@ -95,7 +95,7 @@ class ImageEmbedder:
         verbose: bool = False,
         device: str = "auto",
     ) -> None:
-        from indexer.model import load_model
+        from indexer.model.clip import load_model
 
         self.model = load_model(model_settings_for(model_dir, model_inference_batch_size, device))
         self.num_gpus_per_worker = num_gpus_per_worker
@@ -113,7 +113,7 @@ class ImageEmbedder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
 
-        from indexer.decode import preprocess
+        from indexer.decode.image import preprocess
 
         images = batch["image_data"]
         pixels = np.stack([preprocess(Image.fromarray(np.asarray(im, dtype=np.uint8)).convert("RGB"),

@@ -13,10 +13,10 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import ModelMismatchError
-from indexer.payload import normalise_payload
 from indexer.records import Hit, SearchFilter, StoredPoint
 from indexer.settings import SEARCH_LIMIT
 from indexer.store.filters import _AnyOf, _Cond, filter_conditions
+from indexer.store.payload import normalise_payload
 from indexer.store.protocol import READ_BATCH, WRITE_BATCH, Vector
 
 T = TypeVar("T")

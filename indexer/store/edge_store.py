@@ -18,7 +18,6 @@ import qdrant_edge as edge
 
 from indexer.atomicio import create_json_exclusive
 from indexer.errors import IndexerError, StoreBusyError, StoreError, StoreFullError
-from indexer.payload import normalise_payload
 from indexer.records import Failure, Hit, StoredPoint
 from indexer.store.base import _as_vector, _check_model, _reason, _stamp, _StoreBase, _vector_list
 from indexer.store.directory import (
@@ -35,6 +34,7 @@ from indexer.store.directory import (
     read_only_error,
 )
 from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
+from indexer.store.payload import normalise_payload
 from indexer.store.protocol import FLOAT_FIELDS, INTEGER_FIELDS, KEYWORD_FIELDS, FailureRecord, Vector
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from indexer.errors import IndexerError, ModelMismatchError, StoreError
-from indexer.payload import normalise_payload
 from indexer.records import Failure, Hit, StoredPoint, point_id
 from indexer.store import protocol
 from indexer.store.base import _as_vector, _batches, _check_model, _reason, _stamp, _StoreBase, _vector_list
 from indexer.store.directory import STORE_VERSION
 from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
+from indexer.store.payload import normalise_payload
 from indexer.store.protocol import (
     FLOAT_FIELDS,
     INTEGER_FIELDS,

@@ -16,10 +16,10 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from indexer.model import LazyModel
-from indexer.pipeline import run_index, store_from_settings
+from indexer.ingest.pipeline import run_index, store_from_settings
+from indexer.model.clip import LazyModel
 from indexer.settings import Settings
-from indexer.store import VectorStore
+from indexer.store.protocol import VectorStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
 

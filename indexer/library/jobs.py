@@ -4,7 +4,8 @@ A duplicate scan or a clustering run is a `Job`: started by a POST, run on the s
 thread that touches the model and the store), polled by GET for its progress. A finished scan keeps its report in
 memory (the last `MAX_JOBS` jobs are kept) and hands its groups out a page at a time.
 
-Actions go through `indexer.dedup` exactly as `indexer dedup` does: the same plan (keepers stay, links and members
+Actions go through `indexer.library.dedup` exactly as `indexer dedup` does: the same plan (keepers stay, links and
+members
 joined only through another duplicate are left alone, a destination that exists refuses the whole request, files
 changed since indexing are left alone and reported), the same apply (each file re-checked first, nothing replaced,
 the store follows). On top of that, for an HTTP client:
@@ -35,24 +36,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from indexer.cluster import ClusterReport, cluster_store, resolve_k
-from indexer.dedup import (
-    DedupReport,
-    Group,
-    Tier,
-    apply_plan,
-    common_root,
-    find_duplicates,
-    plan_actions,
-    rekeep,
-    tier_threshold,
-)
 from indexer.errors import ConfigError, IndexerError
+from indexer.library.actions import apply_plan, common_root, plan_actions
+from indexer.library.cluster import ClusterReport, cluster_store, resolve_k
+from indexer.library.dedup import DedupReport, Group, Tier, find_duplicates, rekeep, tier_threshold
 from indexer.records import SearchFilter
 from indexer.settings import Settings
 
 if TYPE_CHECKING:
-    from indexer.store import VectorStore
+    from indexer.store.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 

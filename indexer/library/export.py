@@ -30,13 +30,13 @@ import numpy.typing as npt
 
 from indexer.atomicio import AtomicFile, atomic_write_text
 from indexer.errors import ConfigError, StoreError
-from indexer.payload import embedded_payload, exported_payload
 from indexer.records import ImageMeta, SearchFilter, StoredPoint, point_id
+from indexer.store.payload import embedded_payload, exported_payload
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from indexer.store import VectorStore
+    from indexer.store.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class ParquetWriter(AtomicFile):
             pa.array([m.height for m in metas], pa.int32()),
             pa.ListArray.from_arrays(offsets, flat),
         ]
-        if self.shard_columns:  # ShardMeta (indexer.shards) carries them; files in folders have none
+        if self.shard_columns:  # ShardMeta (indexer.sources.shards) carries them; files in folders have none
             columns.append(pa.array([getattr(m, "caption", None) for m in metas], pa.string()))
             columns.append(pa.array([getattr(m, "json", None) for m in metas], pa.string()))
         self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
@@ -360,7 +360,7 @@ def _embedded_payload(
 
 
 def _unchanged_stat(path: Path, sha256: str) -> os.stat_result | None:
-    from indexer.decode import hash_file
+    from indexer.decode.image import hash_file
 
     try:
         before = os.stat(path)

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from indexer.atomicio import atomic_write_bytes
-from indexer.decode import load_image
+from indexer.decode.image import load_image
 from indexer.errors import DecodeError
 from indexer.records import DecodeLimits
 

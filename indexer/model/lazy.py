@@ -1,7 +1,7 @@
 """The model's identity now, its network later, and neither needs torch to be imported.
 
 `LazyModel` knows at once what the store and the decoders need — the model id, the vector size, the
-preprocessing geometry, the batch size — from the weights' source alone (:mod:`indexer.weights`). The network is
+preprocessing geometry, the batch size — from the weights' source alone (:mod:`indexer.model.weights`). The network is
 built (torch, open_clip: seconds of imports) only when something is to be embedded, and `start()` builds it on a
 thread of its own, so a command can start its decode workers first and have images decoded by the time the model
 is ready: on the 2-core test machine imports and loading take about 6 s of a 12 s `indexer embed` of 96 photos.
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from indexer.model.weights import ModelSource, resolve_source
 from indexer.records import PreprocessSpec
 from indexer.settings import ModelSettings
-from indexer.weights import ModelSource, resolve_source
 
 if TYPE_CHECKING:
-    from indexer.model import ClipModel
+    from indexer.model.clip import ClipModel
 
 __all__ = ["CPU_BATCH", "GPU_BATCH", "LazyModel", "cuda_expected", "preprocess_spec"]
 
@@ -112,7 +112,7 @@ class LazyModel:
                 self._model = None
 
     def _build(self) -> ClipModel:
-        from indexer.model import build_clip
+        from indexer.model.clip import build_clip
 
         return build_clip(self.source, self.settings)
 

@@ -1,6 +1,7 @@
-"""The decode stage's worker pool: `DecodePool` runs `indexer.decode.decode_file` in worker processes
+"""The decode stage's worker pool: `DecodePool` runs `indexer.decode.image.decode_file` in worker processes
 (forkserver/spawn, never fork: the parent holds torch threads) and yields results in input order with a bounded
-look-ahead. On the default "shm" transport workers decode chunks of files into shared-memory slots (`indexer.shm`)
+look-ahead. On the default "shm" transport workers decode chunks of files into shared-memory slots
+(`indexer.decode.shm`)
 and only metadata crosses the pipe; "pickle" sends each decoded array back. Workers exit when the process that made
 the pool dies. This module must not import torch: it is imported in every worker.
 
@@ -31,8 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, Self
 
-from indexer import shm
-from indexer.decode import Pixels, check_spec, decode_file
+from indexer.decode import shm as shm
+from indexer.decode.image import Pixels, check_spec, decode_file
 from indexer.errors import IndexerError
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
@@ -245,7 +246,7 @@ class DecodePool:
 
         Closing the generator early (or dropping it) cancels the files it had submitted. A None from `paths` means
         "nothing more for now": the pool goes on collecting what it submitted and asks again later (a source fed as
-        work arrives, `indexer.mixed_decode`; it should block instead while the pool has nothing in flight)."""
+        work arrives, `indexer.decode.mixed`; it should block instead while the pool has nothing in flight)."""
         if self._closed:
             raise RuntimeError("DecodePool is closed")
         if self.workers == 0:

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from indexer.decode import SUPPORTED_EXTENSIONS, decode_bytes
+from indexer.decode.image import SUPPORTED_EXTENSIONS, decode_bytes
 from indexer.records import Decoded, DecodeLimits, Failure, FileEntry, ImageMeta, PreprocessSpec, StoredPoint
-from indexer.scan import normalise_root
+from indexer.sources.scan import normalise_root
 
 log = logging.getLogger(__name__)
 

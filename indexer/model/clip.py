@@ -3,9 +3,9 @@
 The default is OpenAI's ViT-L/14 through open_clip, built exactly as OpenAI's model (QuickGELU, bicubic resize of
 the shortest side + centre crop, OpenAI's mean/std), so the vectors are the reference ones: 768-dim, L2-normalised.
 Any open_clip architecture runs through the same code, by name or from an open_clip model-config JSON file, and a
-transformers ``CLIPModel`` directory (NeMo Curator's ``model_dir``) is read as it is (see :mod:`indexer.hfclip`).
+transformers ``CLIPModel`` directory (NeMo Curator's ``model_dir``) is read as it is (see :mod:`indexer.model.hfclip`).
 
-Where the weights come from and the model's identity: :mod:`indexer.weights`. The network is built on the ``meta``
+Where the weights come from and the model's identity: :mod:`indexer.model.weights`. The network is built on the ``meta``
 device (no random initialisation) and each tower is loaded, memory-mapped, when first used: a text query never
 reads the image tower.
 """
@@ -28,9 +28,8 @@ import torch.nn.functional as F
 
 from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, ModelError
-from indexer.lazymodel import CPU_BATCH, GPU_BATCH, LazyModel, preprocess_spec
-from indexer.settings import ModelSettings
-from indexer.weights import (
+from indexer.model.lazy import CPU_BATCH, GPU_BATCH, LazyModel, preprocess_spec
+from indexer.model.weights import (
     HF_WEIGHT_FILES,
     ModelSource,
     find_pretrained_weights,
@@ -38,6 +37,7 @@ from indexer.weights import (
     resolve_source,
     tensor_reader,
 )
+from indexer.settings import ModelSettings
 
 __all__ = [
     "HF_WEIGHT_FILES",
@@ -378,14 +378,14 @@ def load_tower(net: Any, source: ModelSource, tower: str, reader: Any) -> None:
     keys, read, plan = reader
     model_keys = set(net.state_dict(keep_vars=True).keys())
     if plan is not None:
-        from indexer.hfclip import check_plan
+        from indexer.model.hfclip import check_plan
 
         check_plan(plan[0], plan[1], set(plan[2]), model_keys, Path(str(source.weights)))
     else:
         missing = sorted(model_keys - keys - {"logit_bias"})
         unexpected = sorted(keys - model_keys)
         if missing or unexpected:
-            from indexer.hfclip import _few
+            from indexer.model.hfclip import _few
 
             raise ModelError(
                 f"{source.weights} does not fit model {source.model_id}: "

@@ -20,14 +20,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from indexer.decode_pool import default_workers
-from indexer.embed import EmbeddedBatch, embed_batches
+from indexer.decode.mixed import Decoder, decoder_for
+from indexer.decode.pool import default_workers
 from indexer.errors import ConfigError
-from indexer.lazymodel import LazyModel
-from indexer.mixed_decode import Decoder, decoder_for
-from indexer.payload import move_point as move_point  # re-exported: callers import it from here
-from indexer.payload import payload_for as payload_for
-from indexer.plan import (
+from indexer.ingest.embed import EmbeddedBatch, embed_batches
+from indexer.ingest.plan import (
     Plan,
     Wanted,
     defer_fresh,
@@ -38,6 +35,8 @@ from indexer.plan import (
     sort_changes,
     unchanged,
 )
+from indexer.ingest.writer import BackgroundWriter
+from indexer.model.lazy import LazyModel
 from indexer.records import (
     DecodeLimits,
     Failure,
@@ -49,12 +48,21 @@ from indexer.records import (
     name_problem,
     point_id,
 )
-from indexer.scan import normalise_root
 from indexer.settings import Settings
-from indexer.shards import SHARD_PENDING, count_samples, decode_shard, decode_shards, find_shards, shard_unchanged
-from indexer.store import VectorStore, open_store_from_settings
-from indexer.watch import FileChange
-from indexer.writer import BackgroundWriter
+from indexer.sources.scan import normalise_root
+from indexer.sources.shards import (
+    SHARD_PENDING,
+    count_samples,
+    decode_shard,
+    decode_shards,
+    find_shards,
+    shard_unchanged,
+)
+from indexer.sources.watch import FileChange
+from indexer.store.factory import open_store_from_settings
+from indexer.store.payload import move_point as move_point  # re-exported: callers import it from here
+from indexer.store.payload import payload_for as payload_for
+from indexer.store.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +419,7 @@ def run_embed(
     progress: Progress | None = None,
 ) -> RunSummary:
     """Embed every image under ``paths`` into ``output`` (.parquet or .npy); no store involved."""
-    from indexer.export import open_embedding_writer
+    from indexer.library.export import open_embedding_writer
 
     progress = progress or NoProgress()
     roots = check_roots(paths)

@@ -2,7 +2,8 @@
 
 `resize_crop` is open_clip's eval geometry (resize the shortest side with torchvision's size arithmetic, centre
 crop; or "squash") on a uint8 CHW tensor, on whatever device the tensor is on: the same sizes and crop offsets as
-`indexer.decode.preprocess`, antialiased bicubic/bilinear resampling (torch's antialias filter follows PIL's). It is
+`indexer.decode.image.preprocess`, antialiased bicubic/bilinear resampling (torch's antialias
+filter follows PIL's). It is
 tested on the CPU against the PIL path.
 
 `NvJpegDecoder` reads files (the same limits, stat checks and sha256 as the CPU path), decodes the JPEGs among them
@@ -11,7 +12,7 @@ decode (CMYK, progressive oddities, corrupt data) is handed to the CPU path, whi
 Without CUDA, `available()` is False and the pipeline never builds one. (It also runs with ``device="cpu"``,
 where torchvision decodes with libjpeg: that is how the tests check it without a GPU.)
 
-`indexer.mixed_decode` wires it into the pipeline (JPEGs shared with the CPU decode pool).
+`indexer.decode.mixed` wires it into the pipeline (JPEGs shared with the CPU decode pool).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from indexer.decode import _check_pixels, _open, _read, _reason, check_spec, decode_file
+from indexer.decode.image import _check_pixels, _open, _read, _reason, check_spec, decode_file
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
 __all__ = ["NvJpegDecoder", "available", "resize_crop", "resize_crop_many", "target_geometry"]
@@ -59,7 +60,7 @@ def target_geometry(width: int, height: int, spec: PreprocessSpec) -> tuple[int,
 
 
 def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 (3, H, W) → uint8 (3, S, S) on the same device, with `indexer.decode.preprocess`'s geometry."""
+    """uint8 (3, H, W) → uint8 (3, S, S) on the same device, with `indexer.decode.image.preprocess`'s geometry."""
     check_spec(spec)
     return _resize_crop_batch(image.unsqueeze(0), spec)[0]
 

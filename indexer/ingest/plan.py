@@ -1,5 +1,5 @@
 """The plan stage: what a write has to do, from comparing the disk (a scan, or a batch of watcher changes) with the
-store. It reads files' metadata and the store, and writes nothing; `indexer.pipeline.Indexer` carries plans out.
+store. It reads files' metadata and the store, and writes nothing; `indexer.ingest.pipeline.Indexer` carries plans out.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.decode import SUPPORTED_EXTENSIONS, hash_file
+from indexer.decode.image import SUPPORTED_EXTENSIONS, hash_file
 from indexer.records import Failure, FileEntry, RunSummary, SearchFilter, StoredPoint, name_problem, point_id
-from indexer.scan import scan
 from indexer.settings import Settings
-from indexer.shards import is_shard_point
-from indexer.store import VectorStore
-from indexer.watch import ChangeKind, FileChange
+from indexer.sources.scan import scan
+from indexer.sources.shards import is_shard_point
+from indexer.sources.watch import ChangeKind, FileChange
+from indexer.store.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from indexer import hfclip
 from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, WeightsNotFoundError
+from indexer.model import hfclip as hfclip
 from indexer.settings import ModelSettings
 
 if TYPE_CHECKING:

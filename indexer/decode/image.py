@@ -8,7 +8,7 @@ Pixels follow open_clip's eval transform exactly (resize the shortest side with 
 size arithmetic and centre crop, or "squash"), except that normalisation (x/255 - mean)/std is left
 to the model stage, which does it batched.
 
-`indexer.decode_pool.DecodePool` runs `decode_file` in worker processes. This module must not import torch: it
+`indexer.decode.pool.DecodePool` runs `decode_file` in worker processes. This module must not import torch: it
 is imported in every worker.
 """
 

@@ -35,18 +35,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from indexer.decode import decode_file
-from indexer.decode_pool import DecodePool
+from indexer.decode.image import decode_file
+from indexer.decode.pool import DecodePool
 from indexer.errors import ConfigError
 from indexer.formats import EXTENSIONS
-from indexer.lazymodel import cuda_expected
+from indexer.model.lazy import cuda_expected
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 from indexer.settings import Settings
 
 if TYPE_CHECKING:
     import torch
 
-    from indexer.gpu_decode import NvJpegDecoder
+    from indexer.decode.nvjpeg import NvJpegDecoder
 
 # torch (and gpu_decode, which imports it) only where nvJPEG may run: a CPU-only start never imports them here.
 
@@ -75,7 +75,7 @@ def gpu_decode_device(settings: Settings) -> str | None:
         return None
     if mode == "auto" and device == "auto" and not cuda_expected("auto"):
         return None
-    from indexer import gpu_decode
+    from indexer.decode import nvjpeg as gpu_decode
 
     if not gpu_decode.available():
         if mode == "on":
@@ -91,7 +91,7 @@ def decoder_for(
     device = gpu_decode_device(settings) if workers > 0 else None
     if device is None:
         return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
-    from indexer.gpu_decode import NvJpegDecoder
+    from indexer.decode.nvjpeg import NvJpegDecoder
 
     pool = DecodePool(spec, limits, workers=workers, lookahead=max(2 * workers, lookahead // 2))
     gpu = NvJpegDecoder(spec, limits, device=device)

@@ -24,11 +24,11 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import ConfigError
-from indexer.export import VectorFile, dump_vectors
+from indexer.library.export import VectorFile, dump_vectors
 from indexer.settings import ClusterSettings
 
 if TYPE_CHECKING:
-    from indexer.store import VectorStore
+    from indexer.store.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 

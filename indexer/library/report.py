@@ -20,8 +20,8 @@ from indexer.atomicio import atomic_write_text
 from indexer.records import DecodeLimits
 
 if TYPE_CHECKING:
-    from indexer.cluster import ClusterReport
-    from indexer.dedup import DedupReport, Group
+    from indexer.library.cluster import ClusterReport
+    from indexer.library.dedup import DedupReport, Group
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def thumbnail_uri(path: str | Path, size: int = THUMB_SIZE) -> str:
     (an IndexerError) when the file cannot be read or decoded."""
     from PIL import Image
 
-    from indexer.decode import load_image
+    from indexer.decode.image import load_image
 
     limits = DecodeLimits()
     if os.path.getsize(path) > limits.max_file_bytes:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from indexer.errors import ConfigError, InotifyLimitError
-from indexer.scan import normalise_root
+from indexer.sources.scan import normalise_root
 
 log = logging.getLogger(__name__)
 
