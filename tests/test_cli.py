@@ -148,7 +148,7 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path) -> None:
 def test_store_in_use_is_a_clear_error(indexed: tuple[Path, Path]) -> None:
     _, store = indexed
     code = (
-        "import pathlib, time; from indexer.store import EdgeStore; "
+        "import pathlib, time; from indexer.store.edge_store import EdgeStore; "
         f"s = EdgeStore(pathlib.Path({str(store)!r})); s.count(); print('open', flush=True); time.sleep(30)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -555,7 +555,7 @@ def test_edge_busy_across_processes(tmp_path: Path) -> None:
             f"""
             from pathlib import Path
             from indexer.errors import StoreBusyError
-            from indexer.store import EdgeStore
+            from indexer.store.edge_store import EdgeStore
             try:
                 EdgeStore(Path({str(tmp_path / "s")!r}))
             except StoreBusyError as exc:

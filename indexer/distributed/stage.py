@@ -74,7 +74,7 @@ class ImageEmbedder:
     ``num_gpus_per_worker`` is what to pass to ``map_batches(num_gpus=...)`` (see ``ray_remote_args``)::
 
         import ray
-        from indexer.distributed import ImageEmbedder
+        from indexer.distributed.stage import ImageEmbedder
 
         embedder = dict(model_dir="/models/vit-l-14", model_inference_batch_size=256, num_gpus_per_worker=0.25)
         ds = ray.data.read_images("s3://bucket/images/", mode="RGB")   # column "image"
