@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from indexer.decode.image import SUPPORTED_EXTENSIONS
-from indexer.sources.watch import (
+from indexer.sources.events import (
     ChangeKind,
     Coalescer,
     EventKind,
@@ -26,9 +26,9 @@ from indexer.sources.watch import (
     ImageFiles,
     NotPartial,
     VisibleUnder,
-    Watcher,
     default_filter,
 )
+from indexer.sources.watch import Watcher
 from tests.fixtures.shapes import draw_shape
 
 STABLE = 0.3

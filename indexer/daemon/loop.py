@@ -35,7 +35,8 @@ from indexer.ingest.embed import EmbeddedBatch
 from indexer.ingest.pipeline import Indexer, SyncResult, store_from_settings
 from indexer.records import Hit, RunSummary, SearchFilter
 from indexer.settings import Settings
-from indexer.sources.watch import Coalescer, FileChange, FsEvent, Watcher, check_watch_roots, default_filter
+from indexer.sources.events import Coalescer, FileChange, FsEvent, default_filter
+from indexer.sources.watch import Watcher, check_watch_roots
 from indexer.store.directory import STORE_FILE
 from indexer.store.status import store_status
 

@@ -49,6 +49,7 @@ from indexer.records import (
     point_id,
 )
 from indexer.settings import Settings
+from indexer.sources.events import FileChange
 from indexer.sources.scan import normalise_root
 from indexer.sources.shards import (
     SHARD_PENDING,
@@ -58,7 +59,6 @@ from indexer.sources.shards import (
     find_shards,
     shard_unchanged,
 )
-from indexer.sources.watch import FileChange
 from indexer.store.factory import open_store_from_settings
 from indexer.store.payload import move_point as move_point  # re-exported: callers import it from here
 from indexer.store.payload import payload_for as payload_for

@@ -15,9 +15,9 @@ from pathlib import Path
 from indexer.decode.image import SUPPORTED_EXTENSIONS, hash_file
 from indexer.records import Failure, FileEntry, RunSummary, SearchFilter, StoredPoint, name_problem, point_id
 from indexer.settings import Settings
+from indexer.sources.events import ChangeKind, FileChange
 from indexer.sources.scan import scan
 from indexer.sources.shards import is_shard_point
-from indexer.sources.watch import ChangeKind, FileChange
 from indexer.store.protocol import VectorStore
 
 log = logging.getLogger(__name__)
