@@ -104,10 +104,13 @@ class Decoded:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """A file that could not be indexed, and why."""
+    """A file that could not be indexed, and why; with the size and mtime it had when that is known (a later
+    `indexer index` does not retry a failed file that still has them)."""
 
     path: Path
     reason: str
+    size: int | None = None
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexer.decode.image import SUPPORTED_EXTENSIONS, hash_file
+from indexer.errors import ConfigError
 from indexer.records import Failure, FileEntry, RunSummary, SearchFilter, StoredPoint, name_problem, point_id
 from indexer.settings import Settings
-from indexer.sources.scan import scan
+from indexer.sources.scan import normalise_root, scan
 from indexer.sources.shards import is_shard_point
 from indexer.sources.watch import ChangeKind, FileChange
 from indexer.store.protocol import VectorStore
@@ -31,6 +32,15 @@ class Plan:
     to_embed: list[FileEntry] = field(default_factory=list)
     gone: dict[str, StoredPoint] = field(default_factory=dict)
     stored_paths: set[str] = field(default_factory=set)
+
+
+def check_roots(paths: Sequence[str | Path]) -> list[Path]:
+    """Normalised roots; a root that does not exist is a usage error (never a mass deletion)."""
+    roots = [normalise_root(p) for p in paths]
+    for root in roots:
+        if not root.exists():
+            raise ConfigError("PATH", f"{root} does not exist")
+    return roots
 
 
 def scan_entries(roots: Sequence[Path], settings: Settings, on_error: Callable[[Failure], None]) -> Iterator[FileEntry]:
