@@ -166,6 +166,7 @@ class RunSummary:
     failed: int = 0
     failures: list[Failure] = field(default_factory=list)
     interrupted: bool = False
+    known_failures: int = 0  # files that failed before and are unchanged: not read again (not in ``failed``)
 
     def add_failure(self, failure: Failure) -> None:
         self.failed += 1
@@ -180,4 +181,5 @@ class RunSummary:
             "failed": self.failed,
             "failures": [{"path": str(f.path), "reason": f.reason} for f in self.failures],
             "interrupted": self.interrupted,
+            "known_failures": self.known_failures,
         }

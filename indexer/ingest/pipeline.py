@@ -45,7 +45,7 @@ from indexer.sources.watch import FileChange
 from indexer.store.factory import open_store_from_settings
 from indexer.store.payload import move_point as move_point
 from indexer.store.payload import payload_for as payload_for
-from indexer.store.protocol import VectorStore
+from indexer.store.protocol import MAX_FAILURES, VectorStore
 
 __all__ = [
     "Decoders",
@@ -100,12 +100,14 @@ class Indexer:
         self.progress: Progress = progress or NoProgress()
         self._decoders: Decoders | None = None
 
-    def index(self, paths: Sequence[str | Path]) -> RunSummary:
+    def index(self, paths: Sequence[str | Path], *, retry_failed: bool = False) -> RunSummary:
         """`indexer index`: bring the store up to date with the files under ``paths``, deletions included.
-        Ctrl-C keeps every batch already stored."""
+        Files that failed before and are unchanged are not read again unless ``retry_failed``. Ctrl-C keeps
+        every batch already stored."""
         roots = check_roots(paths)
         summary = self._start()
-        plan = plan_roots(roots, self.settings, self.store, summary)
+        known = {} if retry_failed else {f.path: f for f in self.store.failures(MAX_FAILURES)}
+        plan = plan_roots(roots, self.settings, self.store, summary, known)
         try:
             self._run(plan, summary, remove=True, optimize=True, shard_roots=roots)
         except KeyboardInterrupt:
@@ -231,7 +233,9 @@ def run_index(
     store: VectorStore,
     model: LazyModel,
     progress: Progress | None = None,
+    *,
+    retry_failed: bool = False,
 ) -> RunSummary:
     """Bring the store up to date with the files under ``paths`` (`Indexer.index`)."""
     with Indexer(settings, store, model, progress) as indexer:
-        return indexer.index(paths)
+        return indexer.index(paths, retry_failed=retry_failed)

@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from indexer.settings import Settings
 from indexer.sources.scan import normalise_root, scan
 from indexer.sources.shards import is_shard_point
 from indexer.sources.watch import ChangeKind, FileChange
-from indexer.store.protocol import VectorStore
+from indexer.store.protocol import FailureRecord, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,16 @@ def unchanged(entry: FileEntry, point: StoredPoint) -> bool:
     return bool(point.payload.get("size") == entry.size and point.payload.get("mtime_ns") == entry.mtime_ns)
 
 
-def plan_roots(roots: Sequence[Path], settings: Settings, store: VectorStore, summary: RunSummary) -> Plan:
-    """Diff the disk against the store: which files to embed, which stored points are gone."""
+def plan_roots(
+    roots: Sequence[Path],
+    settings: Settings,
+    store: VectorStore,
+    summary: RunSummary,
+    known_failures: Mapping[str, FailureRecord] | None = None,
+) -> Plan:
+    """Diff the disk against the store: which files to embed, which stored points are gone. A file not stored
+    that is in ``known_failures`` with its size and mtime unchanged is not read again (it would fail again)."""
+    known = known_failures or {}
     stored: dict[str, StoredPoint] = {}
     for root in roots:
         for point in store.scroll(filter=SearchFilter(path_prefix=str(root))):
@@ -71,10 +79,17 @@ def plan_roots(roots: Sequence[Path], settings: Settings, store: VectorStore, su
         old = stored.pop(str(entry.path), None)
         if old is not None and unchanged(entry, old):
             summary.unchanged += 1
+        elif (
+            old is None
+            and (failed := known.get(str(entry.path)))
+            and failed.unchanged_since(entry.size, entry.mtime_ns)
+        ):
+            summary.known_failures += 1
         else:
             plan.to_embed.append(entry)
     plan.gone = stored
-    log.info("%d to embed, %d unchanged, %d gone from disk", len(plan.to_embed), summary.unchanged, len(plan.gone))
+    log.info("%d to embed, %d unchanged, %d known failures, %d gone from disk",
+             len(plan.to_embed), summary.unchanged, summary.known_failures, len(plan.gone))  # fmt: skip
     return plan
 
 
