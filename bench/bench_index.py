@@ -7,7 +7,7 @@ process's CPU time per image (time.process_time: every thread of the main proces
 threads — but not the decode worker processes) and, for `index`, the seconds spent in the store's optimize. Then the
 ratio index/embed of the rates. A second `index` of the same files (nothing changed) is timed as well.
 
-    python -m bench.bench_index [--count 400] [--workers 2] [--repeat 3] [--batch 64]
+    python -m bench.bench_index [--count 800] [--workers 2] [--repeat 2] [--batch 64]
 """
 
 from __future__ import annotations
@@ -117,40 +117,52 @@ def timed_embed(folder: Path, workers: int, batch: int) -> tuple[float, float, i
     return summary.indexed / wall, 1000 * cpu / summary.indexed, summary.indexed
 
 
-def main() -> None:
+def folder_of(count: int) -> Path:
+    """A folder of exactly ``count`` VGA JPEGs (links into the generated cache)."""
     from bench.bench_embed import make_photos
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=400, help="VGA JPEGs")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; the best of each is shown")
-    args = parser.parse_args()
-    paths = make_photos(DATA / "jpeg-vga", args.count, (640, 480))
-    folder = DATA / f"jpeg-vga-{args.count}"
-    if not folder.exists():  # exactly --count files (the cache folder may hold more from another run)
+    paths = make_photos(DATA / "jpeg-vga", count, (640, 480))
+    folder = DATA / f"jpeg-vga-{count}"
+    if not folder.exists():
         folder.mkdir(parents=True)
         for path in paths:
             (folder / path.name).symlink_to(path)
-    best: dict[str, list[float]] = {}
+    return folder
 
-    def keep(name: str, rate: float, cpu: float, extra: float = 0.0) -> None:
-        old = best.get(name, [0.0, float("inf"), float("inf")])
-        best[name] = [max(rate, old[0]), min(cpu, old[1]), min(extra, old[2])]
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=800, help="VGA JPEGs (a quarter of them are run too)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is shown")
+    args = parser.parse_args()
+    small, large = args.count // 4, args.count
+    folders = {n: folder_of(n) for n in (small, large)}
+    best: dict[tuple[str, int], list[float]] = {}
+
+    def keep(name: str, n: int, rate: float, cpu: float, extra: float = 0.0) -> None:
+        old = best.get((name, n), [0.0, float("inf"), float("inf")])
+        best[name, n] = [max(rate, old[0]), min(cpu, old[1]), min(extra, old[2])]
 
     for _ in range(args.repeat):
-        rate, cpu, n = timed_embed(folder, args.workers, args.batch)
-        keep("embed", rate, cpu)
-        rate, cpu, opt, n = timed_index(folder, args.workers, args.batch, again=False)
-        keep("index", rate, cpu, opt)
-        rate, cpu, opt, n = timed_index(folder, args.workers, args.batch, again=True)
-        keep("index, unchanged", rate, cpu, opt)
-    print(f"{n} VGA JPEGs, no-op model, {args.workers} decode workers ({os.cpu_count()} CPUs), batch {args.batch}, "
-          f"best of {args.repeat}")  # fmt: skip
-    print(f"{'run':18} {'images/s':>9} {'main CPU ms/img':>16} {'optimize s':>11}")
-    for name, (rate, cpu, opt) in best.items():
-        print(f"{name:18} {rate:>9.1f} {cpu:>16.3f} {opt if name != 'embed' else 0:>11.3f}")
-    print(f"index / embed: {best['index'][0] / best['embed'][0]:.2f}x")
+        for n, folder in folders.items():
+            rate, cpu, _ = timed_embed(folder, args.workers, args.batch)
+            keep("embed", n, rate, cpu)
+            rate, cpu, opt, _ = timed_index(folder, args.workers, args.batch, again=False)
+            keep("index", n, rate, cpu, opt)
+            rate, cpu, opt, _ = timed_index(folder, args.workers, args.batch, again=True)
+            keep("index, unchanged", n, rate, cpu, opt)
+    print(f"VGA JPEGs, no-op model, {args.workers} decode workers ({os.cpu_count()} CPUs), batch {args.batch}, "
+          f"best of {args.repeat}; main CPU per image: of the whole run, and the marginal cost (the slope between "
+          f"{small} and {large} images: the run's fixed costs left out)")  # fmt: skip
+    print(f"{'run':18} {'images':>6} {'images/s':>9} {'main CPU ms/img':>16} {'marginal':>9} {'optimize s':>11}")
+    for (name, n), (rate, cpu, opt) in best.items():
+        slope = (best[name, large][1] * large - best[name, small][1] * small) / (large - small)
+        marginal = f"{slope:9.3f}" if n == large else " " * 9
+        print(f"{name:18} {n:>6} {rate:>9.1f} {cpu:>16.3f} {marginal} {opt if name != 'embed' else 0:>11.3f}")
+    for n in (small, large):
+        print(f"index / embed, {n} images: {best['index', n][0] / best['embed', n][0]:.2f}x")
 
 
 if __name__ == "__main__":
