@@ -109,7 +109,7 @@ class DecoderSpy:
 
     def __init__(self, cpu_stand_in: bool) -> None:
         import indexer.decode.mixed as mixed_decode
-        import indexer.ingest.pipeline as pipeline
+        import indexer.ingest.decoders as pipeline
 
         self.made: list[Any] = []
         self._saved = (pipeline.decoder_for, mixed_decode.gpu_decode_device)
@@ -126,7 +126,7 @@ class DecoderSpy:
 
     def close(self) -> None:
         import indexer.decode.mixed as mixed_decode
-        import indexer.ingest.pipeline as pipeline
+        import indexer.ingest.decoders as pipeline
 
         pipeline.decoder_for, mixed_decode.gpu_decode_device = self._saved
 

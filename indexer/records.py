@@ -104,10 +104,13 @@ class Decoded:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """A file that could not be indexed, and why."""
+    """A file that could not be indexed, and why; with the size and mtime it had when that is known (a later
+    `indexer index` does not retry a failed file that still has them)."""
 
     path: Path
     reason: str
+    size: int | None = None
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,7 @@ class RunSummary:
     failed: int = 0
     failures: list[Failure] = field(default_factory=list)
     interrupted: bool = False
+    known_failures: int = 0  # files that failed before and are unchanged: not read again (not in ``failed``)
 
     def add_failure(self, failure: Failure) -> None:
         self.failed += 1
@@ -177,4 +181,5 @@ class RunSummary:
             "failed": self.failed,
             "failures": [{"path": str(f.path), "reason": f.reason} for f in self.failures],
             "interrupted": self.interrupted,
+            "known_failures": self.known_failures,
         }

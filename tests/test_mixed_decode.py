@@ -219,7 +219,7 @@ def test_embed_through_the_pipeline_with_mixed_decoding(tmp_path: Path, monkeypa
         return decoder
 
     monkeypatch.setattr(mixed_decode, "gpu_decode_device", lambda settings: "cpu")  # the "GPU" is the CPU
-    monkeypatch.setattr("indexer.ingest.pipeline.decoder_for", build)
+    monkeypatch.setattr("indexer.ingest.decoders.decoder_for", build)
     small = shapes_settings(tmp_path, decode={"workers": 1, "lookahead": 4})  # the pool full: the "GPU" gets work
     mixed = run_embed([folder], tmp_path / "mixed.parquet", small, model)
     assert isinstance(made[0], MixedDecoder) and made[0].gpu_files > 0

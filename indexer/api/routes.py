@@ -45,6 +45,7 @@ from indexer.api.service import (
     engine_thread_init,
 )
 from indexer.api.thumbs import ThumbnailCache
+from indexer.decode.limits import decode_limits
 from indexer.errors import (
     INTERNAL_ERROR,
     ConfigError,
@@ -56,7 +57,6 @@ from indexer.errors import (
 )
 from indexer.formats import MEDIA_TYPES
 from indexer.model.clip import LazyModel
-from indexer.records import DecodeLimits
 from indexer.search import Query as SearchQuery
 from indexer.settings import Settings
 from indexer.store.protocol import VectorStore
@@ -89,7 +89,7 @@ def create_app(
     api_key: None reads it from the settings (serve.api_key_file, serve.api_key); '' means no key.
     """
     key = resolve_api_key(settings.serve) if api_key is None else api_key
-    limits = DecodeLimits(max_pixels=settings.decode.max_pixels, max_file_bytes=max_body_bytes(settings))
+    limits = decode_limits(settings, max_file_bytes=max_body_bytes(settings))
     service = Service(
         settings=settings,
         store=store,
@@ -98,7 +98,7 @@ def create_app(
         thumbs=ThumbnailCache(
             thumbnail_dir or default_thumbnail_dir(settings),
             settings.serve.thumbnail_size,
-            DecodeLimits(settings.decode.max_pixels, int(settings.decode.max_file_mb * 1024 * 1024)),
+            decode_limits(settings),
         ),
         limits=limits,
         metrics=Metrics(),

@@ -72,17 +72,31 @@ def overrides_from_args(args: argparse.Namespace, flags: Mapping[str, str] = COM
     return out
 
 
-def report_summary(summary: RunSummary, args: argparse.Namespace) -> int:
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 file"``, ``"2 files"`` (``many``: an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def report_summary(summary: RunSummary, args: argparse.Namespace, *, output: Path | None = None) -> int:
+    """Print what a run did (``output``: an `indexer embed` file, so the store's counts mean nothing) and return
+    its exit code: failures that are new make it 1; known failures (unchanged since they failed) do not."""
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:
-        print(
-            f"indexed {summary.indexed}, unchanged {summary.unchanged}, moved {summary.moved}, "
-            f"removed {summary.removed}, failed {summary.failed}"
-            + (" (interrupted: run again to resume)" if summary.interrupted else "")
-        )
+        if output is not None:
+            done = f", {summary.unchanged} already there" if summary.unchanged else ""  # --ray: parts done before
+            head = f"wrote {plural(summary.indexed, 'embedding')} to {output}{done}, failed {summary.failed}"
+        else:
+            head = (
+                f"indexed {summary.indexed}, unchanged {summary.unchanged}, moved {summary.moved}, "
+                f"removed {summary.removed}, failed {summary.failed}"
+            )
+        print(head + (" (interrupted: run again to resume)" if summary.interrupted else ""))
         for failure in summary.failures:
             print(f"  failed: {failure.path}: {failure.reason}")
+        if summary.known_failures:
+            print(f"{plural(summary.known_failures, 'known failure')} (indexer status lists them; "
+                  "--retry-failed reads them again)")  # fmt: skip
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILURES if summary.failed else EXIT_OK

@@ -34,6 +34,8 @@ def register(sub: Any) -> None:
 def _add_index(sub: Any) -> None:
     p = sub.add_parser("index", help="embed every image under PATH into the store (incremental)")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="read again the files that failed before, even if unchanged since")  # fmt: skip
     common_options(p)
     model_options(p)
     ray_options(p, index=True)
@@ -90,7 +92,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_index_ray(args, settings)
     model = LazyModel(settings.model)
     with store_from_settings(settings) as store, progress_bar(args) as progress:
-        summary = run_index(args.paths, settings, store, model, progress)
+        summary = run_index(args.paths, settings, store, model, progress, retry_failed=args.retry_failed)
     return report_summary(summary, args)
 
 
@@ -103,9 +105,7 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_embed_ray(args, settings)
     with progress_bar(args) as progress:
         summary = run_embed(args.paths, args.output, settings, LazyModel(settings.model), progress)
-    if not args.json:
-        print(f"wrote {summary.indexed} embeddings to {args.output}")
-    return report_summary(summary, args)
+    return report_summary(summary, args, output=args.output)
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:

@@ -47,9 +47,7 @@ def cmd_embed_ray(args: argparse.Namespace, settings: Settings) -> int:
 
     with progress_bar(args) as progress:
         summary = run_ray_embed(args.paths, args.output, settings, _options(args), progress)
-    if not args.json:
-        print(f"wrote {summary.indexed} embeddings to {args.output}")
-    return report_summary(summary, args)
+    return report_summary(summary, args, output=args.output)
 
 
 def cmd_index_ray(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from indexer.atomicio import atomic_open
-from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options
+from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options, plural
 from indexer.errors import ConfigError
 from indexer.records import SearchFilter
 from indexer.settings import Settings
@@ -154,22 +154,28 @@ def _act(report: DedupReport, args: argparse.Namespace, store: VectorStore, flt:
         _print_dedup(report, None, False)
     _print_plan(plan, args, out)
     if args.delete and not args.yes:
-        raise ConfigError("--delete", f"nothing was deleted: add --yes to delete the {len(plan.actions)} files above")
+        raise ConfigError(
+            "--delete", f"nothing was deleted: add --yes to delete the {plural(len(plan.actions), 'file')} above"
+        )
     apply_plan(plan, store, on_each=lambda action, error: _print_done(action, error, out))
     if args.json:
         _print_dedup(report, plan, True)
     else:
         verb = "moved" if args.move_to is not None else "deleted"
-        print(f"{verb} {len(plan.done)} files, {len(plan.failed)} failed, {len(plan.skipped)} left alone", file=out)
+        print(
+            f"{verb} {plural(len(plan.done), 'file')}, {len(plan.failed)} failed, {len(plan.skipped)} left alone",
+            file=out,
+        )
     return EXIT_FAILURES if plan.problems else EXIT_OK
 
 
 def _print_plan(plan: ActionPlan, args: argparse.Namespace, out: TextIO) -> None:
+    files = f"{plural(len(plan.actions), 'file')} ({_human_bytes(plan.bytes)})"
     if args.move_to is not None:
-        head = f"dry run: move {len(plan.actions)} files ({_human_bytes(plan.bytes)}) to {args.move_to.absolute()}"
+        head = f"dry run: move {files} to {args.move_to.absolute()}"
     else:
-        head = f"dry run: delete {len(plan.actions)} files ({_human_bytes(plan.bytes)})"
-    print(f"{head}; keepers stay; {len(plan.skipped)} duplicates left alone", file=out)
+        head = f"dry run: delete {files}"
+    print(f"{head}; keepers stay; {plural(len(plan.skipped), 'duplicate')} left alone", file=out)
     for a in plan.actions:
         print(f"  {a.kind} {a.item.path}" + (f" -> {a.target}" if a.target is not None else ""), file=out)
     for s in plan.skipped:
@@ -194,8 +200,9 @@ def _print_dedup(report: DedupReport, plan: ActionPlan | None, as_json: bool) ->
         return
     what = "exact copies (same sha256)" if report.threshold is None else f"cosine >= {report.threshold:.3f}"
     print(
-        f"{report.tier} tier, {what}: {len(report.groups)} groups, {report.duplicates} duplicates among "
-        f"{report.scanned} images ({_human_bytes(report.duplicate_bytes)} in duplicates)"
+        f"{report.tier} tier, {what}: {plural(len(report.groups), 'group')}, "
+        f"{plural(report.duplicates, 'duplicate')} among "
+        f"{plural(report.scanned, 'image')} ({_human_bytes(report.duplicate_bytes)} in duplicates)"
     )
     for group in report.groups:
         k = group.keeper
@@ -245,9 +252,10 @@ def _print_clusters(report: ClusterReport, as_json: bool) -> None:
         print(json.dumps(report.as_dict(), indent=2))
         return
     how = f"k chosen by silhouette {report.silhouette:.3f}" if report.silhouette is not None else f"k = {report.k}"
-    print(f"{len(report.clusters)} clusters of {report.points} images ({how}); search one with --cluster ID")
+    clusters = f"{plural(len(report.clusters), 'cluster')} of {plural(report.points, 'image')}"
+    print(f"{clusters} ({how}); search one with --cluster ID")
     for c in report.clusters:
-        print(f"cluster {c.id}: {c.size} images, e.g. " + ", ".join(c.representatives[:3]))
+        print(f"cluster {c.id}: {plural(c.size, 'image')}, e.g. " + ", ".join(c.representatives[:3]))
 
 
 # --- export and import -------------------------------------------------------------------------------------------
@@ -263,7 +271,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps({"exported": written, "output": str(args.output)}))
     else:
-        print(f"exported {written} images to {args.output}")
+        print(f"exported {plural(written, 'image')} to {args.output}")
     return EXIT_OK
 
 
@@ -277,10 +285,11 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(summary.as_dict() | {"store": location}, indent=2))
         return EXIT_OK
-    print(f"imported {summary.imported} images ({summary.model}, {summary.dim}-d) into {location}")
+    print(f"imported {plural(summary.imported, 'image')} ({summary.model}, {summary.dim}-d) into {location}")
     if summary.unverified:
         print(
-            f"{len(summary.unverified)} files are missing or changed since they were embedded: "
+            f"{plural(len(summary.unverified), 'file')} {'is' if len(summary.unverified) == 1 else 'are'} missing or "
+            "changed since embedded: "
             "the next `indexer index` embeds them again"
         )
     return EXIT_OK

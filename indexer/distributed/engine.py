@@ -18,21 +18,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from indexer.decode.limits import decode_limits
 from indexer.distributed.parts import PART_PREFIX, PART_SUFFIX, Part, decode_row, meta_from_dict, plan_parts
 from indexer.distributed.stage import PartEmbedder, model_json, vectors_of
 from indexer.errors import ConfigError
-from indexer.ingest.pipeline import Indexer, NoProgress, Progress, check_roots, decode_limits, payload_for
+from indexer.ingest.embed import EmbeddedBatch
+from indexer.ingest.loop import NoProgress, Progress, drain
+from indexer.ingest.plan import check_roots
+from indexer.ingest.sinks import remove_points
 from indexer.library.export import export_points
 from indexer.model.lazy import LazyModel
 from indexer.records import Failure, RunSummary, SearchFilter, StoredPoint, point_id
 from indexer.settings import Settings
 from indexer.sources.shards import SHARD_PENDING
+from indexer.store.payload import payload_for
 from indexer.store.protocol import VectorStore
 from indexer.store.server import QdrantServerStore
 
@@ -78,7 +83,7 @@ def run_ray_index(
         summary, parts = _run(paths, parts_dir, settings, options, progress or NoProgress(), store=store)
         if not summary.interrupted:
             _mark_complete_shards(parts, parts_dir, store)
-            Indexer(settings, store, model).remove(_gone(check_roots(paths), parts, store), summary)
+            remove_points(store, _gone(check_roots(paths), parts, store), summary)
     if summary.failures:
         store.record_failures(summary.failures)
     store.optimize()
@@ -108,12 +113,11 @@ def _run(
     log.info("%d parts: %d to embed, %d already done", len(parts), len(todo), len(parts) - len(todo))
     if not todo:
         return summary, parts
-    sink = _Sink(out_dir, store, summary, progress)
     progress.start(sum(p.images for p in todo), "embedding on ray")
     try:
         with ray_session(options.address):
-            for row in _dataset(todo, settings, options).iter_rows():
-                sink.write(row)
+            rows = _dataset(todo, settings, options).iter_rows()
+            drain(_part_batches(rows, out_dir), PartSink(out_dir, store), summary, progress)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
@@ -163,42 +167,54 @@ def _remove_stale(out_dir: Path, parts: list[Part]) -> None:
             path.unlink()
 
 
-class _Sink:
-    """Writes each embedded part once: upsert first (when there is a store), then the part file (rename)."""
+@dataclass(frozen=True, slots=True)
+class PartBatch(EmbeddedBatch):
+    """The embedded images of one part, as the actors return them."""
 
-    def __init__(self, out_dir: Path, store: VectorStore | None, summary: RunSummary, progress: Progress) -> None:
-        self.out_dir, self.store, self.summary, self.progress = out_dir, store, summary, progress
-        self.seen: set[str] = set()
+    part: Part
+    model_id: str
 
-    def write(self, row: dict[str, Any]) -> None:
+
+def _part_batches(rows: Iterable[dict[str, Any]], out_dir: Path) -> Iterator[PartBatch | Failure]:
+    """Each embedded part once (Ray Data may replay a part: the copy is dropped), its failures first."""
+    seen: set[str] = set()
+    for row in rows:
         part = Part.from_json(row["part"])
-        target = self.out_dir / part.file_name()
-        if part.part_id in self.seen or target.exists():
+        if part.part_id in seen or (out_dir / part.file_name()).exists():
             log.warning("part %s arrived twice: the copy is dropped", part.part_id)
-            return
-        self.seen.add(part.part_id)
-        failures = [Failure(Path(path), reason) for path, reason in json.loads(row["failures"])]
-        points = _points(row, part)
+            continue
+        seen.add(part.part_id)
+        yield from (Failure(Path(path), reason) for path, reason in json.loads(row["failures"]))
+        metas = [meta_from_dict(m) for m in json.loads(row["metas"])]
+        yield PartBatch(metas, vectors_of(row), 0.0, part, str(row["model"]))
+
+
+class PartSink:
+    """Writes each embedded part once: upsert first (when there is a store), then the part file (rename: the
+    resume marker)."""
+
+    def __init__(self, out_dir: Path, store: VectorStore | None) -> None:
+        self.out_dir, self.store = out_dir, store
+
+    def write(self, batch: PartBatch) -> None:
+        points = _points(batch)
         if self.store is not None:
             self.store.upsert(points)
             self.store.clear_failures([p.path for p in points])
-        export_points(points, target, int(row["dim"]), str(row["model"]))
-        for failure in failures:
-            log.warning("skipping %s: %s", failure.path, failure.reason)
-            self.summary.add_failure(failure)
-        self.summary.indexed += len(points)
-        self.progress.advance(len(points) + len(failures))
+        export_points(points, self.out_dir / batch.part.file_name(), batch.vectors.shape[1], batch.model_id)
+
+    def fail(self, failure: Failure) -> Failure:
+        return failure
 
 
-def _points(row: dict[str, Any], part: Part) -> list[StoredPoint]:
+def _points(batch: PartBatch) -> list[StoredPoint]:
     now = time.time()
-    metas = [meta_from_dict(m) for m in json.loads(row["metas"])]
-    vectors = vectors_of(row)
     # A part of a shard is not the whole shard: its points must not make the shard look unchanged.
+    part = batch.part
     pending = {"shard_mtime_ns": SHARD_PENDING} if part.kind == "shard" and not part.whole_shard else {}
     return [
-        StoredPoint(point_id(meta.path), {**payload_for(meta, str(row["model"]), now), **pending}, vector.copy())
-        for meta, vector in zip(metas, vectors, strict=True)
+        StoredPoint(point_id(meta.path), {**payload_for(meta, batch.model_id, now), **pending}, vector.copy())
+        for meta, vector in zip(batch.metas, batch.vectors, strict=True)
     ]
 
 

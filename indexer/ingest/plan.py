@@ -8,17 +8,18 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexer.decode.image import SUPPORTED_EXTENSIONS, hash_file
+from indexer.errors import ConfigError
 from indexer.records import Failure, FileEntry, RunSummary, SearchFilter, StoredPoint, name_problem, point_id
 from indexer.settings import Settings
-from indexer.sources.events import ChangeKind, FileChange
-from indexer.sources.scan import scan
+from indexer.sources.scan import normalise_root, scan
 from indexer.sources.shards import is_shard_point
-from indexer.store.protocol import VectorStore
+from indexer.sources.events import ChangeKind, FileChange
+from indexer.store.protocol import FailureRecord, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,15 @@ class Plan:
     to_embed: list[FileEntry] = field(default_factory=list)
     gone: dict[str, StoredPoint] = field(default_factory=dict)
     stored_paths: set[str] = field(default_factory=set)
+
+
+def check_roots(paths: Sequence[str | Path]) -> list[Path]:
+    """Normalised roots; a root that does not exist is a usage error (never a mass deletion)."""
+    roots = [normalise_root(p) for p in paths]
+    for root in roots:
+        if not root.exists():
+            raise ConfigError("PATH", f"{root} does not exist")
+    return roots
 
 
 def scan_entries(roots: Sequence[Path], settings: Settings, on_error: Callable[[Failure], None]) -> Iterator[FileEntry]:
@@ -49,8 +59,16 @@ def unchanged(entry: FileEntry, point: StoredPoint) -> bool:
     return bool(point.payload.get("size") == entry.size and point.payload.get("mtime_ns") == entry.mtime_ns)
 
 
-def plan_roots(roots: Sequence[Path], settings: Settings, store: VectorStore, summary: RunSummary) -> Plan:
-    """Diff the disk against the store: which files to embed, which stored points are gone."""
+def plan_roots(
+    roots: Sequence[Path],
+    settings: Settings,
+    store: VectorStore,
+    summary: RunSummary,
+    known_failures: Mapping[str, FailureRecord] | None = None,
+) -> Plan:
+    """Diff the disk against the store: which files to embed, which stored points are gone. A file not stored
+    that is in ``known_failures`` with its size and mtime unchanged is not read again (it would fail again)."""
+    known = known_failures or {}
     stored: dict[str, StoredPoint] = {}
     for root in roots:
         for point in store.scroll(filter=SearchFilter(path_prefix=str(root))):
@@ -61,10 +79,17 @@ def plan_roots(roots: Sequence[Path], settings: Settings, store: VectorStore, su
         old = stored.pop(str(entry.path), None)
         if old is not None and unchanged(entry, old):
             summary.unchanged += 1
+        elif (
+            old is None
+            and (failed := known.get(str(entry.path)))
+            and failed.unchanged_since(entry.size, entry.mtime_ns)
+        ):
+            summary.known_failures += 1
         else:
             plan.to_embed.append(entry)
     plan.gone = stored
-    log.info("%d to embed, %d unchanged, %d gone from disk", len(plan.to_embed), summary.unchanged, len(plan.gone))
+    log.info("%d to embed, %d unchanged, %d known failures, %d gone from disk",
+             len(plan.to_embed), summary.unchanged, summary.known_failures, len(plan.gone))  # fmt: skip
     return plan
 
 

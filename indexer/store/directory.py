@@ -105,7 +105,7 @@ class _FailureFile:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             rows = data["failures"]
-            records = [FailureRecord(str(r["path"]), str(r["reason"]), float(r["at"])) for r in rows]
+            records = [_failure_from_json(r) for r in rows]
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -113,14 +113,14 @@ class _FailureFile:
         return {r.path: r for r in records}
 
     def _save(self) -> None:
-        rows = [{"path": r.path, "reason": r.reason, "at": r.at} for r in self._entries.values()]
+        rows = [_failure_to_json(r) for r in self._entries.values()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, {"version": 1, "failures": rows})
 
     def record(self, failures: Sequence[Failure], at: float) -> None:
         for f in failures:
             self._entries.pop(str(f.path), None)  # re-insert: dict order is age order
-            self._entries[str(f.path)] = FailureRecord(str(f.path), f.reason, at)
+            self._entries[str(f.path)] = FailureRecord(str(f.path), f.reason, at, f.size, f.mtime_ns)
         excess = len(self._entries) - protocol.MAX_FAILURES
         for path in [r.path for r in self.newest(len(self._entries))[::-1][: max(excess, 0)]]:
             del self._entries[path]
@@ -138,6 +138,20 @@ class _FailureFile:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _failure_to_json(record: FailureRecord) -> dict[str, object]:
+    row: dict[str, object] = {"path": record.path, "reason": record.reason, "at": record.at}
+    if record.size is not None:
+        row.update(size=record.size, mtime_ns=record.mtime_ns)
+    return row
+
+
+def _failure_from_json(row: dict[str, Any]) -> FailureRecord:
+    size, mtime_ns = row.get("size"), row.get("mtime_ns")
+    if not (isinstance(size, int) and isinstance(mtime_ns, int)):
+        size = mtime_ns = None
+    return FailureRecord(str(row["path"]), str(row["reason"]), float(row["at"]), size, mtime_ns)
 
 
 def read_only_error(directory: Path, exc: OSError) -> StoreError:

@@ -262,6 +262,15 @@ class EdgeStore(_StoreBase):
                 _create_edge_indexes(shard)
                 shard.optimize()
 
+    def ensure_payload_indexes(self) -> None:
+        """Create the payload indexes that are missing (filters on a store without them scan every payload:
+        tens of ms per query at 10,000 images); nothing to do, and no write, once they exist."""
+        shard = self._live_shard()
+        if shard is not None:
+            self._check_space("index its payload")
+            with self._errors("index its payload"):
+                _create_edge_indexes(shard)
+
     def indexed_vectors_count(self) -> int:
         """How many vectors are in HNSW-indexed segments (0 until optimize() builds an index)."""
         shard = self._live_shard()

@@ -27,22 +27,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def file_fields(path: Path | str, size: int, mtime_ns: int) -> dict[str, Any]:
+class FolderFields:
+    """``dirs`` and ``real_dir`` worked out once per folder, for one run: resolving the folder of every file costs
+    an lstat per path component, and a library is many files in few folders. Make one per run (a folder swapped
+    for a symlink since is resolved anew by the next run, as before)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[list[str], str]] = {}
+
+    def of(self, path: str) -> tuple[list[str], str]:
+        """(dirs, real_dir) of the absolute ``path``; ``dirs`` is the caller's own list."""
+        folder = os.path.dirname(path)
+        known = self._known.get(folder)
+        if known is None:
+            known = self._known[folder] = (dirs_of(path), os.path.realpath(folder))
+        return list(known[0]), known[1]
+
+
+def file_fields(path: Path | str, size: int, mtime_ns: int, folders: FolderFields | None = None) -> dict[str, Any]:
     """The fields that follow the file: its path, directories, size and modification time."""
+    path = str(path)
+    dirs, real_dir = (folders or FolderFields()).of(path)
     return {
-        "path": str(path),
-        "dirs": dirs_of(path),
-        "real_dir": os.path.realpath(Path(path).parent),
+        "path": path,
+        "dirs": dirs,
+        "real_dir": real_dir,
         "size": size,
         "mtime": mtime_ns / 1e9,
         "mtime_ns": mtime_ns,
     }
 
 
-def payload_for(meta: ImageMeta, model_id: str, indexed_at: float) -> dict[str, Any]:
-    """The payload `indexer index` stores with each vector."""
+def payload_for(
+    meta: ImageMeta, model_id: str, indexed_at: float, folders: FolderFields | None = None
+) -> dict[str, Any]:
+    """The payload `indexer index` stores with each vector (``folders``: the run's cache of folder fields)."""
     return {
-        **file_fields(meta.path, meta.size, meta.mtime_ns),
+        **file_fields(meta.path, meta.size, meta.mtime_ns, folders),
         "sha256": meta.sha256,
         "width": meta.width,
         "height": meta.height,

@@ -27,11 +27,18 @@ Vector = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class FailureRecord:
-    """One entry of the failure log: a file, why it failed, and when (unix time)."""
+    """One entry of the failure log: a file, why it failed, and when (unix time); the size and mtime the file had
+    when known (`unchanged_since` tells whether it still has them)."""
 
     path: str
     reason: str
     at: float
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    def unchanged_since(self, size: int, mtime_ns: int) -> bool:
+        """The file has the size and mtime it had when it failed (so reading it again would fail again)."""
+        return self.size is not None and (self.size, self.mtime_ns) == (size, mtime_ns)
 
 
 class VectorStore(Protocol):

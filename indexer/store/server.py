@@ -57,7 +57,18 @@ def _server_point(record: qm.Record | qm.ScoredPoint, with_vectors: bool) -> Sto
 
 def _failure_record(record: qm.Record) -> FailureRecord:
     payload = record.payload or {}
-    return FailureRecord(str(payload.get("path", "")), str(payload.get("reason", "")), float(payload["at"]))
+    size, mtime_ns = payload.get("size"), payload.get("mtime_ns")
+    if not (isinstance(size, int) and isinstance(mtime_ns, int)):
+        size = mtime_ns = None
+    path, reason = str(payload.get("path", "")), str(payload.get("reason", ""))
+    return FailureRecord(path, reason, float(payload["at"]), size, mtime_ns)
+
+
+def _failure_payload(failure: Failure, at: float) -> dict[str, Any]:
+    payload: dict[str, Any] = {"path": str(failure.path), "reason": failure.reason, "at": at}
+    if failure.size is not None:
+        payload.update(size=failure.size, mtime_ns=failure.mtime_ns)
+    return payload
 
 
 def _metadata_model(info: qm.CollectionInfo) -> tuple[str, int] | None:
@@ -283,10 +294,10 @@ class QdrantServerStore(_StoreBase):
             return
         self._ensure_failures_collection()
         at = _stamp()
-        latest = {str(f.path): f.reason for f in failures[-protocol.MAX_FAILURES :]}
+        latest = {str(f.path): f for f in failures[-protocol.MAX_FAILURES :]}
         structs = [
-            qm.PointStruct(id=point_id(path), vector=[1.0], payload={"path": path, "reason": reason, "at": at})
-            for path, reason in latest.items()
+            qm.PointStruct(id=point_id(path), vector=[1.0], payload=_failure_payload(f, at))
+            for path, f in latest.items()
         ]
         for batch in _batches(structs, WRITE_BATCH):
             with self._errors("record failures"):
