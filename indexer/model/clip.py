@@ -28,12 +28,14 @@ import torch.nn.functional as F
 
 from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, ModelError
-from indexer.model.lazy import CPU_BATCH, GPU_BATCH, LazyModel, preprocess_spec
 from indexer.model.weights import (
+    CPU_BATCH,
+    GPU_BATCH,
     HF_WEIGHT_FILES,
     ModelSource,
     find_pretrained_weights,
     import_open_clip,
+    preprocess_spec,
     resolve_source,
     tensor_reader,
 )
@@ -42,7 +44,6 @@ from indexer.settings import ModelSettings
 __all__ = [
     "HF_WEIGHT_FILES",
     "ClipModel",
-    "LazyModel",
     "ModelSource",
     "find_pretrained_weights",
     "load_model",
