@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from indexer.model.fromstore import remember_source
 from indexer.model.weights import CPU_BATCH, GPU_BATCH, preprocess_spec, resolve_source
 from indexer.records import PreprocessSpec
 from indexer.settings import ModelSettings
@@ -40,6 +41,7 @@ class LazyModel:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
         self.source = resolve_source(settings)
+        remember_source(settings, self.source)  # a store it makes finds it again (indexer.model.fromstore)
         self._model: ClipModel | None = None
         self._lock = threading.RLock()
         self._loader: threading.Thread | None = None

@@ -101,7 +101,7 @@ def builtin_config(name: str, tag: str) -> tuple[dict[str, Any], dict[str, Any]]
     remembered = read_json_cache(cache).get(key) if key else None
     if isinstance(remembered, dict) and {"config", "pretrained"} <= remembered.keys():
         return remembered["config"], remembered["pretrained"]
-    open_clip = import_open_clip(_packaged_config(name))
+    open_clip = import_open_clip(packaged_config(name))
     config = open_clip.get_model_config(name)
     if config is None:
         raise ConfigError("model.name", f"unknown model {name!r}: not an open_clip architecture nor a .json file")
@@ -153,7 +153,7 @@ def import_open_clip(config: dict[str, Any] | None) -> Any:
     return open_clip
 
 
-def _packaged_config(name: str) -> dict[str, Any] | None:
+def packaged_config(name: str) -> dict[str, Any] | None:
     """open_clip's own JSON for ``name``, read without importing open_clip (None where there is none)."""
     folder = _open_clip_folder()
     try:
