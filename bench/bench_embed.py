@@ -70,7 +70,7 @@ def baseline(paths: list[Path], model_name: str, batch: int) -> tuple[float, np.
 def indexer_embed(folder: Path, model_name: str, batch: int, dtype: str, workers: int) -> tuple[float, int]:
     """The real pipeline, model built beforehand; returns (seconds, images embedded)."""
     from indexer.ingest.pipeline import run_embed
-    from indexer.model.clip import LazyModel
+    from indexer.model.lazy import LazyModel
     from indexer.settings import load_settings
 
     model_settings = {"name": model_name, "pretrained": "none", "device": "cpu", "batch_size": batch, "dtype": dtype}

@@ -42,7 +42,7 @@ def settings_for(store: Path, model: str, device: str, cpus: int, batch: int) ->
 
 def single_process(images: Path, out: Path, settings: object) -> float:
     from indexer.ingest.pipeline import run_embed
-    from indexer.model.clip import LazyModel
+    from indexer.model.lazy import LazyModel
 
     model = LazyModel(settings.model)  # type: ignore[attr-defined]
     model.get()  # built before the clock, as the Ray actors build theirs before their first part

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.model.clip import LazyModel, encode_text_until_eot
+from indexer.model.clip import encode_text_until_eot
+from indexer.model.lazy import LazyModel
 from indexer.records import StoredPoint, point_id
 from indexer.search import Query, timed_search
 from indexer.settings import ModelSettings

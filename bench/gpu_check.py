@@ -59,7 +59,7 @@ def settings_for(device: str, batch: int, compile_: bool, store: Path, gpu_decod
 
 def model_only(device: str, batch: int, iters: int, compile_: bool) -> tuple[float, float]:
     """(images/s of encode_pixels on random uint8 batches, seconds of the first two calls: build + compile)."""
-    from indexer.model.clip import LazyModel
+    from indexer.model.lazy import LazyModel
 
     with tempfile.TemporaryDirectory() as tmp:
         model = LazyModel(settings_for(device, batch, compile_, Path(tmp)).model)
@@ -143,7 +143,7 @@ class DecoderSpy:
 
 def warm_model(device: str, batch: int, compile_: bool) -> Any:
     """The LazyModel every end-to-end run shares, built and warmed (and compiled) before any clock."""
-    from indexer.model.clip import LazyModel
+    from indexer.model.lazy import LazyModel
 
     with tempfile.TemporaryDirectory() as tmp:
         model = LazyModel(settings_for(device, batch, compile_, Path(tmp)).model)

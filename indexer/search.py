@@ -27,7 +27,8 @@ import numpy.typing as npt
 
 from indexer.decode.image import Pixels, decode_file, load_image, preprocess
 from indexer.errors import ConfigError, DecodeError, ModelMismatchError, StoreError, UnknownImageError
-from indexer.model.clip import ClipModel, LazyModel
+from indexer.model.clip import ClipModel
+from indexer.model.lazy import LazyModel
 from indexer.records import DecodeLimits, Failure, Hit, PreprocessSpec, SearchFilter
 from indexer.settings import SEARCH_LIMIT, SEARCH_THRESHOLD
 from indexer.store.protocol import VectorStore

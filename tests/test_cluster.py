@@ -12,7 +12,7 @@ import pytest
 from indexer.errors import ConfigError
 from indexer.ingest.pipeline import run_index
 from indexer.library.cluster import candidate_ks, cluster_store, resolve_k
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import SearchFilter, StoredPoint, point_id
 from indexer.settings import ClusterSettings
 from indexer.store.edge_store import EdgeStore

@@ -28,7 +28,7 @@ from indexer.ingest.pipeline import run_index
 from indexer.library.actions import apply_plan, move_file, plan_actions
 from indexer.library.dedup import Item, UnionFind, choose_keeper, find_duplicates, neighbour_pairs, tier_threshold
 from indexer.library.export import VectorFile
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import StoredPoint, dirs_of, point_id
 from indexer.settings import DedupSettings
 from indexer.store.edge_store import EdgeStore

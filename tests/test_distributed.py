@@ -24,7 +24,7 @@ from indexer.distributed.engine import RayOptions, run_ray_embed, run_ray_index 
 from indexer.distributed.stage import ImageEmbedder  # noqa: E402
 from indexer.ingest.pipeline import run_index  # noqa: E402
 from indexer.library.export import import_file  # noqa: E402
-from indexer.model.clip import LazyModel  # noqa: E402
+from indexer.model.lazy import LazyModel  # noqa: E402
 from indexer.records import point_id  # noqa: E402
 from indexer.settings import Settings  # noqa: E402
 from indexer.sources.shards import SHARD_PENDING, address  # noqa: E402

@@ -21,7 +21,7 @@ from PIL import Image
 from indexer.ingest.pipeline import run_embed, run_index
 from indexer.library.cluster import cluster_store
 from indexer.library.export import export_store, import_file
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import RunSummary, StoredPoint, point_id
 from indexer.settings import ClusterSettings
 from indexer.store.edge_store import EdgeStore

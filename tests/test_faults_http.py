@@ -29,7 +29,7 @@ from PIL import Image
 from indexer.api.routes import create_app
 from indexer.daemon.client import advertised
 from indexer.ingest.pipeline import run_index, store_from_settings
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import point_id
 from indexer.settings import Settings
 from indexer.store.protocol import VectorStore

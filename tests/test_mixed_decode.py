@@ -24,7 +24,7 @@ from indexer.decode.nvjpeg import NvJpegDecoder
 from indexer.decode.pool import DecodePool
 from indexer.errors import ConfigError
 from indexer.ingest.pipeline import decode_pool, run_embed
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
@@ -218,6 +218,7 @@ def test_embed_through_the_pipeline_with_mixed_decoding(tmp_path: Path, monkeypa
         made.append(decoder)
         return decoder
 
+    monkeypatch.setattr(mixed_decode, "gpu_mode", lambda settings: "on")  # nvJPEG asked for, and
     monkeypatch.setattr(mixed_decode, "gpu_decode_device", lambda settings: "cpu")  # the "GPU" is the CPU
     monkeypatch.setattr("indexer.ingest.decoders.decoder_for", build)
     small = shapes_settings(tmp_path, decode={"workers": 1, "lookahead": 4})  # the pool full: the "GPU" gets work

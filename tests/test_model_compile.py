@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from tests.conftest import shapes_settings
 
 

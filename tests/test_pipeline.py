@@ -16,7 +16,8 @@ import pytest
 
 from indexer.errors import ConfigError, ModelMismatchError
 from indexer.ingest.pipeline import run_index
-from indexer.model.clip import ClipModel, LazyModel
+from indexer.model.clip import ClipModel
+from indexer.model.lazy import LazyModel
 from indexer.records import SearchFilter, point_id
 from indexer.search import Query, search
 from indexer.settings import ModelSettings, Settings

@@ -17,7 +17,7 @@ import pytest
 
 from indexer.api.routes import create_app
 from indexer.ingest.pipeline import run_index
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import point_id
 from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexer.ingest.pipeline import run_embed, run_index
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec, point_id
 from indexer.search import Query, search
 from indexer.settings import Settings

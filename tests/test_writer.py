@@ -13,7 +13,7 @@ from indexer.decode import shm as shm
 from indexer.errors import StoreError
 from indexer.ingest.pipeline import run_embed, run_index
 from indexer.ingest.writer import BackgroundWriter
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import StoredPoint
 from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings

@@ -56,7 +56,7 @@ from indexer.errors import (
     http_status_for,
 )
 from indexer.formats import MEDIA_TYPES
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.search import Query as SearchQuery
 from indexer.settings import Settings
 from indexer.store.protocol import VectorStore

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from indexer.api.thumbs import ThumbnailCache
 from indexer.errors import DecodeError, NotServableError, ServiceBusyError, UnknownImageError
 from indexer.formats import SUPPORTED_EXTENSIONS
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import DecodeLimits, Hit, PreprocessSpec
 from indexer.search import Query as SearchQuery
 from indexer.search import Timings, check_store_model, timed_search, upload_pixels

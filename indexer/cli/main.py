@@ -22,6 +22,7 @@ from indexer import __version__
 from indexer.cli import core, library, serve, watch
 from indexer.cli.common import COMMON_FLAGS, EXIT_INTERRUPTED, overrides_from_args
 from indexer.errors import IndexerError, exit_code_for
+from indexer.model.fromstore import with_store_model
 from indexer.settings import Settings, load_settings
 
 log = logging.getLogger("indexer")
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         settings = load_settings(args.config, overrides_from_args(args, SETTING_FLAGS))
+        if hasattr(args, "model_name") and args.command != "embed":  # no store: embed's model is the one given
+            settings = with_store_model(settings)  # no model given: the store's
         return handler(args, settings)
     except IndexerError as exc:
         print(f"indexer: error: {exc}", file=sys.stderr)

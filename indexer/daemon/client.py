@@ -20,7 +20,7 @@ from typing import Any
 
 from indexer.atomicio import atomic_write_json
 from indexer.errors import ConfigError, IndexerError, StoreError, error_from_body
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.records import Hit, SearchFilter
 from indexer.settings import Settings
 

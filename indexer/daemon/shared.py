@@ -16,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import ModelMismatchError, StoreBusyError, StoreError, StoreFullError
-from indexer.model.clip import ClipModel, LazyModel
+from indexer.model.clip import ClipModel
+from indexer.model.lazy import LazyModel
 from indexer.records import Failure, Hit, SearchFilter, StoredPoint
 from indexer.settings import SEARCH_LIMIT, ModelSettings
 from indexer.store.protocol import FailureRecord, VectorStore

@@ -27,14 +27,17 @@ Keeping them on the device would save that link traffic, not main-process CPU; i
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from indexer.decode.gpu_policy import GpuPolicy
 from indexer.decode.image import decode_file
 from indexer.decode.pool import DecodePool
 from indexer.errors import ConfigError
@@ -50,31 +53,27 @@ if TYPE_CHECKING:
 
 # torch (and gpu_decode, which imports it) only where nvJPEG may run: a CPU-only start never imports them here.
 
-__all__ = ["GPU_MODES", "Decoder", "MixedDecoder", "decoder_for", "gpu_decode_device"]
+__all__ = ["GPU_MODES", "Decoder", "MixedDecoder", "decoder_for", "gpu_decode_device", "gpu_mode", "open_nvjpeg"]
 
 log = logging.getLogger(__name__)
 
 GPU_MODES = ("auto", "on", "off")
 GPU_CHUNK = 64  # JPEGs per nvJPEG call: one batched decode (VGA: ~9 ms at 7,000/s on an H200)
 Result = Decoded | Failure
+GpuOpener = Callable[[], "NvJpegDecoder | str"]  # the decoder, or why there is none; run on the nvJPEG thread
 _JPEG_SUFFIXES = frozenset(ext for ext, name in EXTENSIONS.items() if name == "JPEG")
 
 
 def gpu_decode_device(settings: Settings) -> str | None:
-    """The CUDA device nvJPEG decodes on (the model's), or None for CPU decoding only.
+    """The CUDA device nvJPEG decodes on (the model's), or None for CPU decoding only. Imports torch where nvJPEG
+    may run: `decoder_for` calls it on the nvJPEG thread under "auto", never on the main thread.
 
-    ``decode.gpu``: "auto" uses nvJPEG where the model runs on CUDA and nvJPEG is available; "on" requires it
-    (a ConfigError says why it cannot run); "off" never uses it."""
-    mode = settings.decode.gpu
-    if mode == "off":
+    ``decode.gpu``: "auto" uses nvJPEG where the model runs on CUDA and nvJPEG is available (and the run measures
+    that it helps, `indexer.decode.gpu_policy`); "on" requires it (a ConfigError says why it cannot run); "off"
+    never uses it."""
+    if gpu_mode(settings) == "off":
         return None
-    device = settings.model.device
-    if device == "cpu":
-        if mode == "on":
-            raise ConfigError("decode.gpu", '"on" needs the model on CUDA, but model.device is "cpu"')
-        return None
-    if mode == "auto" and device == "auto" and not cuda_expected("auto"):
-        return None
+    mode, device = settings.decode.gpu, settings.model.device
     from indexer.decode import nvjpeg as gpu_decode
 
     if not gpu_decode.available():
@@ -84,18 +83,48 @@ def gpu_decode_device(settings: Settings) -> str | None:
     return "cuda" if device == "auto" else device
 
 
+def gpu_mode(settings: Settings) -> str:
+    """``decode.gpu`` as it applies to this run, decided without importing torch: "off" where the model is not
+    expected on CUDA (a ConfigError for "on" with the model on the CPU), else the setting."""
+    mode, device = settings.decode.gpu, settings.model.device
+    if mode == "off":
+        return "off"
+    if device == "cpu":
+        if mode == "on":
+            raise ConfigError("decode.gpu", '"on" needs the model on CUDA, but model.device is "cpu"')
+        return "off"
+    if mode == "auto" and device == "auto" and not cuda_expected("auto"):
+        return "off"
+    return mode
+
+
 def decoder_for(
     settings: Settings, spec: PreprocessSpec, limits: DecodeLimits, workers: int, lookahead: int
 ) -> Decoder:
-    """A `MixedDecoder` where nvJPEG runs (and the job is big enough for worker processes), else a `DecodePool`."""
-    device = gpu_decode_device(settings) if workers > 0 else None
-    if device is None:
+    """A `MixedDecoder` where nvJPEG may run (and the job is big enough for worker processes), else a `DecodePool`.
+
+    Cheap on the calling thread: torch, torchvision, the CUDA context and nvJPEG's own start are the nvJPEG
+    thread's first work (on an H200 they held the main thread 6.6 s before the first batch). "on" is checked here,
+    so that a machine without nvJPEG says so at once."""
+    mode = gpu_mode(settings) if workers > 0 else "off"
+    if mode == "off":
         return DecodePool(spec, limits, workers=workers, lookahead=lookahead)
+    if mode == "on":
+        gpu_decode_device(settings)
+    pool = DecodePool(spec, limits, workers=workers, lookahead=max(2 * workers, lookahead // 2))
+    opener = functools.partial(open_nvjpeg, settings, spec, limits)
+    chunk = max(1, min(GPU_CHUNK, lookahead // 4))
+    return MixedDecoder(opener, pool, lookahead=lookahead, gpu_chunk=chunk, mode=mode)
+
+
+def open_nvjpeg(settings: Settings, spec: PreprocessSpec, limits: DecodeLimits) -> NvJpegDecoder | str:
+    """The nvJPEG decoder for ``settings``, or why there is none (run on the nvJPEG thread: it imports torch)."""
+    device = gpu_decode_device(settings)
+    if device is None:
+        return "no CUDA device with torchvision's nvJPEG here"
     from indexer.decode.nvjpeg import NvJpegDecoder
 
-    pool = DecodePool(spec, limits, workers=workers, lookahead=max(2 * workers, lookahead // 2))
-    gpu = NvJpegDecoder(spec, limits, device=device)
-    return MixedDecoder(gpu, pool, lookahead=lookahead, gpu_chunk=max(1, min(GPU_CHUNK, lookahead // 4)))
+    return NvJpegDecoder(spec, limits, device=device)
 
 
 class MixedDecoder:
@@ -104,18 +133,52 @@ class MixedDecoder:
 
     Owns the pool (closing this closes it). `gpu_files` and `cpu_files` count the files each side handled."""
 
-    def __init__(self, gpu: NvJpegDecoder, pool: DecodePool, lookahead: int, gpu_chunk: int = GPU_CHUNK) -> None:
+    def __init__(
+        self,
+        gpu: NvJpegDecoder | GpuOpener,
+        pool: DecodePool,
+        lookahead: int,
+        gpu_chunk: int = GPU_CHUNK,
+        mode: str = "on",
+    ) -> None:
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, not {lookahead}")
         if gpu_chunk < 1:
             raise ValueError(f"gpu_chunk must be >= 1, not {gpu_chunk}")
-        self.gpu, self.pool = gpu, pool
+        self.pool = pool
         self.spec, self.limits = pool.spec, pool.limits
-        self.lookahead, self.gpu_chunk = lookahead, gpu_chunk
+        self.lookahead, self.gpu_chunk, self.mode = lookahead, gpu_chunk, mode
         self.gpu_files = 0
         self.cpu_files = 0
+        self.decision = ""  # the last run's nvJPEG decision, as logged (`indexer.decode.gpu_policy`)
         self._closed = False
-        self._stream = _side_stream(gpu.device)
+        self._opener: GpuOpener | None = gpu if callable(gpu) and not hasattr(gpu, "decode") else None
+        self._gpu: NvJpegDecoder | None = None if self._opener is not None else gpu  # type: ignore[assignment]
+        self._unavailable = ""
+        self._stream: Any = None
+        self._stream_made = False
+
+    @property
+    def gpu(self) -> NvJpegDecoder | None:
+        """The nvJPEG decoder, once the nvJPEG thread made it (None before, and where it cannot run)."""
+        return self._gpu
+
+    def open_gpu(self) -> NvJpegDecoder | None:
+        """The nvJPEG decoder and its CUDA stream, made on first call (on the nvJPEG thread: torch, the CUDA
+        context); None where it cannot run (`unavailable` says why)."""
+        if self._gpu is None and self._opener is not None and not self._unavailable:
+            made = self._opener()
+            if isinstance(made, str):
+                self._unavailable = made
+            else:
+                self._gpu = made
+        if self._gpu is not None and not self._stream_made:
+            self._stream, self._stream_made = _side_stream(self._gpu.device), True
+        return self._gpu
+
+    @property
+    def unavailable(self) -> str:
+        return self._unavailable
 
     def __enter__(self) -> Self:
         return self
@@ -148,14 +211,16 @@ class MixedDecoder:
 
     def decode_on_gpu(self, paths: list[Path]) -> list[Result]:
         """One chunk through nvJPEG (on this decoder's CUDA stream); pixels copied back to host arrays."""
+        gpu = self.open_gpu()
+        assert gpu is not None, "decode_on_gpu without an nvJPEG decoder"
         if self._stream is None:
-            results, stacked = self.gpu.decode(paths)
+            results, stacked = gpu.decode(paths)
             host = stacked.numpy()
         else:
             import torch
 
             with torch.cuda.stream(self._stream):
-                results, stacked = self.gpu.decode(paths)
+                results, stacked = gpu.decode(paths)
                 host = stacked.cpu().numpy()  # waits for this stream only
         out: list[Result] = []
         row = 0
@@ -194,6 +259,8 @@ class _Run:
         self.stopped = False
         self.error: BaseException | None = None
         self.refill = max(1, min(32, owner.lookahead // 4))  # take input in small batches, not one file a time
+        window = max(2 * owner.gpu_chunk, min(256, owner.lookahead))
+        self.policy = GpuPolicy(owner.mode, window=window, skip=owner.lookahead)
         self.threads = [
             threading.Thread(target=self._guard, args=(self._gpu_loop,), name="nvjpeg", daemon=True),
             threading.Thread(target=self._guard, args=(self._cpu_loop,), name="decode-pool-feed", daemon=True),
@@ -207,6 +274,7 @@ class _Run:
         """The next result in input order; None once every input file was yielded."""
         self._fill()
         with self.cond:
+            waited_since = None if self.head in self.done else time.perf_counter()
             while self.head not in self.done:
                 if self.error is not None:
                     raise self.error
@@ -216,6 +284,11 @@ class _Run:
                 self.cond.wait()
             result = self.done.pop(self.head)
             self.head += 1
+            allowed = self.policy.allowed
+            self.policy.consumed(0.0 if waited_since is None else time.perf_counter() - waited_since)
+            if self.policy.allowed != allowed:
+                self.cond.notify_all()
+            self.owner.decision = self.policy.decision
             return result
 
     def _fill(self) -> None:
@@ -269,15 +342,25 @@ class _Run:
         """Whether the GPU side takes JPEGs now: a chunk's worth waits (the CPU pool is full), the oldest waiting
         one is the next to yield, or the input has ended."""
         jpegs = self.jpegs
-        return bool(jpegs) and (len(jpegs) >= self.owner.gpu_chunk or jpegs[0][0] == self.head or self.exhausted)
+        if not jpegs or not self.policy.allowed:
+            return False
+        return len(jpegs) >= self.owner.gpu_chunk or jpegs[0][0] == self.head or self.exhausted
+
+    def _gpu_done(self) -> bool:
+        """Whether the GPU side has nothing more to do in this run."""
+        return self.stopped or self.policy.state == "off" or (self.exhausted and not self.jpegs)
 
     def _gpu_loop(self) -> None:
         owner = self.owner
+        if owner.open_gpu() is None:
+            self.policy.unavailable(owner.unavailable)
+            owner.decision = self.policy.decision
+            return
         while True:
             with self.cond:
-                while not self.stopped and not self._gpu_wanted() and not (self.exhausted and not self.jpegs):
+                while not self._gpu_done() and not self._gpu_wanted():
                     self.cond.wait()
-                if self.stopped or not self.jpegs:  # after the input ended no JPEG comes any more
+                if not self._gpu_wanted():  # stopped, off, or the input ended and no JPEG is left
                     return
                 chunk = [self.jpegs.popleft() for _ in range(min(owner.gpu_chunk, len(self.jpegs)))]
             paths = [path for _, path in chunk]
@@ -288,6 +371,7 @@ class _Run:
                 self._put([seq for seq, _ in chunk], [decode_file(path, owner.spec, owner.limits) for path in paths])
                 return
             owner.gpu_files += len(chunk)
+            self.policy.gpu_chunk_done()
             self._put([seq for seq, _ in chunk], results)
 
     def _cpu_loop(self) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,12 +29,14 @@ import torch.nn.functional as F
 
 from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, ModelError
-from indexer.model.lazy import CPU_BATCH, GPU_BATCH, LazyModel, preprocess_spec
 from indexer.model.weights import (
+    CPU_BATCH,
+    GPU_BATCH,
     HF_WEIGHT_FILES,
     ModelSource,
     find_pretrained_weights,
     import_open_clip,
+    preprocess_spec,
     resolve_source,
     tensor_reader,
 )
@@ -42,7 +45,6 @@ from indexer.settings import ModelSettings
 __all__ = [
     "HF_WEIGHT_FILES",
     "ClipModel",
-    "LazyModel",
     "ModelSource",
     "find_pretrained_weights",
     "load_model",
@@ -80,6 +82,7 @@ class ClipModel:
         self._reader: Any = None
         self.compile = False  # torch.compile the image tower once loaded (model.compile)
         self._copy_stream: torch.cuda.Stream | None = None  # host→device copies on CUDA (see _to_device)
+        self.cpu_notice = False  # on the CPU for want of a GPU: say so (once per process) when it matters
 
     def load(self, *towers: str) -> None:
         """Load the weights of ``towers`` ("visual", "text"; all when none given) if not loaded yet."""
@@ -104,7 +107,8 @@ class ClipModel:
             self.dtype = dtype
             if self.compile:  # the first batch of each size compiles (seconds to a minute); later ones run faster
                 self.net.visual = torch.compile(self.net.visual, dynamic=False)
-        log.debug("%s tower of %s loaded in %.2f s", tower, self.model_id, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        log.info("%s tower of %s loaded in %.2f s (%s)", tower, self.model_id, seconds, dtype_name(dtype))
 
     def _reader_for(self) -> Any:
         if self._reader is None and self.source.weights is not None:
@@ -118,6 +122,8 @@ class ClipModel:
         A CUDA out-of-memory error halves the batch size (kept for later calls) and retries the same images.
         """
         self.load("visual")
+        if self.cpu_notice and len(pixels) >= CPU_NOTICE_BATCH and CPU_NOTICE.first():
+            return self._encode_timed(pixels)
         out: list[npt.NDArray[np.float32]] = []
         start = 0
         while start < len(pixels):
@@ -129,6 +135,17 @@ class ClipModel:
                 continue
             start += size
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def _encode_timed(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        started = time.perf_counter()
+        vectors = self.encode_pixels(pixels)
+        log.warning(
+            "no CUDA GPU found: %s runs on the CPU (%s), about %.0f ms per image here",
+            self.model_id,
+            dtype_name(self.dtype),
+            1000 * (time.perf_counter() - started) / len(pixels),
+        )
+        return vectors
 
     def _halve_batch(self, size: int) -> None:
         if size <= 1:
@@ -220,20 +237,49 @@ def build_clip(source: ModelSource, settings: ModelSettings) -> ClipModel:
     chosen = choose_dtype(device, settings.dtype)
     net = build_network(source)
     batch = settings.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
-    shown = str(chosen).removeprefix("torch.") if chosen is not None else "fp32 or bf16, measured"
-    log.info("model %s on %s (%s), batch %d", source.model_id, device, shown, batch)
+    log.info("model %s on %s (%s), batch %d", source.model_id, device, _dtype_shown(chosen, source), batch)
     clip = ClipModel(net, source, device, chosen, batch)
     clip.compile = settings.compile
+    clip.cpu_notice = settings.device == "auto" and device.type == "cpu"
     return clip
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bf16", "fp32", "fp16" (the names the settings use)."""
+    return next((name for name, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
+
+
+def _dtype_shown(chosen: torch.dtype | None, source: ModelSource) -> str:
+    if chosen is not None:
+        return dtype_name(chosen)
+    remembered = remembered_cpu_dtype(source.model_id)
+    if remembered is not None:
+        return f"{dtype_name(remembered)}, measured on this CPU before"
+    return "fp32 or bf16: measured when the image tower loads"
+
+
+class _Once:
+    """A notice shown once per process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.shown = False
+
+    def first(self) -> bool:
+        with self._lock:
+            first, self.shown = not self.shown, True
+            return first
+
+
+CPU_NOTICE = _Once()
+CPU_NOTICE_BATCH = 8  # shown for a batch of at least this many images: an ingest, not one query image
+
+
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU (with a notice: NeMo Curator's stage needs a GPU; we run without)."""
+    """``auto`` → CUDA when present, else CPU (NeMo Curator's stage needs a GPU; we run without, and say so once
+    images are embedded: see `ClipModel.encode_pixels`)."""
     if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.warning("no CUDA GPU found: running on the CPU (ViT-L/14 takes about 0.7 s per image on 2 cores)")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("model.device", f"{requested} requested but no CUDA GPU is available")
     return torch.device(requested)

@@ -13,12 +13,13 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from indexer.model.weights import ModelSource, resolve_source
+from indexer.model.fromstore import remember_source
+from indexer.model.weights import CPU_BATCH, GPU_BATCH, preprocess_spec, resolve_source
 from indexer.records import PreprocessSpec
 from indexer.settings import ModelSettings
 
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["CPU_BATCH", "GPU_BATCH", "LazyModel", "cuda_expected", "preprocess_spec"]
 
 log = logging.getLogger(__name__)
-
-CPU_BATCH = 32
-GPU_BATCH = 256
 
 
 class LazyModel:
@@ -43,6 +41,7 @@ class LazyModel:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
         self.source = resolve_source(settings)
+        remember_source(settings, self.source)  # a store it makes finds it again (indexer.model.fromstore)
         self._model: ClipModel | None = None
         self._lock = threading.RLock()
         self._loader: threading.Thread | None = None
@@ -115,22 +114,6 @@ class LazyModel:
         from indexer.model.clip import build_clip
 
         return build_clip(self.source, self.settings)
-
-
-def preprocess_spec(source: ModelSource) -> PreprocessSpec:
-    """open_clip's eval transform for ``source``, as data: the image size of its vision config, the mean, std,
-    interpolation, resize mode and crop rounding of its preprocessing config (open_clip's defaults where unset)."""
-    default = PreprocessSpec()
-    pp = source.preprocess
-    size: Any = source.config.get("vision_cfg", {}).get("image_size", default.image_size)
-    return PreprocessSpec(
-        image_size=int(size[0] if isinstance(size, tuple | list) else size),
-        mean=tuple(pp.get("mean", default.mean)),
-        std=tuple(pp.get("std", default.std)),
-        interpolation=str(pp.get("interpolation", default.interpolation)),
-        resize_mode=str(pp.get("resize_mode", default.resize_mode)),
-        crop_rounding=str(pp.get("crop_rounding", default.crop_rounding)),
-    )
 
 
 def cuda_expected(device: str) -> bool:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, WeightsNotFoundError
 from indexer.model import hfclip as hfclip
+from indexer.records import PreprocessSpec
 from indexer.settings import ModelSettings
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+CPU_BATCH = 32  # images per forward pass when model.batch_size is 0
+GPU_BATCH = 256
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -48,6 +51,22 @@ class ModelSource:
     builtin_name: str | None
     format: str = "open_clip"  # "open_clip" | "transformers"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def preprocess_spec(source: ModelSource) -> PreprocessSpec:
+    """open_clip's eval transform for ``source``, as data: the image size of its vision config, the mean, std,
+    interpolation, resize mode and crop rounding of its preprocessing config (open_clip's defaults where unset)."""
+    default = PreprocessSpec()
+    pp = source.preprocess
+    size: Any = source.config.get("vision_cfg", {}).get("image_size", default.image_size)
+    return PreprocessSpec(
+        image_size=int(size[0] if isinstance(size, tuple | list) else size),
+        mean=tuple(pp.get("mean", default.mean)),
+        std=tuple(pp.get("std", default.std)),
+        interpolation=str(pp.get("interpolation", default.interpolation)),
+        resize_mode=str(pp.get("resize_mode", default.resize_mode)),
+        crop_rounding=str(pp.get("crop_rounding", default.crop_rounding)),
+    )
 
 
 def resolve_source(settings: ModelSettings) -> ModelSource:
@@ -82,7 +101,7 @@ def builtin_config(name: str, tag: str) -> tuple[dict[str, Any], dict[str, Any]]
     remembered = read_json_cache(cache).get(key) if key else None
     if isinstance(remembered, dict) and {"config", "pretrained"} <= remembered.keys():
         return remembered["config"], remembered["pretrained"]
-    open_clip = import_open_clip(_packaged_config(name))
+    open_clip = import_open_clip(packaged_config(name))
     config = open_clip.get_model_config(name)
     if config is None:
         raise ConfigError("model.name", f"unknown model {name!r}: not an open_clip architecture nor a .json file")
@@ -134,7 +153,7 @@ def import_open_clip(config: dict[str, Any] | None) -> Any:
     return open_clip
 
 
-def _packaged_config(name: str) -> dict[str, Any] | None:
+def packaged_config(name: str) -> dict[str, Any] | None:
     """open_clip's own JSON for ``name``, read without importing open_clip (None where there is none)."""
     folder = _open_clip_folder()
     try:

@@ -94,6 +94,13 @@ def _read_meta(directory: Path) -> _StoreMeta | None:
     return _StoreMeta.from_json(data, path)
 
 
+def recorded_model(directory: Path) -> str | None:
+    """The model id an embedded store at ``directory`` records (None where there is no store yet); read without
+    opening the store or taking its lock."""
+    meta = _read_meta(directory) if directory.is_dir() else None
+    return None if meta is None else meta.model_id
+
+
 class _FailureFile:
     """The Edge store's failure log: a dict by path, saved to failures.json atomically on every change."""
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from indexer.ingest.pipeline import run_index, store_from_settings
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.settings import Settings
 from indexer.store.protocol import VectorStore
 from tests.conftest import shapes_settings
