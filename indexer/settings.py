@@ -157,6 +157,12 @@ class DedupSettings(_Section):
     similar_threshold: float = Field(default=0.90, ge=-1, le=1)
     block_size: int = Field(default=4096, ge=1)
     report_max_groups: int = Field(default=500, ge=1)
+    # The pair pass (indexer.library.dedup.PairPlan): exact, cells (k-means cells, for big libraries on the CPU),
+    # or auto (exact on a GPU, and on the CPU up to exact_up_to vectors); device auto = a GPU when CUDA is present.
+    method: Literal["auto", "exact", "cells"] = "auto"
+    device: str = "auto"
+    exact_up_to: int = Field(default=200_000, ge=0)
+    probes: int = Field(default=4, ge=1)
 
 
 class ClusterSettings(_Section):

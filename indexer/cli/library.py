@@ -48,6 +48,15 @@ def _add_dedup(sub: Any) -> None:
     p.add_argument("--tier", choices=TIER_CHOICES, default="near", help="which duplicates (default: near)")
     p.add_argument("--threshold", type=float, metavar="S", help="cosine threshold instead of the tier's setting")
     p.add_argument("--folder", metavar="DIR", help="only images under this folder")
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="compare every pair (default: exact up to dedup.exact_up_to images on the CPU, always on a GPU; "
+        "k-means cells beyond, which may miss a rare pair)",
+    )
+    p.add_argument(
+        "--device", metavar="DEV", help="where the exact pass runs: auto (a GPU when CUDA is present), cpu, cuda[:N]"
+    )
     p.add_argument("--csv", type=Path, metavar="FILE", help="also write the groups as CSV")
     p.add_argument("--html", type=Path, metavar="FILE", help="also write a contact sheet with thumbnails")
     act = p.add_mutually_exclusive_group()
@@ -115,7 +124,7 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.library.dedup import find_duplicates, tier_threshold
+    from indexer.library.dedup import PairPlan, find_duplicates, tier_threshold
     from indexer.store.factory import open_store_from_settings
 
     threshold = tier_threshold(args.tier, settings.dedup, args.threshold)
@@ -126,7 +135,10 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     flt = _folder_filter(args.folder)
     acts = args.move_to is not None or args.delete
     with open_store_from_settings(settings, read_only=not acts) as store:
-        report = find_duplicates(store, args.tier, threshold=threshold, filter=flt, block=settings.dedup.block_size)
+        plan = PairPlan.from_settings(settings.dedup, exact=args.exact, device=args.device)
+        report = find_duplicates(
+            store, args.tier, threshold=threshold, filter=flt, block=settings.dedup.block_size, plan=plan
+        )
         _write_dedup_files(report, args, settings)
         if args.move_to is None and not args.delete:
             _print_dedup(report, None, args.json)

@@ -4,10 +4,20 @@
     near     cosine >= dedup.near_threshold (crops, resizes, re-encodes); exact copies are near-duplicates too
     similar  cosine >= dedup.similar_threshold (only when asked)
 
-Near and similar: the vectors are copied out of the store into a temporary file (`export.dump_vectors`), and one
-pass of blocked matrix products (``block x block`` scores at a time, never ``n x n``) lists every pair at or above
-the threshold, exactly: no approximate index can miss a pair. Union-find joins the pairs into groups. Memory: the
-ids, the union-find array and a few blocks; the temporary file (n x dim float32) is read through the page cache.
+Near and similar: the vectors are copied out of the store into a temporary file (`export.dump_vectors`), and a
+pass lists the pairs at or above the threshold; union-find joins them into groups. Memory: the ids, the union-find
+array and a few blocks; the temporary file (n x dim float32) is read through the page cache. The passes (`PairPlan`):
+
+    exact    one pass of blocked matrix products (``block x block`` scores at a time, never ``n x n``): every pair.
+             On a GPU (chosen when CUDA is present, or ``device``) the products run there in half precision
+             (`pairs_torch`) with the same answer.
+    cells    for big libraries on the CPU: each vector compared with the vectors of its nearest k-means cells
+             (`pairs.cell_pairs`): n²/2 products become ≈ 2·n·√(4n); pairs split across far cells can be missed
+             (measured recall >= 0.999 on CLIP-like data: bench/README.md), no reported pair is below the threshold.
+    auto     exact on a GPU, and on the CPU up to ``exact_up_to`` vectors; cells beyond.
+
+Every pass decides a pair by the same rule (`pairs.Verifier`: the float64 cosine of the stored rows), so the exact
+passes on the CPU and on a GPU report the same pairs and the same groups.
 
 Keeper: the highest resolution, then the oldest (mtime), then the first path. Every other member carries its cosine
 to the keeper. Groups are single-linkage, so a member joined only through another member can score below the
@@ -30,6 +40,7 @@ import numpy.typing as npt
 
 from indexer.errors import ConfigError, StoreError
 from indexer.library.export import VectorDump, VectorFile, dump_vectors
+from indexer.library.pairs import DEFAULT_PROBES, FP32_UNIT, Pairs, Verifier, cell_pairs, product_margin
 from indexer.records import SearchFilter, StoredPoint
 from indexer.settings import DedupSettings
 
@@ -41,7 +52,30 @@ log = logging.getLogger(__name__)
 Tier = Literal["exact", "near", "similar"]
 TIERS: tuple[Tier, ...] = ("exact", "near", "similar")
 DEFAULT_BLOCK = 4096
+EXACT_UP_TO = 200_000  # the CPU's exact pass takes minutes up to here (bench/README.md); cells beyond
 RowProgress = Callable[[int, int], None]
+Method = Literal["auto", "exact", "cells"]
+
+
+@dataclass(frozen=True, slots=True)
+class PairPlan:
+    """Which pass lists the pairs (see the module docstring): ``method``, the ``device`` ("auto": a GPU when CUDA
+    is present, else the CPU; "cpu"; "cuda", "cuda:1"), the CPU's cut-over to cells, and the cells' probes."""
+
+    method: Method = "auto"
+    device: str = "auto"
+    exact_up_to: int = EXACT_UP_TO
+    probes: int = DEFAULT_PROBES
+
+    @classmethod
+    def from_settings(cls, settings: DedupSettings, *, exact: bool = False, device: str | None = None) -> PairPlan:
+        """The plan of the settings (dedup.method, dedup.device, ...); ``--exact`` and ``--device`` override."""
+        return cls(
+            "exact" if exact else settings.method,
+            device or settings.device,
+            settings.exact_up_to,
+            settings.probes,
+        )
 
 
 # --- records ---------------------------------------------------------------------------------------------------
@@ -213,30 +247,55 @@ def neighbour_pairs(
     if block < 1:
         raise ValueError(f"block must be positive, not {block}")
     n = len(matrix)
+    verifier = Verifier(matrix, threshold)
+    floor = threshold - product_margin(matrix.dim, FP32_UNIT)  # float32 products: candidates, decided in float64
     for r0, rows in matrix.blocks(block):
         for c0 in range(r0, n, block):
             cols = rows if c0 == r0 else matrix.rows(c0, c0 + block)
-            pairs = _pairs_in_block(rows, cols, r0, c0, threshold)
+            pairs = _pairs_in_block(rows, cols, r0, c0, floor)
             if pairs is not None:
-                yield pairs
+                yield verifier.keep(*pairs)
         if on_rows is not None:
             on_rows(min(r0 + block, n), n)
 
 
 def _pairs_in_block(
-    rows: npt.NDArray[np.float32], cols: npt.NDArray[np.float32], r0: int, c0: int, threshold: float
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+    rows: npt.NDArray[np.float32], cols: npt.NDArray[np.float32], r0: int, c0: int, floor: float
+) -> Pairs | None:
     scores = rows @ cols.T
     if r0 == c0:
         np.fill_diagonal(scores, -np.inf)  # a row and itself
     # Row maxima first: most rows have no neighbour, and a max is much cheaper than a full nonzero().
-    hot = np.flatnonzero(scores.max(axis=1) >= threshold)
+    hot = np.flatnonzero(scores.max(axis=1) >= floor)
     if hot.size == 0:
         return None
-    i, j = np.nonzero(scores[hot] >= threshold)
+    i, j = np.nonzero(scores[hot] >= floor)
     left, right = (r0 + hot[i]).astype(np.int64), (c0 + j).astype(np.int64)
     keep = left < right
     return left[keep], right[keep]
+
+
+def pair_lists(
+    matrix: VectorFile, threshold: float, plan: PairPlan, block: int = DEFAULT_BLOCK, on_rows: RowProgress | None = None
+) -> Iterator[Pairs]:
+    """The pairs at or above threshold by the pass the plan picks for this matrix (see the module docstring)."""
+    device = plan.device
+    if device == "auto":
+        from indexer.library.pairs_torch import cuda_present
+
+        device = "cuda" if cuda_present() else "cpu"
+    n = len(matrix)
+    if plan.method == "cells" or (plan.method == "auto" and device == "cpu" and n > plan.exact_up_to):
+        log.info("cell pass over %d vectors (%d probes)", n, plan.probes)
+        yield cell_pairs(matrix, threshold, probes=plan.probes, on_rows=on_rows)
+    elif device != "cpu":
+        from indexer.library.pairs_torch import torch_pairs
+
+        log.info("exact pass over %d vectors on %s", n, device)
+        yield torch_pairs(matrix, threshold, device, on_rows=on_rows)
+    else:
+        log.info("exact pass over %d vectors on the CPU", n)
+        yield from neighbour_pairs(matrix, threshold, block, on_rows)
 
 
 def choose_keeper(items: Sequence[Item]) -> Item:
@@ -253,12 +312,13 @@ def find_duplicates(
     block: int = DEFAULT_BLOCK,
     workdir: Path | None = None,
     on_rows: RowProgress | None = None,
+    plan: PairPlan | None = None,
 ) -> DedupReport:
     """The duplicate groups of one tier among the stored images (matching the filter).
 
     ``threshold`` is required for near/similar (see `tier_threshold`). ``workdir`` holds the temporary vector
     file (default: the system temp directory). ``on_rows(done, total)`` is called as the neighbour pass goes
-    (after each block of rows; near and similar tiers only).
+    (after each block of rows; near and similar tiers only). ``plan`` picks the pass (default: `PairPlan()`).
     """
     if store.model_info() is None:
         raise StoreError(f"the store {store.location} is empty: run `indexer index PATH` first")
@@ -270,7 +330,7 @@ def find_duplicates(
         raise ValueError("near and similar tiers need a threshold")
     with tempfile.TemporaryDirectory(prefix="indexer-dedup-", dir=workdir) as tmp:
         dump = dump_vectors(store, Path(tmp), filter=filter)
-        index_groups = _vector_components(dump, threshold, block, on_rows)
+        index_groups = _vector_components(dump, threshold, block, on_rows, plan or PairPlan())
         groups = _scored_groups(store, dump, index_groups, threshold)
     return _report(tier, threshold, len(dump.ids), groups)
 
@@ -317,7 +377,7 @@ def _exact_group(points: list[StoredPoint], keeper_id: str | None = None) -> Gro
 
 
 def _vector_components(
-    dump: VectorDump, threshold: float, block: int, on_rows: RowProgress | None = None
+    dump: VectorDump, threshold: float, block: int, on_rows: RowProgress | None, plan: PairPlan
 ) -> list[list[int]]:
     """Row indices grouped by union-find over the pairs at or above threshold (and over equal sha256s)."""
     uf = UnionFind(len(dump.ids))
@@ -326,7 +386,7 @@ def _vector_components(
         if sha:
             uf.union(first.setdefault(sha, index), index)
     pairs = 0
-    for left, right in neighbour_pairs(dump.matrix, threshold, block, on_rows):
+    for left, right in pair_lists(dump.matrix, threshold, plan, block, on_rows):
         uf.union_pairs(left, right)
         pairs += len(left)
     log.info("%d pairs at cosine >= %.3f among %d vectors", pairs, threshold, len(dump.ids))
