@@ -323,6 +323,8 @@ def test_html_contact_sheet_and_csv(library: tuple[dict[str, Path], Path], tmp_p
     [
         (["--tier", "exact", "--threshold", "0.9"], "drop --threshold"),
         (["--threshold", "1.5"], "not a cosine score"),
+        (["--threshold", "-1"], "below 0.5"),
+        (["--tier", "similar", "--threshold", "0.2"], "below 0.5"),
         (["--yes"], "confirms --delete"),
         (["--move-to", "/tmp/x", "--delete"], "not allowed with argument"),
         (["--tier", "fuzzy"], "invalid choice"),

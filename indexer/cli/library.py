@@ -181,10 +181,12 @@ def _print_plan(plan: ActionPlan, args: argparse.Namespace, out: TextIO) -> None
         head = f"dry run: delete {len(plan.actions)} files ({_human_bytes(plan.bytes)})"
     print(f"{head}; keepers stay; {len(plan.skipped)} duplicates left alone", file=out)
     if plan.target_root is not None:
-        where = (
-            "under an indexed folder: they stay" if plan.stays_indexed else "not under an indexed folder: they leave"
+        stays = (
+            "under an indexed folder: the moved files stay in"
+            if plan.stays_indexed
+            else "not under an indexed folder: the moved files leave"
         )
-        print(f"  ({plan.target_root} is {where} the index)", file=out)
+        print(f"  ({plan.target_root} is {stays} the index)", file=out)
     for a in plan.actions:
         print(f"  {a.kind} {a.item.path}" + (f" -> {a.target}" if a.target is not None else ""), file=out)
     for s in plan.skipped:
