@@ -150,11 +150,16 @@ class ServeSettings(_Section):
     max_decodes: int = Field(default=2, ge=1, le=64)
 
 
+# The lowest cosine a duplicate tier may use: below it most unrelated images join one group, and an action on
+# that group would move or delete nearly everything.
+DEDUP_MIN_THRESHOLD = 0.5
+
+
 class DedupSettings(_Section):
     """Duplicate tiers (cosine thresholds; "exact" means same sha256) and the neighbour pass."""
 
-    near_threshold: float = Field(default=0.95, ge=-1, le=1)
-    similar_threshold: float = Field(default=0.90, ge=-1, le=1)
+    near_threshold: float = Field(default=0.95, ge=DEDUP_MIN_THRESHOLD, le=1)
+    similar_threshold: float = Field(default=0.90, ge=DEDUP_MIN_THRESHOLD, le=1)
     block_size: int = Field(default=4096, ge=1)
     report_max_groups: int = Field(default=500, ge=1)
     # The pair pass (indexer.library.dedup.PairPlan): exact, cells (k-means cells, for big libraries on the CPU),
@@ -163,6 +168,9 @@ class DedupSettings(_Section):
     device: str = "auto"
     exact_up_to: int = Field(default=200_000, ge=0)
     probes: int = Field(default=4, ge=1)
+    # A folder duplicates may always be moved to (`indexer dedup --move-to` without DIR, the page's default);
+    # files moved there leave the index unless it lies under watch.paths or serve.roots.
+    duplicates_dir: str = ""
 
 
 class ClusterSettings(_Section):

@@ -12,6 +12,7 @@ groups. `test_library_scores_are_what_the_tiers_assume` checks those premises fi
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -322,6 +323,8 @@ def test_html_contact_sheet_and_csv(library: tuple[dict[str, Path], Path], tmp_p
     [
         (["--tier", "exact", "--threshold", "0.9"], "drop --threshold"),
         (["--threshold", "1.5"], "not a cosine score"),
+        (["--threshold", "-1"], "below 0.5"),
+        (["--tier", "similar", "--threshold", "0.2"], "below 0.5"),
         (["--yes"], "confirms --delete"),
         (["--move-to", "/tmp/x", "--delete"], "not allowed with argument"),
         (["--tier", "fuzzy"], "invalid choice"),
@@ -343,11 +346,19 @@ def test_empty_store_says_so(tmp_path: Path) -> None:
 # --- actions -----------------------------------------------------------------------------------------------------
 
 
+def indexed(*folders: Path) -> dict[str, str]:
+    """The environment that makes ``folders`` indexed folders (watch.paths) for `indexer dedup`."""
+    return {"INDEXER_WATCH__PATHS": json.dumps([str(f) for f in folders])}
+
+
 def test_move_to_keeps_keepers_moves_duplicates_and_the_store_follows(tmp_path: Path, model: LazyModel) -> None:
+    """The target lies under an indexed folder (watch.paths): the moved files keep their points and vectors."""
     files, store = fresh_library(tmp_path, model)
     root, quarantine = tmp_path / "lib", tmp_path / "quarantine"
     before = stored_vectors(store)
-    proc = run("dedup", "--store", str(store), "--folder", str(root), "--move-to", str(quarantine))
+    proc = run(
+        "dedup", "--store", str(store), "--folder", str(root), "--move-to", str(quarantine), env=indexed(tmp_path)
+    )
     out = proc.stdout
     assert out.index("dry run: move 7 files") < out.index("moved ")
     moved = {n for ms in NEAR.values() for n in ms}
@@ -417,7 +428,8 @@ def synthetic_store(tmp_path: Path, vectors: dict[str, list[float]]) -> tuple[Ed
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(name.encode())
         st = path.stat()
-        payload = {"path": str(path), "dirs": dirs_of(path), "sha256": name, "width": 10, "height": 10,
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        payload = {"path": str(path), "dirs": dirs_of(path), "sha256": sha, "width": 10, "height": 10,
                    "size": st.st_size, "mtime": st.st_mtime, "mtime_ns": st.st_mtime_ns}  # fmt: skip
         v = np.asarray(vec, np.float32)
         points.append(StoredPoint(point_id(path), payload, v / np.linalg.norm(v)))

@@ -14,6 +14,7 @@ import io
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -233,6 +234,9 @@ QUERY = json.dumps({"positive": {"texts": ["red"]}}).encode()
 HOSTILE = {
     "foreign Host on a read": ("GET", None, b"", (("Host", "evil.example"),), {403}),
     "foreign Host on a search": ("POST", "/search", QUERY, (("Host", "evil.example"), JSON), {403}),
+    "Host [::1]evil.example": ("GET", None, b"", (("Host", "[::1]evil.example"),), {403}),
+    "Host 127.0.0.1:evil": ("GET", None, b"", (("Host", "127.0.0.1:evil.example"),), {403}),
+    "an empty Host": ("GET", None, b"", (("Host", ""),), {403}),
     "text/plain POST": ("POST", "/search", QUERY, (("Content-Type", "text/plain"),), {415}),
     "Content-Length abc": ("POST", "/search", b"", (JSON, ("Content-Length", "abc")), {400}),
     "Content-Length -1": ("POST", "/search", b"", (JSON, ("Content-Length", "-1")), {400}),
@@ -255,3 +259,20 @@ def test_hostile_requests_get_the_same_clear_answer_on_both_surfaces(
         assert isinstance(data, dict) and {"detail", "error"} <= data.keys(), data
         assert "store" not in data and "hits" not in data
     assert _raw(url, "GET", "/healthz")[0] == 200  # and the surface keeps answering
+
+
+@pytest.mark.parametrize("surface", ["serve", "daemon"])
+def test_a_request_without_a_host_header_is_refused_on_both_surfaces(
+    surfaces: dict[str, tuple[str, str]], surface: str
+) -> None:
+    """HTTP/1.0 lets a client leave Host out; without an API key that is not a loopback request either."""
+    url, read_path = surfaces[surface]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {read_path} HTTP/1.0\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"403", answer[:300]
+    assert json.loads(body)["error"] == "HostNotAllowedError"

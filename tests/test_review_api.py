@@ -6,6 +6,7 @@ clustering runs and cluster searches, and search sorted by date."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,16 +34,18 @@ def model() -> LazyModel:
 
 
 @contextmanager
-def library(tmp_path: Path, model: LazyModel, api_key: str = "", link: bool = False) -> Iterator[Library]:
-    """The dedup library under tmp_path/lib (plus, with ``link``, a hard link of the red circle), indexed, served."""
+def library(
+    tmp_path: Path, model: LazyModel, api_key: str = "", link: bool = False, **sections: dict[str, Any]
+) -> Iterator[Library]:
+    """The dedup library under tmp_path/lib (plus, with ``link``, a hard link of the red circle), indexed, served
+    (``serve.roots`` tmp_path unless ``sections`` say otherwise)."""
     files = write_library(tmp_path / "lib")
     if link:
         files["red-link"] = tmp_path / "lib" / "z-links" / "red-circle-link.png"
         files["red-link"].parent.mkdir()
         os.link(files["red-circle"], files["red-link"])
-    settings = shapes_settings(
-        tmp_path / "store", serve={"roots": [str(tmp_path)], "thumbnail_dir": str(tmp_path / "t")}
-    )
+    serve_options = {"roots": [str(tmp_path)], "thumbnail_dir": str(tmp_path / "t"), **sections.pop("serve", {})}
+    settings = shapes_settings(tmp_path / "store", serve=serve_options, **sections)
     store = EdgeStore(tmp_path / "store")
     try:
         assert run_index([tmp_path / "lib"], settings, store, model).indexed == len(files)
@@ -205,6 +208,8 @@ def test_with_an_api_key_every_action_needs_confirmation(tmp_path: Path, model: 
 def test_bad_requests_are_4xx_naming_the_field(tmp_path: Path, model: LazyModel) -> None:
     with library(tmp_path, model) as (http, _, _store):
         assert http.post("/duplicates/scans", json={"tier": "exact", "threshold": 0.9}).status_code == 400
+        low = http.post("/duplicates/scans", json={"tier": "near", "threshold": -1})
+        assert low.status_code == 400 and "below 0.5" in low.json()["detail"]
         job = scan(http, tier="exact")
         cases = [
             ({"action": "move", "move_to": "relative/dir", "groups": [{"group": 0}]}, "move_to"),
@@ -269,3 +274,70 @@ def test_search_sorts_by_date_keeping_the_threshold(tmp_path: Path, model: LazyM
         text = http.get("/search", params={"q": "a red circle", "sort": "newest", "limit": 5}).json()["hits"]
         assert [h["mtime"] for h in text] == sorted((h["mtime"] for h in text), reverse=True)
         assert http.post("/search", json={**base, "sort": "sideways"}).status_code == 422
+
+
+# --- issue 22: where moves may go, and who may make them -----------------------------------------------------------
+
+
+@pytest.mark.faults
+def test_a_link_below_the_move_target_is_never_followed(tmp_path: Path, model: LazyModel) -> None:
+    with tempfile.TemporaryDirectory() as outside, library(tmp_path, model) as (http, files, store):
+        (tmp_path / "dups").mkdir()
+        (tmp_path / "dups" / "copies").symlink_to(outside)  # served root R, R/dups/copies -> /outside
+        job = scan(http, tier="exact")
+        green = group_of(job, files["green-square"])
+        body = {"action": "move", "move_to": str(tmp_path / "dups"), "groups": [{"group": green["index"]}]}
+        for answer in (act(http, job, **body), act(http, job, **body, dry_run=False, confirm=True)):
+            assert answer.status_code == 400, answer.text
+            assert "symbolic link" in answer.json()["detail"]
+        assert os.listdir(outside) == [] and files["green-copy"].exists()
+        assert str(files["green-copy"]) in stored_paths(store)
+
+
+@pytest.mark.faults
+def test_without_roots_moves_go_only_to_the_duplicates_folder_and_leave_the_index(
+    tmp_path: Path, model: LazyModel
+) -> None:
+    dups = tmp_path / "dups"
+    with (
+        tempfile.TemporaryDirectory() as elsewhere,
+        library(tmp_path, model, serve={"roots": []}, dedup={"duplicates_dir": str(dups)}) as (http, files, store),
+    ):
+        job = scan(http, tier="exact")
+        groups = [{"group": g["index"]} for g in job["page"]]
+        for target in (str(Path(elsewhere) / "cron.d"), "/etc/cron.d", str(tmp_path / "lib" / "x")):
+            planned = act(http, job, action="move", move_to=target, groups=groups)
+            assert planned.status_code == 400 and "outside" in planned.json()["detail"], planned.text
+        done = act(http, job, action="move", groups=groups, dry_run=False, confirm=True)
+        assert done.status_code == 200, done.text
+        assert done.json()["moved_stay_indexed"] is False
+        moved = {files["blue-triangle"], files["green-copy"]}
+        assert {d["path"] for d in done.json()["done"]} == {str(p) for p in moved}
+        assert all(not p.exists() for p in moved) and len(snapshot(dups)) == 2 and os.listdir(elsewhere) == []
+        assert not {str(p) for p in moved} & stored_paths(store) and not any(
+            p.startswith(str(dups)) for p in stored_paths(store)
+        )
+        assert scan(http, tier="exact")["groups"] == 0  # the moved copies left the index
+
+
+@pytest.mark.faults
+def test_with_no_roots_and_no_duplicates_folder_nothing_moves(tmp_path: Path, model: LazyModel) -> None:
+    with library(tmp_path, model, serve={"roots": []}) as (http, files, _):
+        job = scan(http, tier="exact")
+        body = {"action": "move", "move_to": str(tmp_path / "dups"), "groups": [{"group": 0}]}
+        for answer in (act(http, job, **body), act(http, job, **body, dry_run=False, confirm=True)):
+            assert answer.status_code == 400 and "neither is set" in answer.json()["detail"], answer.text
+        assert files["blue-triangle"].exists() and files["green-copy"].exists()
+
+
+@pytest.mark.faults
+def test_beyond_loopback_without_a_key_nothing_is_moved_or_deleted(tmp_path: Path, model: LazyModel) -> None:
+    with library(tmp_path, model, serve={"host": "0.0.0.0"}) as (http, files, store):
+        job = scan(http, tier="exact")
+        green = group_of(job, files["green-square"])
+        move = {"action": "move", "move_to": str(tmp_path / "dups"), "groups": [{"group": green["index"]}]}
+        assert act(http, job, **move).status_code == 200  # a dry run changes nothing
+        for body in (move, {"action": "delete", "groups": [{"group": green["index"]}]}):
+            answer = act(http, job, **body, dry_run=False, confirm=True)
+            assert answer.status_code == 400 and "serve.api_key" in answer.json()["detail"], answer.text
+        assert files["green-copy"].exists() and str(files["green-copy"]) in stored_paths(store)

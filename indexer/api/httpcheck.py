@@ -33,17 +33,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def host_name(header: str) -> str:
-    """The host name of a Host header, without the port ('[::1]:8000' → '::1')."""
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+def host_name(header: str) -> str | None:
+    """The host name of a Host header without its port ('[::1]:8000' → '::1'), or None when the header is not
+    ``host[:port]`` (nothing may follow a bracketed address but a port: '[::1]evil.example' is None)."""
+    text = header.strip()
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        return name if bracket and _is_port_suffix(rest) else None
+    name, colon, port = text.partition(":")
+    if colon and not _is_port_suffix(colon + port):
+        return None
+    return name
+
+
+def _is_port_suffix(text: str) -> bool:
+    return text == "" or (text.startswith(":") and text[1:].isdigit() and text[1:].isascii() and len(text) <= 6)
 
 
 def check_host(host: str) -> None:
     """Without an API key only loopback Host headers are served: a DNS-rebinding guard (a page on evil.example
-    resolving its name to 127.0.0.1 sends ``Host: evil.example``)."""
-    if host and not is_loopback(host_name(host)):
+    resolving its name to 127.0.0.1 sends ``Host: evil.example``). A request without a Host header, or with one
+    that is not ``host[:port]``, is refused too."""
+    if not host.strip():
+        raise HostNotAllowedError("no Host header: without an API key only requests to localhost are served")
+    name = host_name(host)
+    if name is None or not is_loopback(name):
         raise HostNotAllowedError(f"host {host!r} not allowed: without an API key only localhost is served")
 
 

@@ -20,6 +20,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from indexer.api.httpcheck import is_loopback
 from indexer.api.models import ErrorOut, FilterIn, to_filter
 from indexer.api.service import Service
 from indexer.library.dedup import Group, Item, Member
@@ -120,7 +121,12 @@ class ActionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     action: Literal["move", "delete"]
-    move_to: str | None = Field(default=None, min_length=1, max_length=4096, description="absolute folder")
+    move_to: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="absolute folder under serve.roots or dedup.duplicates_dir (default: dedup.duplicates_dir)",
+    )
     groups: list[SelectionIn] = Field(min_length=1, max_length=MAX_GROUPS_PER_ACTION)
     dry_run: bool = True
     confirm: bool = Field(default=False, description="needed to delete, and for every action with an API key")
@@ -154,6 +160,11 @@ class ActionOut(BaseModel):
     already: list[PlannedOut]
     bytes: int
     repeated: bool = Field(description="true when this answers a request_id seen before (nothing was redone)")
+    moved_stay_indexed: bool | None = Field(
+        default=None,
+        description="moves only: true when the target lies under an indexed folder (watch.paths, serve.roots) and "
+        "the moved files keep their points; false: they leave the index",
+    )
 
 
 class ClusterIn(BaseModel):
@@ -212,8 +223,9 @@ def add_review_routes(app: FastAPI, service: Service, api_key: str) -> Review:
     @app.post(
         "/duplicates/scans/{scan_id}/actions", response_model=ActionOut, responses=errors, summary="Move or delete"
     )
-    async def act(scan_id: JobId, body: ActionIn) -> ActionOut:
+    async def act(request: Request, scan_id: JobId, body: ActionIn) -> ActionOut:
         found = job(scan_id, "duplicates")
+        exposed = not is_loopback(service.settings.serve.host) or not _from_loopback(request)
         selections = [Selection(s.group, s.keeper, tuple(s.exclude)) for s in body.groups]
         answer = await service.run(
             lambda: review.act(
@@ -225,6 +237,7 @@ def add_review_routes(app: FastAPI, service: Service, api_key: str) -> Review:
                 confirm=body.confirm,
                 key_configured=bool(api_key),
                 request_id=body.request_id,
+                exposed=exposed,
             )
         )
         return ActionOut(**answer)
@@ -252,6 +265,11 @@ def add_review_routes(app: FastAPI, service: Service, api_key: str) -> Review:
         return ClustersOut(clusters=out, unclustered=unclustered)
 
     return review
+
+
+def _from_loopback(request: Request) -> bool:
+    """Whether the request came from a loopback address (the peer, not the Host header a client chooses)."""
+    return request.client is not None and is_loopback(request.client.host)
 
 
 def _thumb(root: str, image_id: str) -> str:

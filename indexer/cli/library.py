@@ -63,8 +63,11 @@ def _add_dedup(sub: Any) -> None:
     act.add_argument(
         "--move-to",
         type=Path,
+        nargs="?",
+        const="",
         metavar="DIR",
-        help="keep each keeper, move its duplicates under DIR (same relative paths)",
+        help="keep each keeper, move its duplicates under DIR (same relative paths; default: dedup.duplicates_dir); "
+        "they leave the index unless DIR lies under watch.paths or serve.roots",
     )
     act.add_argument("--delete", action="store_true", help="keep each keeper, delete its duplicates (needs --yes)")
     p.add_argument("--yes", action="store_true", help="confirm --delete")
@@ -133,6 +136,10 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     for path, flag in ((args.csv, "--csv"), (args.html, "--html")):
         _check_output(path, flag)
     flt = _folder_filter(args.folder)
+    if args.move_to == "":
+        if not settings.dedup.duplicates_dir:
+            raise ConfigError("--move-to", "give DIR, or set dedup.duplicates_dir")
+        args.move_to = Path(settings.dedup.duplicates_dir).expanduser()
     acts = args.move_to is not None or args.delete
     with open_store_from_settings(settings, read_only=not acts) as store:
         plan = PairPlan.from_settings(settings.dedup, exact=args.exact, device=args.device)
@@ -143,7 +150,7 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
         if args.move_to is None and not args.delete:
             _print_dedup(report, None, args.json)
             return EXIT_OK
-        return _act(report, args, store, flt)
+        return _act(report, args, store, flt, settings)
 
 
 def _write_dedup_files(report: DedupReport, args: argparse.Namespace, settings: Settings) -> None:
@@ -155,12 +162,15 @@ def _write_dedup_files(report: DedupReport, args: argparse.Namespace, settings: 
         write_page(args.html, dedup_page(report, settings.dedup.report_max_groups))
 
 
-def _act(report: DedupReport, args: argparse.Namespace, store: VectorStore, flt: SearchFilter | None) -> int:
+def _act(
+    report: DedupReport, args: argparse.Namespace, store: VectorStore, flt: SearchFilter | None, settings: Settings
+) -> int:
     """Print the dry-run summary, then (unless --delete lacks --yes) move or delete, file by file."""
-    from indexer.library.actions import apply_plan, plan_actions
+    from indexer.library.actions import Places, apply_plan, plan_actions
 
     root = Path(flt.path_prefix) if flt is not None and flt.path_prefix else None
-    plan = plan_actions(report, move_to=args.move_to, delete=args.delete, root=root)
+    places = Places.for_cli(settings)
+    plan = plan_actions(report, move_to=args.move_to, delete=args.delete, root=root, places=places, store=store)
     out = sys.stderr if args.json else sys.stdout
     if not args.json:
         _print_dedup(report, None, False)
@@ -188,6 +198,13 @@ def _print_plan(plan: ActionPlan, args: argparse.Namespace, out: TextIO) -> None
     else:
         head = f"dry run: delete {files}"
     print(f"{head}; keepers stay; {plural(len(plan.skipped), 'duplicate')} left alone", file=out)
+    if plan.target_root is not None:
+        stays = (
+            "under an indexed folder: the moved files stay in"
+            if plan.stays_indexed
+            else "not under an indexed folder: the moved files leave"
+        )
+        print(f"  ({plan.target_root} is {stays} the index)", file=out)
     for a in plan.actions:
         print(f"  {a.kind} {a.item.path}" + (f" -> {a.target}" if a.target is not None else ""), file=out)
     for s in plan.skipped:

@@ -42,7 +42,7 @@ from indexer.errors import ConfigError, StoreError
 from indexer.library.export import VectorDump, VectorFile, dump_vectors
 from indexer.library.pairs import DEFAULT_PROBES, FP32_UNIT, Pairs, Verifier, cell_pairs, product_margin
 from indexer.records import SearchFilter, StoredPoint
-from indexer.settings import DedupSettings
+from indexer.settings import DEDUP_MIN_THRESHOLD, DedupSettings
 
 if TYPE_CHECKING:
     from indexer.store.protocol import VectorStore
@@ -191,6 +191,10 @@ def tier_threshold(tier: str, settings: DedupSettings, explicit: float | None = 
         return None
     if explicit is not None and not -1.0 <= explicit <= 1.0:
         raise ConfigError("--threshold", f"{explicit} is not a cosine score in [-1, 1]")
+    if explicit is not None and explicit < DEDUP_MIN_THRESHOLD:
+        raise ConfigError(
+            "--threshold", f"{explicit} is below {DEDUP_MIN_THRESHOLD}: nearly every image would join one group"
+        )
     if explicit is not None:
         return explicit
     return settings.near_threshold if tier == "near" else settings.similar_threshold

@@ -13,7 +13,10 @@ the store follows). On top of that, for an HTTP client:
 - a request names at most `MAX_GROUPS_PER_ACTION` groups, by their index in the scan, each with an optional new
   keeper (scores recomputed against it from the stored vectors) and members to leave out;
 - ``dry_run`` returns the plan without touching anything; a delete needs ``confirm``, and with an API key
-  configured every non-dry-run action does;
+  configured every non-dry-run action does; without a key, a service reachable beyond loopback (serve.host, or
+  the client's address) refuses every non-dry-run action;
+- a move goes under serve.roots or dedup.duplicates_dir only (real paths; none when neither is set), and the
+  moved files leave the index unless the target lies under an indexed folder (watch.paths, serve.roots);
 - idempotent: a member already moved or deleted by this scan is reported under ``already`` instead of being acted
   on again, and a retried request with the same ``request_id`` gets the first answer back.
 """
@@ -21,7 +24,6 @@ the store follows). On top of that, for an HTTP client:
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 import os
 import threading
@@ -37,9 +39,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from indexer.errors import ConfigError, IndexerError
-from indexer.library.actions import apply_plan, common_root, plan_actions
+from indexer.library.actions import Places, apply_plan, common_root, plan_actions
 from indexer.library.cluster import ClusterReport, cluster_store, resolve_k
 from indexer.library.dedup import DedupReport, Group, Tier, find_duplicates, rekeep, tier_threshold
+from indexer.library.folders import is_under, real_target
 from indexer.records import SearchFilter
 from indexer.settings import Settings
 
@@ -210,8 +213,10 @@ class Review:
         confirm: bool,
         key_configured: bool,
         request_id: str | None = None,
+        exposed: bool = False,
     ) -> dict[str, Any]:
-        """Plan (and unless dry_run, apply) moving or deleting the members of the selected groups."""
+        """Plan (and unless dry_run, apply) moving or deleting the members of the selected groups. ``exposed``:
+        the service is reachable beyond loopback (then, without a key, nothing is done)."""
         if request_id is not None and request_id in job.answers:
             return {**job.answers[request_id], "repeated": True}
         report = job.report
@@ -225,10 +230,17 @@ class Review:
             what = "deleted" if delete else "moved"
             why = "a delete" if delete else "with an API key configured, every action"
             raise ConfigError("confirm", f"nothing was {what}: {why} needs confirm=true (look at the dry run first)")
-        target = None if move_to is None else self._move_root(move_to)
+        if not dry_run and exposed and not key_configured:
+            raise ConfigError(
+                "serve.api_key",
+                "nothing was moved or deleted: the service is reachable beyond loopback, and acting on files then "
+                "needs an API key (serve.api_key or serve.api_key_file)",
+            )
+        target = None if delete else self._move_root(move_to)
         chosen, already = self._chosen_groups(job, report, selections)
         subset = DedupReport(report.tier, report.threshold, report.scanned, tuple(chosen))
-        plan = plan_actions(subset, move_to=target, delete=delete, root=job.root)
+        places = Places.for_service(self.settings)
+        plan = plan_actions(subset, move_to=target, delete=delete, root=job.root, places=places, store=self.store)
         if not dry_run:
             apply_plan(plan, self.store)
             for action in plan.done:
@@ -270,17 +282,30 @@ class Review:
             chosen.append(Group(group.keeper, tuple(members)))
         return chosen, already
 
-    def _move_root(self, move_to: str) -> Path:
-        """The folder to move into: absolute, and inside a served root when serve.roots is set."""
+    def _move_root(self, move_to: str | None) -> Path:
+        """The folder to move into (default: dedup.duplicates_dir): absolute, and its real path under
+        serve.roots or dedup.duplicates_dir; with neither set, no move is allowed."""
+        move_to = move_to or str(
+            Path(self.settings.dedup.duplicates_dir).expanduser() if self.settings.dedup.duplicates_dir else ""
+        )
+        if not move_to:
+            raise ConfigError("move_to", "give the folder to move to (or set dedup.duplicates_dir)")
         if not os.path.isabs(move_to) or "\x00" in move_to:
             raise ConfigError("move_to", f"{move_to!r} is not an absolute folder path")
         path = Path(os.path.normpath(move_to))
-        roots = [Path(os.path.realpath(Path(r).expanduser())) for r in self.settings.serve.roots]
-        if roots:
-            existing = next(p for p in itertools.chain([path], path.parents) if p.exists())
-            real = Path(os.path.realpath(existing)) / path.relative_to(existing)
-            if not any(real.is_relative_to(root) for root in roots):
-                raise ConfigError("move_to", f"{path} lies outside the served folders (serve.roots)")
+        allowed = Places.for_service(self.settings).allowed
+        if not allowed:
+            raise ConfigError(
+                "move_to",
+                "moves from the service go under the served folders (serve.roots) or the duplicates folder "
+                "(dedup.duplicates_dir), and neither is set",
+            )
+        if not is_under(real_target(path), allowed):
+            raise ConfigError(
+                "move_to",
+                f"{path} lies outside the served folders (serve.roots) and the duplicates folder "
+                "(dedup.duplicates_dir)",
+            )
         return path
 
     # --- clusters ---
