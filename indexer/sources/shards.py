@@ -19,6 +19,8 @@ Incremental indexing: every point of a shard carries the shard's size and mtime 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import io
 import json
 import logging
@@ -26,7 +28,7 @@ import os
 import threading
 import warnings
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,7 @@ from indexer.sources.tarshard import read_member as read_member
 
 log = logging.getLogger(__name__)
 
+TRIM_PIXELS = 16_000_000  # after decoding an image this large, freed memory goes back to the system
 LOOKAHEAD_BYTES = 256 << 20  # sample bytes read ahead of the decoding threads, at most (beyond one sample)
 SHARD_PENDING = -1  # shard_mtime_ns of points whose shard is still being indexed (never "unchanged")
 
@@ -187,6 +190,26 @@ def header_pixels(data: bytes, limits: DecodeLimits) -> int:
     return int(width) * int(height)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Each decoding thread allocates from a malloc arena of its own, which keeps what a large image freed: without
+    this, 2 threads decoding limit-sized images one at a time still held two images' worth (measured: 280 MB
+    against 140 MB for one thread, 6,000 px PNGs)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def decode_shard(
     shard: FileEntry,
     spec: PreprocessSpec,
@@ -209,8 +232,13 @@ def decode_shard(
             return item
         if budget is None:
             return decode_sample(item, shard, spec, limits)
-        with budget.hold(header_pixels(item.data, limits)):
-            return decode_sample(item, shard, spec, limits)
+        pixels = header_pixels(item.data, limits)
+        with budget.hold(pixels):
+            try:
+                return decode_sample(item, shard, spec, limits)
+            finally:
+                if pixels >= TRIM_PIXELS:
+                    release_freed_memory()
 
     if threads <= 1:
         yield from map(decode, samples)
