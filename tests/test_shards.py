@@ -3,10 +3,15 @@ output, and incremental indexing (an unchanged shard is not read again), with th
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import subprocess
+import sys
+import tarfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,8 +25,8 @@ from indexer.sources import shards as shards_mod
 from indexer.sources.shards import Sample, address, count_samples, decode_shard, find_shards, iter_samples
 from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
-from tests.support.clirun import MODEL, run_json
-from tests.support.shardfiles import shape_png, truncate, write_shard, write_shards
+from tests.support.clirun import INDEXER, MODEL, run, run_json
+from tests.support.shardfiles import flat_png, shape_png, special, truncate, write_members, write_shard, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +200,157 @@ def test_cli_embed_and_index_accept_shards(tmp_path: Path) -> None:
     first = run_json("index", str(folder), "--store", str(store), *MODEL)
     second = run_json("index", str(folder), "--store", str(store), *MODEL)
     assert first["indexed"] == 4 and (second["indexed"], second["unchanged"], second["removed"]) == (0, 4, 0)
+
+
+# --- hostile and odd shards (issue 22: 6, 7, 8, 12) -----------------------------------------------------------------
+
+
+def failures_of(summary: dict[str, Any]) -> dict[str, str]:
+    return {f["path"]: f["reason"] for f in summary["failures"]}
+
+
+@pytest.mark.faults
+def test_a_member_name_that_is_not_utf8_fails_alone_and_later_shards_are_read(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    write_members(folder / "00000.tar", [("a.png", shape_png(0)), ("caf\udce9.png", shape_png(1)),
+                                         ("b.png", shape_png(2))])  # fmt: skip
+    write_shard(folder / "00001.tar", 2, first=10)
+    bad = address(folder / "00000.tar", "caf\\xe9")
+    proc = run("index", str(folder), "--store", str(tmp_path / "store"), *MODEL, "--json", check=1)
+    summary = json.loads(proc.stdout)
+    assert (summary["indexed"], summary["failed"]) == (4, 1)
+    assert failures_of(summary) == {bad: "member name is not valid UTF-8"}
+    assert f"skipping {bad}: member name is not valid UTF-8" in proc.stderr
+    out = tmp_path / "e.parquet"
+    embed = run("embed", str(folder), "--output", str(out), *MODEL, "--json", check=1)
+    assert "Traceback" not in embed.stderr and json.loads(embed.stdout)["failed"] == 1
+    assert pq.read_table(out).num_rows == 4
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(120)
+def test_a_fifo_named_tar_is_skipped_never_waited_on(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    write_shard(folder / "00000.tar", 2)
+    os.mkfifo(folder / "00001.tar")
+    args = [INDEXER, "index", str(folder), "--store", str(tmp_path / "store"), *MODEL, "--json"]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("indexer index hangs on a FIFO named *.tar")
+    summary = json.loads(proc.stdout)
+    assert proc.returncode == 1 and summary["indexed"] == 2
+    assert failures_of(summary) == {str(folder / "00001.tar"): "not a regular file (a FIFO)"}
+
+
+@pytest.mark.faults
+def test_links_devices_and_fifo_members_are_reported_as_skipped(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    write_members(shard, [
+        ("a.png", shape_png(0)), ("b.png", special(tarfile.SYMTYPE, "/etc/passwd")),
+        ("c.png", special(tarfile.LNKTYPE, "a.png")), ("d.png", special(tarfile.CHRTYPE)),
+        ("e.png", special(tarfile.FIFOTYPE)), ("f.png", shape_png(1)),
+    ])  # fmt: skip
+    summary = run_json("index", str(shard), "--store", str(tmp_path / "store"), *MODEL, check=1)
+    assert summary["indexed"] == 2
+    assert failures_of(summary) == {
+        address(shard, "b.png"): "not a regular member (a symbolic link)",
+        address(shard, "c.png"): "not a regular member (a hard link)",
+        address(shard, "d.png"): "not a regular member (a character device)",
+        address(shard, "e.png"): "not a regular member (a FIFO)",
+    }
+
+
+@pytest.mark.faults
+def test_a_duplicate_key_is_reported_and_the_counts_are_what_is_stored(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    write_members(shard, [("a.png", shape_png(0)), ("b.png", shape_png(1)), ("a.png", shape_png(2))])
+    store = tmp_path / "store"
+    summary = run_json("index", str(shard), "--store", str(store), *MODEL, check=1)
+    assert (summary["indexed"], summary["failed"]) == (2, 1)
+    reason = failures_of(summary)[address(shard, "a.png")]
+    assert reason.startswith("duplicate key a:")
+    assert run_json("status", "--store", str(store))["images"] == 2
+    # a part of the shard numbers the entries as the whole does: each is reported once
+    parts = [list(iter_samples(shard, DecodeLimits(), n, n + 1)) for n in range(count_samples(shard))]
+    assert [len(p) for p in parts] == [1, 1, 1]
+
+
+def test_a_compressed_shard_is_reported_as_not_read(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    write_shard(folder / "00000.tar", 2)
+    with gzip.open(folder / "00001.tar.gz", "wb") as fh:
+        fh.write((folder / "00000.tar").read_bytes())
+    summary = run_json("embed", str(folder), "--output", str(tmp_path / "e.parquet"), *MODEL, check=1)
+    assert summary["indexed"] == 2
+    reason = failures_of(summary)[str(folder / "00001.tar.gz")]
+    assert reason.startswith("compressed shard: only uncompressed .tar shards are read")
+
+
+# Peaks are read from VmHWM: ru_maxrss survives fork and exec, so a child of the test process starts at its peak.
+PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) // 1024"
+
+DECODE_RSS = f"""
+import sys
+from pathlib import Path
+from indexer.records import DecodeLimits, Decoded, PreprocessSpec
+from indexer.sources.shards import decode_shard, find_shards
+shard, threads, limit = find_shards([Path(sys.argv[1])])[0], int(sys.argv[2]), int(sys.argv[3])
+before = {PEAK}
+items = list(decode_shard(shard, PreprocessSpec(image_size=64), DecodeLimits(max_pixels=limit), threads=threads))
+assert all(isinstance(i, Decoded) for i in items), [getattr(i, 'reason', '') for i in items]
+print({PEAK} - before)
+"""
+
+
+def decode_growth_mb(shard: Path, threads: int, limit: int) -> int:
+    """How much decoding ``shard`` on ``threads`` threads grows a fresh process's peak RSS (MB)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", DECODE_RSS, str(shard), str(threads), str(limit)],
+                          capture_output=True, text=True, timeout=300, env=env, check=True)  # fmt: skip
+    return int(proc.stdout.strip())
+
+
+@pytest.mark.faults
+def test_decoding_threads_never_hold_two_limit_sized_images(tmp_path: Path) -> None:
+    # 4 members of 6,000 x 6,000 px (103 MB decoded, 130 KB in the shard) under a 40 MP limit: each may decode,
+    # two at once may not
+    side, limit = 6000, 40_000_000
+    shard = tmp_path / "00000.tar"
+    write_members(shard, [(f"{n}.png", flat_png(side, side)) for n in range(4)])
+    image_mb = side * side * 3 // 2**20
+    one, two = decode_growth_mb(shard, 1, limit), decode_growth_mb(shard, 2, limit)
+    print(f"peak RSS growth: {one} MB with 1 thread, {two} MB with 2; one image {image_mb} MB")
+    assert one < 3 * image_mb  # one image at a time: its decode, its resize
+    assert two < one + image_mb // 2  # two threads: still one limit-sized image at a time
+
+
+MEMBERS_RSS = f"""
+import sys
+from pathlib import Path
+from indexer.records import DecodeLimits
+from indexer.sources.shards import count_samples, iter_samples
+shard = Path(sys.argv[1])
+before = {PEAK}
+entries = count_samples(shard)
+items = sum(1 for _ in iter_samples(shard, DecodeLimits()))
+print(entries, items, {PEAK} - before)
+"""
+
+
+@pytest.mark.faults
+def test_a_shard_of_many_empty_members_holds_no_memory_per_member(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tf:
+        for n in range(100_000):
+            tf.addfile(tarfile.TarInfo(f"{n:07d}.txt"))
+    write_members(tmp_path / "one.tar", [("a.png", shape_png(0))])
+    with tarfile.open(shard, "a") as tf, tarfile.open(tmp_path / "one.tar") as one:
+        member = one.getmember("a.png")
+        tf.addfile(member, one.extractfile(member))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", MEMBERS_RSS, str(shard)], capture_output=True, text=True,
+                          timeout=120, env=env, check=True)  # fmt: skip
+    entries, items, grew_mb = map(int, proc.stdout.split())
+    assert (entries, items) == (1, 1)
+    assert grew_mb < 12, f"reading 100,000 members grew the process by {grew_mb} MB"

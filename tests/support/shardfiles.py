@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -71,3 +73,37 @@ def truncate(path: Path, keep_fraction: float) -> None:
     """Cut a file short, as an interrupted download leaves it."""
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+def write_members(path: Path, members: list[tuple[str, bytes | tarfile.TarInfo]]) -> None:
+    """A shard of exactly these members, in order: (name, bytes) for a regular member, or (name, TarInfo) for any
+    other kind (``special``). GNU format, so a name may carry bytes that are not UTF-8 (surrogate escapes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+        for name, what in members:
+            if isinstance(what, tarfile.TarInfo):
+                what.name = name
+                tf.addfile(what)
+            else:
+                _add(tf, name, what)
+
+
+def special(kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    """A member header of ``kind`` (tarfile.SYMTYPE, LNKTYPE, CHRTYPE, BLKTYPE, FIFOTYPE) with no data."""
+    info = tarfile.TarInfo("placeholder")
+    info.type, info.linkname, info.mtime = kind, linkname, 1_700_000_000
+    return info
+
+
+def flat_png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A one-colour RGB PNG of any size, written row by row (a 13,000 px square takes kilobytes of memory and
+    ≈ 500 KB on disk): what decodes to a huge image from a small member."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" + bytes(color) * width
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
