@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -99,6 +100,39 @@ def test_the_free_space_margin_is_a_setting(tmp_path: Path, small_disk: Path) ->
     assert run_json("status", "--store", str(store))["images"] == 4  # 80 MB free: above the default 64
     proc = run("status", "--store", str(store), env={"INDEXER_STORE__MIN_FREE_MB": "100"}, check=2)
     assert "No space left on device" in proc.stderr and "at least 100 MB" in proc.stderr
+
+
+@pytest.fixture
+def disk_100mb(tmp_path: Path) -> Iterator[Path]:
+    """A 100 MB tmpfs, the size of the issue's reproduction; unmounted at teardown."""
+    disk = tmp_path / "disk100"
+    _mount(disk, "-t", "tmpfs", "-o", "size=100m", "tmpfs")
+    try:
+        yield disk
+    finally:
+        _umount(disk)
+
+
+@pytest.mark.timeout(300)
+def test_opening_a_store_is_refused_when_edge_cannot_fill_its_files(tmp_path: Path, disk_100mb: Path) -> None:
+    """Edge fills its sparse mapped files on open (a fresh shard's 32 MB vector chunk): with more free space than
+    the margin but less than that, the open is refused with the figures, never a SIGBUS."""
+    photos, store = tmp_path / "photos", disk_100mb / "store"
+    write_dataset(photos, 16, seed=5, size=64)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    margin = {"INDEXER_STORE__MIN_FREE_MB": "8"}
+    filler = _fill(disk_100mb, leave_mb=24)  # above the 8 MB margin, below what the open fills
+    for args in (("status",), ("index", str(photos), *MODEL, "--workers", "1")):
+        proc = run(*args, "--store", str(store), env=margin, check=None)
+        _no_crash(proc)
+        assert proc.returncode == 2, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("indexer: error: ") and "cannot open: No space left on device" in line, line
+        free, needed = (float(m) for m in re.findall(r"\(([\d.]+) MB free, ([\d.]+) MB needed", line)[0])
+        assert 20 < free < 28 and needed > 32, line  # the fresh shard's vector chunk, not the 8 MB margin
+        assert "open fills about" in line and "store.min_free_mb" in line, line
+    filler.unlink()
+    assert run_json("status", "--store", str(store))["images"] == 16  # nothing was lost
 
 
 def _until(what: str, check: Callable[[], bool], timeout: float = 120.0) -> None:

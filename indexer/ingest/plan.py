@@ -16,9 +16,9 @@ from indexer.decode.image import SUPPORTED_EXTENSIONS, hash_file
 from indexer.errors import ConfigError
 from indexer.records import Failure, FileEntry, RunSummary, SearchFilter, StoredPoint, name_problem, point_id
 from indexer.settings import Settings
+from indexer.sources.events import ChangeKind, FileChange
 from indexer.sources.scan import normalise_root, scan
 from indexer.sources.shards import is_shard_point
-from indexer.sources.events import ChangeKind, FileChange
 from indexer.store.protocol import FailureRecord, VectorStore
 
 log = logging.getLogger(__name__)

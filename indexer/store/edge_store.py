@@ -31,6 +31,8 @@ from indexer.store.directory import (
     _PointRecord,
     _read_meta,
     _StoreMeta,
+    data_bytes,
+    open_need_bytes,
     read_only_error,
 )
 from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # The free space (MB) the store keeps on its filesystem by default (settings: store.min_free_mb).
 MIN_FREE_MB = 64.0
+# What opening a shard may write beyond filling its mapped files (its config, a replayed write-ahead log).
+OPEN_SLACK_MB = 4.0
 _MB = 1024 * 1024
 
 
@@ -136,17 +140,24 @@ class EdgeStore(_StoreBase):
         vectors = edge.EdgeVectorParams(size=dim, distance=edge.Distance.Cosine)
         return edge.EdgeConfig(vectors=vectors, optimizers=optimizers)
 
-    def _check_space(self, what: str) -> None:
-        """Refuse to go on with less than min_free_mb free: Edge would die of SIGBUS writing a mapped page."""
-        if self._min_free_mb <= 0:
-            return
+    def _check_space(self, what: str, fills_mb: float = 0.0, *, plus_margin: bool = False) -> None:
+        """Refuse to go on without the space this step takes: Edge maps its files, and a mapped page it cannot get
+        from a full filesystem is a SIGBUS that kills the process, not an error.
+
+        Writes need min_free_mb free. A step that fills ``fills_mb`` of files needs that much plus a little
+        (OPEN_SLACK_MB) and never less than min_free_mb; with ``plus_margin`` (an optimize, which goes on to write)
+        it needs the margin on top."""
+        margin = self._min_free_mb
+        needed = fills_mb + margin if plus_margin else max(fills_mb + OPEN_SLACK_MB if fills_mb else 0.0, margin)
         free = _free_mb(self.directory)
-        if free < self._min_free_mb:
-            raise StoreFullError(
-                f"the store at {self.directory} cannot {what}: No space left on device "
-                f"({free:.1f} MB free, the store keeps at least {self._min_free_mb:g} MB: store.min_free_mb); "
-                "free some space or move the store (--store DIR)"
-            )
+        if free >= needed or needed <= 0:
+            return
+        fills = f"{what} fills about {fills_mb:.1f} MB of its files; " if fills_mb >= 0.1 else ""
+        raise StoreFullError(
+            f"the store at {self.directory} cannot {what}: No space left on device ({free:.1f} MB free, "
+            f"{needed:.1f} MB needed: {fills}the store keeps at least {margin:g} MB free: store.min_free_mb); "
+            "free some space or move the store (--store DIR)"
+        )
 
     def _check_points(self) -> None:
         """Warn loudly when the shard holds fewer points than at its last flush (a damaged segment)."""
@@ -174,7 +185,7 @@ class EdgeStore(_StoreBase):
 
     def _open_shard(self, dim: int) -> edge.EdgeShard:
         """Load the shard, or create it if missing (a new store, or a crash right after store.json)."""
-        self._check_space("open")
+        self._check_space("open", open_need_bytes(self._shard_path) / _MB)
         path = str(self._shard_path)
         if (self._shard_path / "edge_config.json").exists():
             try:
@@ -257,7 +268,7 @@ class EdgeStore(_StoreBase):
         (Each index costs an fsync'd WAL entry, so they are made here, not per ensure_collection.)"""
         shard = self._live_shard()
         if shard is not None:
-            self._check_space("optimize")
+            self._check_space("optimize", data_bytes(self._shard_path) / _MB, plus_margin=True)
             with self._errors("optimize"):
                 _create_edge_indexes(shard)
                 shard.optimize()
