@@ -18,7 +18,7 @@ import pytest
 from indexer.ingest.pipeline import run_index
 from indexer.library.actions import apply_plan, plan_actions
 from indexer.library.dedup import find_duplicates
-from indexer.model.clip import LazyModel
+from indexer.model.lazy import LazyModel
 from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
