@@ -30,12 +30,12 @@ TINY_MODEL = ROOT / "tests" / "fixtures" / "shapes-clip"
 
 
 class NoOpModel:
-    """Stands in for `LazyModel` (bench only): the tiny model's preprocessing, zero vectors, no network."""
+    """Stands in for `LazyModel` (bench only): 224 px preprocessing, constant 768-d vectors, no network."""
 
     def __init__(self, batch_size: int) -> None:
         from indexer.records import PreprocessSpec
 
-        self.model_id, self.dim, self.batch_size = "no-op", 8, batch_size
+        self.model_id, self.dim, self.batch_size = "no-op", 768, batch_size  # ViT-L/14's width
         self.preprocess = PreprocessSpec()
 
     def start(self, *towers: str) -> None:
