@@ -1,22 +1,30 @@
-"""The figures bench/gpu_check.sh prints: ViT-L/14 (random weights, same FLOPs) model-only, eager and compiled;
-nvJPEG decode; `indexer embed` and `indexer index` end to end (the functions the CLI calls, model built before the
-clock) on VGA and 12 MP JPEGs, with nvJPEG mixed into the decode stage (``decode.gpu = "on"``) and without
-(``"off"``), and how many files each side took; GPU utilisation sampled with nvidia-smi during each run.
+"""The figures bench/gpu_check.sh prints, in one run of a few minutes:
 
-In the CPU mode there is no nvJPEG: the "mixed on" runs use `NvJpegDecoder(device="cpu")` (torchvision's libjpeg
-on a thread of the main process) as the GPU side, so the mixed path is exercised end to end; its figures say
-nothing about a GPU.
+1. the model alone (``encode_pixels`` on random batches, eager);
+2. for VGA and 12 MP JPEGs: the nvJPEG decoder alone; `indexer embed` and `indexer index` in-process (the functions
+   the CLI calls, the model warm) with ``decode.gpu`` auto and off, each with a per-stage breakdown (the consumer
+   waiting on decoding, the model busy, the writer busy, the main thread blocked on the writer) and what ``auto``
+   decided; the straightforward DataLoader script (bench/gpu_peer.py) on the same files, and our rate / its rate;
+3. whole processes: ``python -m indexer embed`` and ``index`` of the VGA files, a first run (empty cache: nothing
+   remembered) and a second run, against the in-process time.
 
-    python -m bench.gpu_check --device cuda [--vga 4096] [--mp12 512] [--batch 256] [--compile]
-    python -m bench.gpu_check --device cpu --vga 8 --mp12 2 --batch 4 --iters 1   # the reduced CPU mode
+The model is the default route's: ViT-L/14 (QuickGELU) from a weights file, random weights saved once into
+bench/data/ (the same FLOPs as OpenAI's; loaded as real weights are: meta device, memory-mapped). In the CPU mode
+(``--device cpu``: a rehearsal anywhere) it is the learned test model and the counts are small, and nvJPEG's place
+is taken by nothing: ``auto`` finds no CUDA and says so.
+
+    python -m bench.gpu_check --device cuda [--vga 4096] [--mp12 512] [--batch 256]
+    python -m bench.gpu_check --device cpu --vga 48 --mp12 4 --batch 16 --iters 2   # the CPU rehearsal
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
-import shutil
+import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +35,13 @@ import numpy as np
 # torch and the pipeline are imported inside the functions (decode workers import this __main__ module).
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).parent.parent
+TEST_MODEL = REPO / "tests" / "fixtures" / "shapes-clip"
+T0 = time.perf_counter()
+
+
+def say(text: str) -> None:
+    print(f"[{time.perf_counter() - T0:5.0f} s] {text}", flush=True)
 
 
 def _make_one(job: tuple[Path, tuple[int, int], int]) -> None:
@@ -43,166 +58,133 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> Path:
     """``count`` photo-like JPEGs of ``size`` in ``folder`` (made in parallel, cached between runs)."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(folder / f"{i:05d}.jpg", size, i) for i in range(count) if not (folder / f"{i:05d}.jpg").exists()]
-    with multiprocessing.get_context("spawn").Pool() as pool:
-        pool.map(_make_one, jobs, chunksize=8)
+    if jobs:
+        with multiprocessing.get_context("spawn").Pool() as pool:
+            pool.map(_make_one, jobs, chunksize=8)
     for extra in sorted(folder.glob("*.jpg"))[count:]:
         extra.unlink()
     return folder
 
 
-def settings_for(device: str, batch: int, compile_: bool, store: Path, gpu_decode: str = "auto") -> Any:
+def model_files(device: str) -> tuple[dict[str, Any], Path, Path]:
+    """(model settings, open_clip config JSON, weights file): ViT-L/14 random weights saved once on a GPU run,
+    the learned test model on a CPU rehearsal."""
+    if device == "cpu":
+        config = TEST_MODEL / "config.json"
+        return {"name": str(config)}, config, TEST_MODEL / "weights.safetensors"
+    weights, config = DATA / "gpu-vit-l-14.safetensors", DATA / "gpu-vit-l-14.json"
+    if not weights.exists() or not config.exists():
+        import open_clip
+        import torch
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        net = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights) + ".tmp")
+        os.replace(str(weights) + ".tmp", weights)
+        cfg = {**open_clip.get_model_config("ViT-L-14"), "quick_gelu": True}
+        config.write_text(json.dumps(cfg))
+    return {"name": "ViT-L-14", "weights": str(weights)}, config, weights
+
+
+def settings_for(model: dict[str, Any], device: str, batch: int, store: Path, gpu_decode: str = "auto") -> Any:
     from indexer.settings import load_settings
 
-    model = {"name": "ViT-L-14", "pretrained": "none", "device": device, "batch_size": batch, "compile": compile_}
-    return load_settings(None, {"model": model, "store": {"dir": store}, "decode": {"gpu": gpu_decode}})
+    full = {**model, "device": device, "batch_size": batch}
+    return load_settings(None, {"model": full, "store": {"dir": store}, "decode": {"gpu": gpu_decode}})
 
 
-def model_only(device: str, batch: int, iters: int, compile_: bool) -> tuple[float, float]:
-    """(images/s of encode_pixels on random uint8 batches, seconds of the first two calls: build + compile)."""
-    from indexer.model.lazy import LazyModel
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = LazyModel(settings_for(device, batch, compile_, Path(tmp)).model)
-        start = time.perf_counter()
-        clip = model.get()
-        pixels = np.random.default_rng(0).integers(0, 255, (batch, 3, 224, 224), dtype=np.uint8)
-        for _ in range(2):
-            clip.encode_pixels(pixels)
-        warm = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(iters):
-            clip.encode_pixels(pixels)
-        rate = iters * batch / (time.perf_counter() - start)
-        clip.close()
-    return rate, warm
+def model_only(model: Any, batch: int, size: int, iters: int) -> float:
+    """images/s of encode_pixels on random uint8 batches (warm)."""
+    clip = model.get()
+    pixels = np.random.default_rng(0).integers(0, 255, (batch, 3, size, size), dtype=np.uint8)
+    clip.encode_pixels(pixels)
+    start = time.perf_counter()
+    for _ in range(iters):
+        clip.encode_pixels(pixels)
+    return iters * batch / (time.perf_counter() - start)
 
 
-class GpuSampler:
-    """nvidia-smi utilisation samples every 100 ms while in the ``with`` block (nothing where there is none)."""
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-        self._proc: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> GpuSampler:
-        if shutil.which("nvidia-smi"):
-            cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        out, _ = self._proc.communicate(timeout=10)
-        self.samples = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
-
-    def text(self) -> str:
-        if not self.samples:
-            return "GPU util: n/a (no nvidia-smi)"
-        return f"GPU util mean {np.mean(self.samples):.0f}% max {max(self.samples):.0f}% ({len(self.samples)} samples)"
-
-
-class DecoderSpy:
-    """Remembers the decoders the pipeline's factory makes (to print the nvJPEG/CPU split); in the CPU mode it
-    also stands `NvJpegDecoder(device="cpu")` in for nvJPEG (bench only, never the product)."""
-
-    def __init__(self, cpu_stand_in: bool) -> None:
-        import indexer.decode.mixed as mixed_decode
-        import indexer.ingest.decoders as pipeline
-
-        self.made: list[Any] = []
-        self._saved = (pipeline.decoder_for, mixed_decode.gpu_decode_device)
-        real = pipeline.decoder_for
-
-        def spy(*args: Any) -> Any:
-            decoder = real(*args)
-            self.made.append(decoder)
-            return decoder
-
-        pipeline.decoder_for = spy
-        if cpu_stand_in:
-            mixed_decode.gpu_decode_device = lambda settings: None if settings.decode.gpu == "off" else "cpu"
-
-    def close(self) -> None:
-        import indexer.decode.mixed as mixed_decode
-        import indexer.ingest.decoders as pipeline
-
-        pipeline.decoder_for, mixed_decode.gpu_decode_device = self._saved
-
-    def split(self) -> str:
-        from indexer.decode.mixed import MixedDecoder
-
-        mixed = [d for d in self.made if isinstance(d, MixedDecoder)]
-        self.made.clear()
-        if not mixed:
-            return "CPU decode only"
-        gpu, cpu = sum(d.gpu_files for d in mixed), sum(d.cpu_files for d in mixed)
-        return f"nvJPEG {gpu} / CPU {cpu} files"
-
-
-def warm_model(device: str, batch: int, compile_: bool) -> Any:
-    """The LazyModel every end-to-end run shares, built and warmed (and compiled) before any clock."""
-    from indexer.model.lazy import LazyModel
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = LazyModel(settings_for(device, batch, compile_, Path(tmp)).model)
-    model.get().encode_pixels(np.zeros((batch, 3, 224, 224), np.uint8))
-    return model
-
-
-def end_to_end(folder: Path, device: str, batch: int, compile_: bool, model: Any, gpu_decode: str) -> list[str]:
-    """`indexer embed` then `indexer index` (run_embed / run_index, the model warm) on ``folder``."""
-    from indexer.errors import ConfigError
+def in_process(folder: Path, args: argparse.Namespace, model_cfg: dict[str, Any], model: Any) -> dict[str, float]:
+    """`embed` and `index` with decode.gpu auto and off, per-stage figures; returns the images/s of each run."""
+    from bench.gpu_stages import Stages
     from indexer.ingest.pipeline import run_embed, run_index, store_from_settings
 
-    lines = []
     count = len(list(folder.glob("*.jpg")))
-    spy = DecoderSpy(cpu_stand_in=device == "cpu")
-    try:
+    rates: dict[str, float] = {}
+    for gpu_decode in ("auto", "off"):
         with tempfile.TemporaryDirectory() as tmp:
-            settings = settings_for(device, batch, compile_, Path(tmp) / "store", gpu_decode)
-            with GpuSampler() as smi:
-                start = time.perf_counter()
-                summary = run_embed([folder], Path(tmp) / "out.parquet", settings, model)
-                seconds = time.perf_counter() - start
-            lines.append(_line(f"embed  nvJPEG {gpu_decode:3}", summary.indexed, count, seconds, smi, spy.split()))
-            store = store_from_settings(settings)
-            try:
-                with GpuSampler() as smi:
+            settings = settings_for(model_cfg, args.device, args.batch, Path(tmp) / "store", gpu_decode)
+            for what in ("embed", "index"):
+                with Stages() as figures:
                     start = time.perf_counter()
-                    summary = run_index([folder], settings, store, model)
-                    seconds = time.perf_counter() - start
-            finally:
-                store.close()
-            lines.append(_line(f"index  nvJPEG {gpu_decode:3}", summary.indexed, count, seconds, smi, spy.split()))
-    except ConfigError as exc:  # decode.gpu = "on" where nvJPEG cannot run
-        lines.append(f"  nvJPEG {gpu_decode}: not run: {exc}")
-    finally:
-        spy.close()
-    return lines
+                    if what == "embed":
+                        summary = run_embed([folder], Path(tmp) / "out.parquet", settings, model)
+                    else:
+                        with store_from_settings(settings) as store:
+                            summary = run_index([folder], settings, store, model)
+                    wall = time.perf_counter() - start
+                n = summary.indexed
+                rates[f"{what} {gpu_decode}"] = n / wall
+                print(
+                    f"  {what:5} decode.gpu={gpu_decode:4} {n:5d}/{count} images {n / wall:8.1f} images/s"
+                    f" in {wall:5.1f} s | {figures.text(wall)}",
+                    flush=True,
+                )
+    return rates
 
 
-def _line(what: str, done: int, count: int, seconds: float, smi: GpuSampler, split: str) -> str:
-    return f"  {what} {done:6d}/{count} images {done / seconds:8.1f} images/s  {smi.text()}  ({split})"
-
-
-def nvjpeg(folder: Path, device: str, chunk: int) -> str:
-    """Images/s of the batched nvJPEG decoder (decode + resize/crop on the device), CPU libjpeg on ``cpu``."""
+def nvjpeg_alone(folder: Path, device: str, chunk: int, spec: Any) -> str:
+    """Images/s of the batched nvJPEG decoder (decode + resize/crop on the device)."""
     import torch
 
     from indexer.decode.nvjpeg import NvJpegDecoder
-    from indexer.records import DecodeLimits, PreprocessSpec
+    from indexer.records import DecodeLimits
 
     paths = sorted(folder.glob("*.jpg"))
-    decoder = NvJpegDecoder(PreprocessSpec(), DecodeLimits(), device=device)
+    decoder = NvJpegDecoder(spec, DecodeLimits(), device=device)
     decoder.decode(paths[:2])
     start = time.perf_counter()
     for i in range(0, len(paths), chunk):
         decoder.decode(paths[i : i + chunk])
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return f"  nvJPEG decode ({device}): {len(paths) / (time.perf_counter() - start):8.1f} images/s"
+    return f"  nvJPEG decoder alone ({device}): {len(paths) / (time.perf_counter() - start):8.1f} images/s"
+
+
+def peer(folder: Path, config: Path, weights: Path, args: argparse.Namespace, limit: int) -> float:
+    """images/s of bench/gpu_peer.py (the straightforward DataLoader script) on ``folder``."""
+    cmd = [sys.executable, "-m", "bench.gpu_peer", str(folder), "--config", str(config), "--weights", str(weights)]
+    cmd += ["--device", args.device, "--batch", str(args.batch), "--workers", str(args.workers), "--limit", str(limit)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True, timeout=600)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  peer DataLoader script ({args.workers} workers, PIL full decode): {got['rate']:8.1f} images/s"
+          f" ({got['images']} images in {got['seconds']:.1f} s)", flush=True)  # fmt: skip
+    return float(got["rate"])
+
+
+def whole_process(folder: Path, model_cfg: dict[str, Any], args: argparse.Namespace, inside: dict[str, float]) -> None:
+    """`python -m indexer embed|index` as fresh processes: a first run ever (empty cache) and a second run."""
+    count = len(list(folder.glob("*.jpg")))
+    flags = ["--model", model_cfg["name"], "--device", args.device, "--batch-size", str(args.batch), "--json"]
+    flags += ["--weights", model_cfg["weights"]] if "weights" in model_cfg else []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "XDG_CACHE_HOME": f"{tmp}/cache", "PYTHONPATH": str(REPO)}
+        for what in ("embed", "index"):
+            for run in ("first", "second"):
+                target = ["-o", f"{tmp}/out.parquet"] if what == "embed" else ["--store", f"{tmp}/store-{run}"]
+                cmd = [sys.executable, "-m", "indexer", what, str(folder), *target, *flags]
+                start = time.perf_counter()
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+                wall = time.perf_counter() - start
+                n = json.loads(out.stdout).get("indexed", 0) if out.returncode in (0, 1) else 0
+                model_s = count / inside[f"{what} auto"] if inside.get(f"{what} auto") else float("nan")
+                print(
+                    f"  whole process {what:5} {run:6} run: {n}/{count} images in {wall:5.1f} s"
+                    f" ({n / wall:7.1f} images/s); in-process {model_s:5.1f} s: +{wall - model_s:4.1f} s"
+                    + ("" if out.returncode in (0, 1) else f"  FAILED: {out.stderr.strip()[-300:]}"),
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -212,33 +194,33 @@ def main() -> None:
     parser.add_argument("--mp12", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="also measure (and run end to end) compiled")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the peer script's DataLoader workers")
+    parser.add_argument("--peer-12mp", type=int, default=128, help="12 MP files the peer script decodes (it is slow)")
     args = parser.parse_args()
-    t0 = time.perf_counter()
-    sets = {
-        "VGA": make_jpegs(DATA / "gpu-vga", args.vga, (640, 480)),
-        "12MP": make_jpegs(DATA / "gpu-12mp", args.mp12, (4000, 3000)),
-    }
-    print(f"[{time.perf_counter() - t0:5.0f} s] JPEGs ready: {args.vga} VGA, {args.mp12} 12 MP", flush=True)
-    rate, warm = model_only(args.device, args.batch, args.iters, False)
-    print(f"model only, ViT-L/14 eager    batch {args.batch}: {rate:8.1f} images/s (build {warm:.0f} s)", flush=True)
-    if args.compile:
-        rate_c, warm_c = model_only(args.device, args.batch, args.iters, True)
-        print(
-            f"model only, ViT-L/14 compiled batch {args.batch}: {rate_c:8.1f} images/s (build+compile {warm_c:.0f} s,"
-            f" {rate_c / rate:.2f}x eager)",
-            flush=True,
-        )
-    model = warm_model(args.device, args.batch, args.compile)
-    print(f"[{time.perf_counter() - t0:5.0f} s] end-to-end model built and warm", flush=True)
+    from indexer.model.lazy import LazyModel
+
+    sets = {"VGA": make_jpegs(DATA / "gpu-vga", args.vga, (640, 480))}
+    sets["12MP"] = make_jpegs(DATA / "gpu-12mp", args.mp12, (4000, 3000))
+    say(f"JPEGs ready: {args.vga} VGA, {args.mp12} 12 MP")
+    model_cfg, config, weights = model_files(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = LazyModel(settings_for(model_cfg, args.device, args.batch, Path(tmp)).model)
+    size = model.preprocess.image_size
+    rate = model_only(model, args.batch, size, args.iters)
+    say(f"model {model.model_id} alone, batch {args.batch}: {rate:8.1f} images/s")
     for name, folder in sets.items():
-        print(f"[{time.perf_counter() - t0:5.0f} s] {name}:", flush=True)
-        print(nvjpeg(folder, args.device, 64 if name == "12MP" else 256), flush=True)
-        for gpu_decode in ("on", "off"):
-            for line in end_to_end(folder, args.device, args.batch, args.compile, model, gpu_decode):
-                print(line, flush=True)
+        say(f"{name}:")
+        print(nvjpeg_alone(folder, args.device, 64 if name == "12MP" else 256, model.preprocess), flush=True)
+        rates = in_process(folder, args, model_cfg, model)
+        theirs = peer(folder, config, weights, args, args.peer_12mp if name == "12MP" else 0)
+        ours = ", ".join(f"{what} {r / theirs:.2f}x" for what, r in rates.items())
+        print(f"  ours / peer script: {ours}", flush=True)
+        if name == "VGA":
+            vga_rates = rates
     model.close()
-    print(f"[{time.perf_counter() - t0:5.0f} s] done", flush=True)
+    say("whole processes, VGA:")
+    whole_process(sets["VGA"], model_cfg, args, vga_rates)
+    say("done")
 
 
 if __name__ == "__main__":

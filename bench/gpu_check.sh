@@ -1,66 +1,59 @@
 #!/usr/bin/env bash
-# The GPU device check (issue 11): ViT-L/14 with random weights (same FLOPs as the real one), model-only eager and
-# compiled, nvJPEG decode, `indexer embed` / `indexer index` end to end on VGA and 12 MP JPEGs with nvJPEG mixed into
-# the decode stage and without (decode.gpu on/off), GPU utilisation.
-# Meant to finish in under 5 minutes on one H200; run from the repository root:
+# The GPU device check (issues 11 and 20), in at most 6 minutes on one H200: the model alone; `indexer embed` and
+# `indexer index` on VGA and 12 MP JPEGs with decode.gpu auto and off, each with a per-stage breakdown and what auto
+# decided; a straightforward DataLoader script on the same files side by side (our rate / its rate); whole
+# processes, first run ever and second run. Run from the repository root:
 #
 #   bench/gpu_check.sh                                  # on the GPU machine
-#   GPU_CHECK_DEVICE=cpu bench/gpu_check.sh             # reduced CPU mode (tiny counts), to try it anywhere
+#   GPU_CHECK_DEVICE=cpu bench/gpu_check.sh             # the CPU rehearsal (test model, small counts), anywhere
 #
-# Installs what it needs: the project (editable) and its missing dependencies, from wheels in $GPU_CHECK_WHEELS
-# (default .whl/, made where pip can reach PyPI with bench/gpu_wheels.sh) when that folder exists, else from the
-# package index. Knobs: GPU_CHECK_PYTHON, GPU_CHECK_VGA, GPU_CHECK_MP12, GPU_CHECK_BATCH, GPU_CHECK_ITERS,
-# GPU_CHECK_COMPILE (1/0).
+# The project runs from this checkout (PYTHONPATH, nothing built). What the machine's Python lacks of the project's
+# dependencies is installed from the --no-deps wheels in $GPU_CHECK_WHEELS (default .whl/, made by
+# bench/gpu_wheels.sh where pip reaches PyPI): only the wheels whose distribution is not installed, never torch,
+# torchvision, numpy, pillow or pyarrow. Knobs: GPU_CHECK_PYTHON, GPU_CHECK_VGA, GPU_CHECK_MP12, GPU_CHECK_BATCH,
+# GPU_CHECK_ITERS, GPU_CHECK_WORKERS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+STARTED=$(date +%s)
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 PY=${GPU_CHECK_PYTHON:-python3}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 if [[ $DEVICE == cpu ]]; then
-    VGA=${GPU_CHECK_VGA:-8} MP12=${GPU_CHECK_MP12:-2} BATCH=${GPU_CHECK_BATCH:-4} ITERS=${GPU_CHECK_ITERS:-1}
-    COMPILE=${GPU_CHECK_COMPILE:-0}
+    VGA=${GPU_CHECK_VGA:-48} MP12=${GPU_CHECK_MP12:-4} BATCH=${GPU_CHECK_BATCH:-16} ITERS=${GPU_CHECK_ITERS:-2}
 else
     VGA=${GPU_CHECK_VGA:-4096} MP12=${GPU_CHECK_MP12:-512} BATCH=${GPU_CHECK_BATCH:-256} ITERS=${GPU_CHECK_ITERS:-20}
-    COMPILE=${GPU_CHECK_COMPILE:-1}
 fi
+WORKERS=${GPU_CHECK_WORKERS:-$(nproc)}
 
 echo "== setup ($(date -u +%H:%M:%S))"
-if ! "$PY" -c "import indexer, open_clip, qdrant_edge, qdrant_client, pydantic_settings" 2>/dev/null; then
-    if [[ -d $WHEELS ]]; then
-        "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-build-isolation --no-deps -e .
-        "$PY" -m pip install -q --no-index --find-links "$WHEELS" open-clip-torch qdrant-client qdrant-edge-py \
-            pydantic-settings watchdog fastapi uvicorn python-multipart ftfy
-    else
-        "$PY" -m pip install -q -e .
+if [[ -d $WHEELS ]]; then
+    MISSING=$("$PY" - "$WHEELS" <<'PY'
+import importlib.metadata as md, pathlib, sys
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    try:
+        md.version(wheel.name.split("-")[0])
+    except md.PackageNotFoundError:
+        print(wheel)
+PY
+)
+    if [[ -n $MISSING ]]; then
+        echo "installing $(echo "$MISSING" | wc -l) wheels from $WHEELS (--no-deps)"
+        # shellcheck disable=SC2086
+        "$PY" -m pip install -q --no-index --no-deps $MISSING
     fi
 fi
 "$PY" - <<'PY'
 import torch, torchvision
+import indexer, open_clip, qdrant_edge, pydantic_settings  # noqa: F401  (fails here, not later, if one is missing)
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+command -v lscpu >/dev/null && lscpu | grep -E '^(Model name|CPU\(s\))' | tr -s ' '
 
 echo "== figures ($(date -u +%H:%M:%S)): device $DEVICE, batch $BATCH"
-FLAGS=(--device "$DEVICE" --vga "$VGA" --mp12 "$MP12" --batch "$BATCH" --iters "$ITERS")
-[[ $COMPILE == 1 ]] && FLAGS+=(--compile)
-"$PY" -m bench.gpu_check "${FLAGS[@]}"
-
-OUTDIR=$(mktemp -d)
-for GPU_DECODE in auto off; do  # auto: nvJPEG mixed in where CUDA is (decode.gpu); off: CPU decoding only
-echo "== \`indexer embed\` as a whole process (startup and model build included), VGA, decode.gpu=$GPU_DECODE"
-start=$(date +%s.%N)
-INDEXER_DECODE__GPU=$GPU_DECODE "$PY" -m indexer embed bench/data/gpu-vga -o "$OUTDIR/out.parquet" \
-    --model ViT-L-14 --pretrained none --device "$DEVICE" --batch-size "$BATCH" --json > "$OUTDIR/summary.json"
-end=$(date +%s.%N)
-"$PY" - "$OUTDIR/summary.json" "$start" "$end" <<'PY'
-import json, sys
-summary = json.load(open(sys.argv[1]))
-seconds = float(sys.argv[3]) - float(sys.argv[2])
-n = summary.get("indexed", 0)
-print(f"  {n} images in {seconds:.1f} s whole process: {n / seconds:.1f} images/s")
-PY
-done
-rm -rf "$OUTDIR"
-echo "== done ($(date -u +%H:%M:%S))"
+"$PY" -m bench.gpu_check --device "$DEVICE" --vga "$VGA" --mp12 "$MP12" --batch "$BATCH" --iters "$ITERS" \
+    --workers "$WORKERS"
+echo "== done ($(date -u +%H:%M:%S)), $(( $(date +%s) - STARTED )) s in all"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from indexer.model import clip as clip_module
 from indexer.model.lazy import LazyModel
@@ -21,7 +22,7 @@ def test_cpu_notice_names_the_model_once_and_only_for_a_batch(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(clip_module, "CPU_NOTICE", clip_module._Once())
-    monkeypatch.setattr(clip_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = LazyModel(shapes_settings(tmp_path, model={"device": "auto"}).model)
     one = np.zeros((1, 3, 64, 64), np.uint8)
     with caplog.at_level(logging.WARNING, logger="indexer.model.clip"):

@@ -192,6 +192,8 @@ class MixedDecoder:
         """Close the CPU pool (see `DecodePool.close`)."""
         self._closed = True
         self.pool.close(wait)
+        if self._gpu is not None:
+            self._gpu.close()
 
     def imap(self, paths: Iterable[Path]) -> Generator[Result, None, None]:
         """Decode `paths` lazily; yields one Decoded or Failure per path, in input order.
