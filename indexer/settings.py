@@ -162,7 +162,8 @@ class DedupSettings(_Section):
     method: Literal["auto", "exact", "cells"] = "auto"
     device: str = "auto"
     exact_up_to: int = Field(default=200_000, ge=0)
-    probes: int = Field(default=4, ge=1)
+    probes: int = Field(default=16, ge=1)
+    reach: float = Field(default=0.06, ge=0, le=2)
 
 
 class ClusterSettings(_Section):
