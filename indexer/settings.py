@@ -167,7 +167,8 @@ class DedupSettings(_Section):
     method: Literal["auto", "exact", "cells"] = "auto"
     device: str = "auto"
     exact_up_to: int = Field(default=200_000, ge=0)
-    probes: int = Field(default=4, ge=1)
+    probes: int = Field(default=16, ge=1)
+    reach: float = Field(default=0.06, ge=0, le=2)
     # A folder duplicates may always be moved to (`indexer dedup --move-to` without DIR, the page's default);
     # files moved there leave the index unless it lies under watch.paths or serve.roots.
     duplicates_dir: str = ""

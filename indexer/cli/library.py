@@ -9,11 +9,12 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from indexer.atomicio import atomic_open
-from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options, plural
+from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options, plural, progress_bar
 from indexer.errors import ConfigError
 from indexer.records import SearchFilter
 from indexer.settings import Settings
@@ -112,6 +113,21 @@ def _folder_filter(folder: str | None) -> SearchFilter | None:
 def _check_output(path: Path | None, flag: str) -> None:
     if path is not None and not path.absolute().parent.is_dir():
         raise ConfigError(flag, f"directory {path.absolute().parent} does not exist")
+
+
+def _advance(bar: Any, what: str) -> Callable[[int, int], None] | None:
+    """An ``on_rows(done, total)`` that moves the progress bar (None without one: not a terminal)."""
+    if bar is None:
+        return None
+    shown = [0]
+
+    def on_rows(done: int, total: int) -> None:
+        if shown[0] == 0:
+            bar.start(total, what)
+        bar.advance(done - shown[0])
+        shown[0] = done
+
+    return on_rows
 
 
 def _human_bytes(n: int) -> str:
@@ -308,8 +324,10 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.export import import_file
     from indexer.store.factory import open_store_from_settings
 
-    with open_store_from_settings(settings) as store:
-        summary = import_file(store, args.file, optimize_after=settings.store.optimize_after)
+    with open_store_from_settings(settings) as store, progress_bar(args) as bar:
+        summary = import_file(
+            store, args.file, optimize_after=settings.store.optimize_after, on_rows=_advance(bar, "importing")
+        )
         location = store.location
     if args.json:
         print(json.dumps(summary.as_dict() | {"store": location}, indent=2))

@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from indexer.errors import ConfigError, StoreError
 from indexer.library.export import VectorDump, VectorFile, dump_vectors
-from indexer.library.pairs import DEFAULT_PROBES, FP32_UNIT, Pairs, Verifier, cell_pairs, product_margin
+from indexer.library.pairs import DEFAULT_PROBES, DEFAULT_REACH, FP32_UNIT, Pairs, Verifier, cell_pairs, product_margin
 from indexer.records import SearchFilter, StoredPoint
 from indexer.settings import DEDUP_MIN_THRESHOLD, DedupSettings
 
@@ -60,12 +60,14 @@ Method = Literal["auto", "exact", "cells"]
 @dataclass(frozen=True, slots=True)
 class PairPlan:
     """Which pass lists the pairs (see the module docstring): ``method``, the ``device`` ("auto": a GPU when CUDA
-    is present, else the CPU; "cpu"; "cuda", "cuda:1"), the CPU's cut-over to cells, and the cells' probes."""
+    is present, else the CPU; "cpu"; "cuda", "cuda:1"), the CPU's cut-over to cells, and the cells' reach and
+    cap (`pairs.cell_pairs`)."""
 
     method: Method = "auto"
     device: str = "auto"
     exact_up_to: int = EXACT_UP_TO
     probes: int = DEFAULT_PROBES
+    reach: float = DEFAULT_REACH
 
     @classmethod
     def from_settings(cls, settings: DedupSettings, *, exact: bool = False, device: str | None = None) -> PairPlan:
@@ -75,6 +77,7 @@ class PairPlan:
             device or settings.device,
             settings.exact_up_to,
             settings.probes,
+            settings.reach,
         )
 
 
@@ -290,8 +293,8 @@ def pair_lists(
         device = "cuda" if cuda_present() else "cpu"
     n = len(matrix)
     if plan.method == "cells" or (plan.method == "auto" and device == "cpu" and n > plan.exact_up_to):
-        log.info("cell pass over %d vectors (%d probes)", n, plan.probes)
-        yield cell_pairs(matrix, threshold, probes=plan.probes, on_rows=on_rows)
+        log.info("cell pass over %d vectors (reach %.3f, at most %d cells a row)", n, plan.reach, plan.probes)
+        yield cell_pairs(matrix, threshold, probes=plan.probes, reach=plan.reach, on_rows=on_rows)
     elif device != "cpu":
         from indexer.library.pairs_torch import torch_pairs
 

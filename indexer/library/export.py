@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -297,17 +297,28 @@ def _open_source(path: Path) -> _Source:
 
 
 def import_file(
-    store: VectorStore, source: Path, *, batch_size: int = 1000, optimize_after: int = 1000
+    store: VectorStore,
+    source: Path,
+    *,
+    batch_size: int = 1000,
+    optimize_after: int = 1000,
+    on_rows: Callable[[int, int], None] | None = None,
 ) -> ImportSummary:
-    """Upsert every row of an export or embed Parquet file into the store (same model required)."""
+    """Upsert every row of an export or embed Parquet file into the store (same model required).
+
+    Memory: one batch of rows at a time (and the Parquet row group it comes from). The graph is built once, by the
+    one optimize() after the last batch, never per batch. ``on_rows(done, total)`` is called after each batch."""
     src = _open_source(source)
     store.ensure_collection(src.model_id, src.dim)
     summary = ImportSummary(model=src.model_id, dim=src.dim)
+    total = int(src.file.metadata.num_rows)
     now = time.time()
     for batch in src.file.iter_batches(batch_size=batch_size):
         points = _points_of(batch, src, now, summary, first_row=summary.imported)
         store.upsert(points)
         summary.imported += len(points)
+        if on_rows is not None:
+            on_rows(summary.imported, total)
     if summary.imported >= max(1, optimize_after):
         store.optimize()
     store.flush()

@@ -1,0 +1,142 @@
+"""The store side of search at a million points: build, resident memory, latency and recall (``bench_search --scale``).
+
+Phases, each its own process so that each resident-memory figure is that phase's alone:
+
+    build   CLIP-like vectors (bench/vectors.py) written to DIR/vectors.f32, then loaded into a new embedded store
+            (int8 copies in memory, originals on disk) in batches with no graph work, then one optimize() builds
+            the HNSW graph and the int8 copies. Times: generate, load, optimize.
+    query   opens the store as a search process does and runs held-out CLIP-like queries (limit 10): p50/p95 of
+            ``store.query``, recall@10 against the exact top 10 (numpy over the memory-mapped vectors, computed
+            after the timed queries), VmRSS/VmHWM of the process before and after.
+
+    python -m bench.search_scale build --n 1000000 --dir bench/data/scale-1m
+    python -m bench.search_scale query --dir bench/data/scale-1m [--queries 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.vectors import DIM, ClipLike
+from indexer.records import StoredPoint, point_id
+from indexer.store.edge_store import EdgeStore
+
+BATCH = 2_000
+MODEL = "bench-clip-like"
+
+
+def status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def payload(i: int) -> dict[str, Any]:
+    path = f"/photos/{2015 + i % 10}/{i % 97:02d}/IMG_{i:07d}.jpg"
+    return {"path": path, "sha256": f"{i:064x}", "width": 4000, "height": 3000, "format": "JPEG", "mtime": 1.5e9 + i}
+
+
+def build(n: int, directory: Path) -> dict[str, Any]:
+    directory.mkdir(parents=True, exist_ok=True)
+    vectors = directory / "vectors.f32"
+    start = time.perf_counter()
+    if not vectors.exists() or vectors.stat().st_size != n * DIM * 4:
+        ClipLike(n).write(vectors)
+    out: dict[str, Any] = {"n": n, "generate_s": round(time.perf_counter() - start, 1)}
+    rows = np.memmap(vectors, np.float32, "r", shape=(n, DIM))
+    start = time.perf_counter()
+    with EdgeStore(directory / "store") as store:
+        store.ensure_collection(MODEL, DIM)
+        for first in range(0, n, BATCH):
+            block = np.asarray(rows[first : first + BATCH])
+            store.upsert([StoredPoint(point_id(payload(first + k)["path"]), payload(first + k), v)
+                          for k, v in enumerate(block)])  # fmt: skip
+            if first % 100_000 == 0:
+                print(f"  loaded {first + len(block)} in {time.perf_counter() - start:.0f} s", flush=True)
+        store.flush()
+        out["load_s"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        store.optimize()
+        out["optimize_s"] = round(time.perf_counter() - start, 1)
+        out["indexed"] = store.indexed_vectors_count()
+    out["peak_rss_mb"] = round(status_mb("VmHWM"), 1)
+    return out
+
+
+def query(directory: Path, count: int) -> dict[str, Any]:
+    rss_start = status_mb("VmRSS")
+    start = time.perf_counter()
+    store = EdgeStore(directory / "store")
+    open_s = time.perf_counter() - start
+    n = store.count()
+    queries = ClipLike(n).chunk(n, n + count)[0]  # held out: rows of the same library that were not stored
+    for q in queries[:10]:
+        store.query(q, limit=10)  # warm-up
+    times, got = [], []
+    for q in queries:
+        t = time.perf_counter()
+        hits = store.query(q, limit=10)
+        times.append(time.perf_counter() - t)
+        got.append([int(h.payload["path"][-11:-4]) for h in hits])
+    rss_after = status_mb("VmRSS")
+    hwm = status_mb("VmHWM")
+    store.close()
+    recall = _recall(directory / "vectors.f32", n, queries, got)
+    ms = sorted(t * 1000 for t in times)
+    return {
+        "n": n,
+        "queries": count,
+        "open_s": round(open_s, 2),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p95_ms": round(ms[round(0.95 * (len(ms) - 1))], 2),
+        "recall_at_10": round(recall, 4),
+        "rss_start_mb": round(rss_start, 1),
+        "rss_after_queries_mb": round(rss_after, 1),
+        "peak_rss_mb": round(hwm, 1),
+    }
+
+
+def _recall(path: Path, n: int, queries: np.ndarray, got: list[list[int]]) -> float:
+    rows = np.memmap(path, np.float32, "r", shape=(n, DIM))
+    best = np.full((len(queries), 10), -np.inf, np.float32)
+    ids = np.zeros((len(queries), 10), np.int64)
+    for first in range(0, n, 65_536):
+        s = queries @ np.asarray(rows[first : first + 65_536]).T
+        cand_s = np.concatenate([best, s], axis=1)
+        cand_i = np.concatenate([ids, np.arange(first, first + s.shape[1])[None, :].repeat(len(queries), 0)], axis=1)
+        top = np.argpartition(-cand_s, 9, axis=1)[:, :10]
+        best, ids = np.take_along_axis(cand_s, top, axis=1), np.take_along_axis(cand_i, top, axis=1)
+    # Ties (exact copies) make the 10th place ambiguous: a hit scoring the exact 10th score counts.
+    found = 0
+    for q, hits in enumerate(got):
+        tenth = best[q].min()
+        scores = rows[hits] @ queries[q] if hits else np.zeros(0)
+        found += int(np.sum(np.isin(hits, ids[q]) | (scores >= tenth - 1e-6)))
+    return found / (10 * len(queries))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=["build", "query"])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+    if args.phase == "build":
+        out = build(args.n, args.dir)
+        (args.dir / "build.json").write_text(json.dumps(out))
+    else:
+        out = query(args.dir, args.queries)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

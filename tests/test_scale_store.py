@@ -1,0 +1,115 @@
+"""The store at scale, on small data: a new embedded store keeps int8 copies in memory and the originals on disk
+and rescoring gives the exact answer; `indexer import` loads batch by batch with a progress bar."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from bench.vectors import ClipLike, clip_like
+from indexer.library.export import export_points, import_file
+from indexer.records import StoredPoint, point_id
+from indexer.store.edge_store import EdgeStore
+
+Matrix = npt.NDArray[np.float32]
+
+
+def points(vectors: Matrix) -> list[StoredPoint]:
+    return [
+        StoredPoint(point_id(f"/p/{i:05d}.jpg"), {"path": f"/p/{i:05d}.jpg", "sha256": f"{i:064x}"}, v)
+        for i, v in enumerate(vectors)
+    ]
+
+
+def filled(directory: Path, vectors: Matrix, quantize: bool) -> EdgeStore:
+    store = EdgeStore(directory, indexing_threshold_kb=64, quantize=quantize)
+    store.ensure_collection("m", vectors.shape[1])
+    store.upsert(points(vectors))
+    store.optimize()
+    return store
+
+
+def test_quantized_store_round_trips_and_rescored_search_equals_exact(tmp_path: Path) -> None:
+    vectors, _ = clip_like(2_000, seed=4)
+    queries = ClipLike(2_000, seed=4).chunk(2_000, 2_030)[0]  # held out: more rows of the same library
+    with filled(tmp_path / "q", vectors, quantize=True) as store:
+        assert store.indexed_vectors_count() == len(vectors)
+    config = json.loads((tmp_path / "q/shard/edge_config.json").read_text())
+    params = config["vectors"][""]
+    assert params["memory"] == "cold" and params["quantization_config"]["scalar"]["type"] == "int8"
+    assert list((tmp_path / "q/shard").rglob("quantized.data"))
+    exact = queries @ vectors.T
+    with EdgeStore(tmp_path / "q") as store:  # reopened: the config is the shard's own
+        for q, scores in zip(queries, exact, strict=True):
+            hits = store.query(q, limit=10)
+            best = np.sort(scores)[::-1][:10]
+            assert np.allclose([h.score for h in hits], best, atol=1e-5)  # the originals' scores, the exact order
+            assert {int(h.payload["path"][3:8]) for h in hits} <= set(np.flatnonzero(scores >= best[-1] - 1e-6))
+
+
+def test_plain_store_is_still_available(tmp_path: Path) -> None:
+    vectors, _ = clip_like(500, seed=4)
+    with filled(tmp_path / "plain", vectors, quantize=False) as store:
+        assert store.query(vectors[3], limit=1)[0].payload["path"] == "/p/00003.jpg"
+    config = json.loads((tmp_path / "plain/shard/edge_config.json").read_text())
+    assert config["vectors"][""].get("quantization_config") is None
+
+
+def export_file(tmp_path: Path, n: int) -> Path:
+    vectors, _ = clip_like(n, seed=6)
+    path = tmp_path / "export.parquet"
+    export_points(points(vectors), path, vectors.shape[1], "m")
+    return path
+
+
+def test_import_reports_progress_batch_by_batch_and_optimizes_once(tmp_path: Path) -> None:
+    source = export_file(tmp_path, 2_500)
+    seen: list[tuple[int, int]] = []
+    with EdgeStore(tmp_path / "store", indexing_threshold_kb=64) as store:
+        summary = import_file(store, source, batch_size=1_000, on_rows=lambda d, t: seen.append((d, t)))
+        assert summary.imported == store.count() == 2_500
+        assert store.indexed_vectors_count() == 2_500
+    assert seen == [(1_000, 2_500), (2_000, 2_500), (2_500, 2_500)]
+
+
+def test_import_command_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    source = export_file(tmp_path, 1_200)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    env = os.environ | {"INDEXER_STORE__DIR": str(tmp_path / "store"), "COLUMNS": "100"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "indexer.cli.main", "import", str(source)],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=env,
+        text=True,
+    )
+    os.close(slave)
+    drawn = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    out, _ = proc.communicate(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0, drawn.decode(errors="replace")
+    assert "imported 1200 images" in out
+    assert b"importing" in drawn and b"1200/1200" in drawn
