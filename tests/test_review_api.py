@@ -280,6 +280,7 @@ def test_search_sorts_by_date_keeping_the_threshold(tmp_path: Path, model: LazyM
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_a_link_below_the_move_target_is_never_followed(tmp_path: Path, model: LazyModel) -> None:
     with tempfile.TemporaryDirectory() as outside, library(tmp_path, model) as (http, files, store):
         (tmp_path / "dups").mkdir()
@@ -295,6 +296,7 @@ def test_a_link_below_the_move_target_is_never_followed(tmp_path: Path, model: L
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_without_roots_moves_go_only_to_the_duplicates_folder_and_leave_the_index(
     tmp_path: Path, model: LazyModel
 ) -> None:
@@ -321,6 +323,7 @@ def test_without_roots_moves_go_only_to_the_duplicates_folder_and_leave_the_inde
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_with_no_roots_and_no_duplicates_folder_nothing_moves(tmp_path: Path, model: LazyModel) -> None:
     with library(tmp_path, model, serve={"roots": []}) as (http, files, _):
         job = scan(http, tier="exact")
@@ -331,6 +334,7 @@ def test_with_no_roots_and_no_duplicates_folder_nothing_moves(tmp_path: Path, mo
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_beyond_loopback_without_a_key_nothing_is_moved_or_deleted(tmp_path: Path, model: LazyModel) -> None:
     with library(tmp_path, model, serve={"host": "0.0.0.0"}) as (http, files, store):
         job = scan(http, tier="exact")
