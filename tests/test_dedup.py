@@ -323,6 +323,7 @@ def test_html_contact_sheet_and_csv(library: tuple[dict[str, Path], Path], tmp_p
     [
         (["--tier", "exact", "--threshold", "0.9"], "drop --threshold"),
         (["--threshold", "1.5"], "not a cosine score"),
+        (["--move-to"], "give DIR, or set dedup.duplicates_dir"),
         (["--threshold", "-1"], "below 0.5"),
         (["--tier", "similar", "--threshold", "0.2"], "below 0.5"),
         (["--yes"], "confirms --delete"),
@@ -372,6 +373,16 @@ def test_move_to_keeps_keepers_moves_duplicates_and_the_store_follows(tmp_path: 
         assert str(files[name]) not in after and np.array_equal(after[moved_to], before[str(files[name])])
     again = json.loads(run("dedup", "--store", str(store), "--folder", str(root), "--json").stdout)
     assert again["groups"] == [] and again["scanned"] == 13
+
+
+def test_move_to_without_dir_uses_the_duplicates_folder(tmp_path: Path, model: LazyModel) -> None:
+    files, store = fresh_library(tmp_path, model)
+    dups = tmp_path / "dups"
+    env = {"INDEXER_DEDUP__DUPLICATES_DIR": str(dups)}
+    proc = run("dedup", "--store", str(store), "--tier", "exact", "--move-to", env=env)
+    assert "move 2 files (" in proc.stdout and f"to {dups}" in proc.stdout
+    assert sorted(p.name for p in dups.rglob("*.png")) == ["blue-triangle.png", "green-square.png"]
+    assert not files["blue-triangle"].exists() and not files["green-copy"].exists()
 
 
 def test_nothing_moves_when_a_destination_exists(tmp_path: Path, model: LazyModel) -> None:

@@ -6,6 +6,7 @@ clustering runs and cluster searches, and search sorted by date."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -280,6 +281,7 @@ def test_search_sorts_by_date_keeping_the_threshold(tmp_path: Path, model: LazyM
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_a_link_below_the_move_target_is_never_followed(tmp_path: Path, model: LazyModel) -> None:
     with tempfile.TemporaryDirectory() as outside, library(tmp_path, model) as (http, files, store):
         (tmp_path / "dups").mkdir()
@@ -295,6 +297,7 @@ def test_a_link_below_the_move_target_is_never_followed(tmp_path: Path, model: L
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_without_roots_moves_go_only_to_the_duplicates_folder_and_leave_the_index(
     tmp_path: Path, model: LazyModel
 ) -> None:
@@ -321,6 +324,7 @@ def test_without_roots_moves_go_only_to_the_duplicates_folder_and_leave_the_inde
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_with_no_roots_and_no_duplicates_folder_nothing_moves(tmp_path: Path, model: LazyModel) -> None:
     with library(tmp_path, model, serve={"roots": []}) as (http, files, _):
         job = scan(http, tier="exact")
@@ -331,6 +335,7 @@ def test_with_no_roots_and_no_duplicates_folder_nothing_moves(tmp_path: Path, mo
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_beyond_loopback_without_a_key_nothing_is_moved_or_deleted(tmp_path: Path, model: LazyModel) -> None:
     with library(tmp_path, model, serve={"host": "0.0.0.0"}) as (http, files, store):
         job = scan(http, tier="exact")
@@ -341,3 +346,31 @@ def test_beyond_loopback_without_a_key_nothing_is_moved_or_deleted(tmp_path: Pat
             answer = act(http, job, **body, dry_run=False, confirm=True)
             assert answer.status_code == 400 and "serve.api_key" in answer.json()["detail"], answer.text
         assert files["green-copy"].exists() and str(files["green-copy"]) in stored_paths(store)
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(300)
+def test_the_page_never_acts_through_a_swapped_folder_nor_on_a_keeper_with_other_bytes(
+    tmp_path: Path, model: LazyModel
+) -> None:
+    with tempfile.TemporaryDirectory() as victim, library(tmp_path, model) as (http, files, store):
+        job = scan(http, tier="exact")
+        copies = files["green-copy"].parent
+        shutil.copytree(copies, victim, dirs_exist_ok=True, copy_function=shutil.copy2)
+        copies.rename(copies.with_name("copies.real"))
+        copies.symlink_to(victim)  # after the scan: lib/copies -> victim
+        green = group_of(job, files["green-square"])
+        answer = act(http, job, action="delete", groups=[{"group": green["index"]}], dry_run=False, confirm=True)
+        assert answer.status_code == 200 and answer.json()["done"] == [], answer.text
+        assert "now leads to" in answer.json()["skipped"][0]["reason"]
+        assert sorted(os.listdir(victim)) == ["blue-triangle.png", "green-square.png"]
+        keeper = copies.with_name("copies.real") / files["blue-copy"].name
+        st = keeper.stat()
+        keeper.write_bytes(bytes(255 - b for b in keeper.read_bytes()))  # same size, other bytes
+        os.utime(keeper, ns=(st.st_atime_ns, st.st_mtime_ns))
+        copies.unlink()
+        copies.with_name("copies.real").rename(copies)  # the folder is back; its keeper is not what was indexed
+        blue = group_of(job, files["blue-copy"])
+        answer = act(http, job, action="delete", groups=[{"group": blue["index"]}], dry_run=False, confirm=True)
+        assert answer.json()["done"] == [] and "sha256 differs" in answer.json()["failed"][0]["reason"]
+        assert files["blue-triangle"].exists() and str(files["blue-triangle"]) in stored_paths(store)

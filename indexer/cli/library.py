@@ -63,7 +63,6 @@ def _add_dedup(sub: Any) -> None:
     act = p.add_mutually_exclusive_group()
     act.add_argument(
         "--move-to",
-        type=Path,
         nargs="?",
         const="",
         metavar="DIR",
@@ -152,10 +151,7 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     for path, flag in ((args.csv, "--csv"), (args.html, "--html")):
         _check_output(path, flag)
     flt = _folder_filter(args.folder)
-    if args.move_to == "":
-        if not settings.dedup.duplicates_dir:
-            raise ConfigError("--move-to", "give DIR, or set dedup.duplicates_dir")
-        args.move_to = Path(settings.dedup.duplicates_dir).expanduser()
+    args.move_to = _move_to(args.move_to, settings)
     acts = args.move_to is not None or args.delete
     with open_store_from_settings(settings, read_only=not acts) as store:
         plan = PairPlan.from_settings(settings.dedup, exact=args.exact, device=args.device)
@@ -167,6 +163,17 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
             _print_dedup(report, None, args.json)
             return EXIT_OK
         return _act(report, args, store, flt, settings)
+
+
+def _move_to(flag: str | None, settings: Settings) -> Path | None:
+    """--move-to's folder: DIR, or dedup.duplicates_dir when the flag has no DIR (a str: no Path('') = '.')."""
+    if flag is None:
+        return None
+    if flag:
+        return Path(flag)
+    if not settings.dedup.duplicates_dir:
+        raise ConfigError("--move-to", "give DIR, or set dedup.duplicates_dir")
+    return Path(settings.dedup.duplicates_dir).expanduser()
 
 
 def _write_dedup_files(report: DedupReport, args: argparse.Namespace, settings: Settings) -> None:

@@ -195,7 +195,7 @@ def plan_actions(
 
 
 def _check_target_root(target_root: Path, places: Places) -> None:
-    if target_root.exists() and not target_root.is_dir():
+    if os.path.exists(target_root) and not os.path.isdir(target_root):
         raise ConfigError("--move-to", f"{target_root} is not a directory")
     if places.allowed is not None and not is_under(real_target(target_root), places.allowed):
         raise ConfigError("move_to", f"{target_root} lies outside the folders moves may go to")
