@@ -354,3 +354,29 @@ def test_a_shard_of_many_empty_members_holds_no_memory_per_member(tmp_path: Path
     entries, items, grew_mb = map(int, proc.stdout.split())
     assert (entries, items) == (1, 1)
     assert grew_mb < 12, f"reading 100,000 members grew the process by {grew_mb} MB"
+
+
+@pytest.mark.timeout(300)
+def test_serve_sends_shard_images_and_thumbnails_from_the_shard(tmp_path: Path, model: LazyModel) -> None:
+    import httpx
+
+    from indexer.api.routes import create_app
+    from tests.support.live_server import serve
+
+    folder = tmp_path / "shards"
+    [shard] = write_shards(folder, 1, 3)
+    settings = shapes_settings(tmp_path / "store", serve={"roots": [str(folder)], "thumbnail_dir": str(tmp_path / "t")})
+    with EdgeStore(settings.store.dir) as store:
+        run_index([folder], settings, store, model)
+        image_id = point_id(address(shard, "000000001"))
+        with serve(create_app(settings, store, model)) as url, httpx.Client(base_url=url, timeout=60) as http:
+            image = http.get(f"/images/{image_id}")
+            assert image.status_code == 200, image.text
+            assert image.headers["content-type"] == "image/png" and image.content == shape_png(1)
+            thumb = http.get(f"/images/{image_id}/thumbnail")
+            assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+            assert thumb.content[:2] == b"\xff\xd8"
+            shard.unlink()
+            os.mkfifo(shard)  # the shard swapped for a FIFO: refused, never opened
+            gone = http.get(f"/images/{image_id}", timeout=20)
+            assert gone.status_code == 404 and "no longer on disk" in gone.text

@@ -237,11 +237,13 @@ def _add_file_routes(app: FastAPI, service: Service) -> None:
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (404, 422, 503)}
 
     @app.get("/images/{image_id}", responses=errors, response_class=FileResponse, summary="The image file")
-    async def image(image_id: IdParam) -> FileResponse:
-        path, payload = await service.run(service.locate, image_id.lower())
+    async def image(image_id: IdParam) -> Response:
+        found, payload = await service.run(service.image, image_id.lower())
         media = MEDIA_TYPES.get(str(payload.get("format", "")).upper(), "application/octet-stream")
         headers = {"cache-control": "private, max-age=3600", "content-security-policy": "default-src 'none'"}
-        return FileResponse(path, media_type=media, headers=headers, content_disposition_type="inline")
+        if isinstance(found, bytes):  # a member of a tar shard
+            return Response(found, media_type=media, headers={**headers, "content-disposition": "inline"})
+        return FileResponse(found, media_type=media, headers=headers, content_disposition_type="inline")
 
     @app.get("/images/{image_id}/thumbnail", responses=errors, response_class=FileResponse, summary="A thumbnail")
     async def thumbnail(image_id: IdParam) -> FileResponse:

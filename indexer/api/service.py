@@ -23,6 +23,7 @@ from indexer.records import DecodeLimits, Hit, PreprocessSpec
 from indexer.search import Query as SearchQuery
 from indexer.search import Timings, check_store_model, timed_search, upload_pixels
 from indexer.settings import Settings
+from indexer.sources.tarshard import SHARD_SUFFIX
 from indexer.store.protocol import VectorStore
 
 T = TypeVar("T")
@@ -47,6 +48,23 @@ class FileGuard:
     def resolve(self, image_id: str, recorded: str, real_dir: object = None) -> Path:
         """The real path to send for a recorded path (and the real folder recorded with it), or
         NotServableError saying why not."""
+        real = self._confined(image_id, recorded, real_dir)
+        if real.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            raise NotServableError(image_id, "not an image file")
+        if not real.is_file():
+            raise NotServableError(image_id, "the file is no longer on disk")
+        return real
+
+    def resolve_shard(self, image_id: str, shard: str, real_dir: object = None) -> Path:
+        """The real path of the tar shard an image was read from, under the same rules as a file's."""
+        real = self._confined(image_id, shard, real_dir)
+        if not real.name.lower().endswith(SHARD_SUFFIX):
+            raise NotServableError(image_id, "not a tar shard")
+        if not real.is_file():  # a FIFO or a device under that name is refused here, never opened
+            raise NotServableError(image_id, "the shard is no longer on disk")
+        return real
+
+    def _confined(self, image_id: str, recorded: str, real_dir: object) -> Path:
         path = Path(recorded)
         if not recorded or not path.is_absolute() or ".." in path.parts or "\x00" in recorded:
             raise NotServableError(image_id, "the recorded path is not a clean absolute path")
@@ -59,10 +77,6 @@ class FileGuard:
             allowed = [path.parent] if real.parent == path.parent else []
         if not any(real.is_relative_to(root) for root in allowed):
             raise NotServableError(image_id, "the file lies outside the served folders (serve.roots)")
-        if real.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            raise NotServableError(image_id, "not an image file")
-        if not real.is_file():
-            raise NotServableError(image_id, "the file is no longer on disk")
         return real
 
 
@@ -190,18 +204,38 @@ class Service:
         return hits, timings
 
     def locate(self, image_id: str) -> tuple[Path, dict[str, Any]]:
-        """The real path and payload of an indexed image that may be served."""
+        """The real path and payload of an indexed image that may be served (for an image read from a tar shard:
+        the shard's path; `image` reads the member)."""
         found = self.store.retrieve([image_id])
         if not found:
             raise UnknownImageError([image_id])
         payload = found[0].payload
+        if from_shard(payload):
+            return self.guard.resolve_shard(image_id, payload["shard"], payload.get("real_dir")), payload
         return self.guard.resolve(image_id, found[0].path, payload.get("real_dir")), payload
+
+    def image(self, image_id: str) -> tuple[Path | bytes, dict[str, Any]]:
+        """What to send for an image: its file's path, or the bytes of its member read from the shard (within
+        ``decode.max_file_mb``)."""
+        source, payload = self.locate(image_id)
+        if not from_shard(payload):
+            return source, payload
+        try:
+            return self._member(source, payload), payload
+        except DecodeError as exc:
+            raise NotServableError(image_id, exc.reason) from None
+
+    def _member(self, shard: Path, payload: dict[str, Any]) -> bytes:
+        from indexer.sources.shards import read_member
+
+        return read_member(shard, str(payload["key"]), self.thumbs.limits)
 
     def thumbnail(self, image_id: str) -> Path:
         """The cached thumbnail file of an indexed image, made now if missing."""
         source, payload = self.locate(image_id)
+        read = functools.partial(self._member, source, payload) if from_shard(payload) else None
         try:
-            path, hit = self.thumbs.get(source, str(payload.get("sha256", "")))
+            path, hit = self.thumbs.get(source, str(payload.get("sha256", "")), read)
         except DecodeError as exc:
             raise NotServableError(image_id, exc.reason) from None
         self.metrics.thumbnails.labels("hit" if hit else "miss").inc()
@@ -220,6 +254,11 @@ class Service:
         if info is not None:
             check_store_model(self.store, self.model.model_id)
         self.model.get().encode_texts(["a photo"])
+
+
+def from_shard(payload: dict[str, Any]) -> bool:
+    """Whether a point's image is a member of a tar shard (its payload names the shard and the sample's key)."""
+    return isinstance(payload.get("shard"), str) and isinstance(payload.get("key"), str)
 
 
 def engine_thread_init(threads: int) -> None:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -42,8 +43,9 @@ class ThumbnailCache:
         """Where the thumbnail of content `sha256` lives (two-level fan-out keeps directories small)."""
         return self.directory / sha256[:2] / f"{sha256}-{self.size}.jpg"
 
-    def get(self, source: Path, sha256: str) -> tuple[Path, bool]:
-        """The thumbnail file of `source` and whether it came from the cache.
+    def get(self, source: Path, sha256: str, read: Callable[[], bytes] | None = None) -> tuple[Path, bool]:
+        """The thumbnail file of `source` and whether it came from the cache; ``read`` gives the image's bytes
+        where they are not the file's own (a member of a tar shard).
 
         Raises DecodeError (with the reason) when the file cannot be read or is no usable image.
         """
@@ -51,7 +53,7 @@ class ThumbnailCache:
             cached = self.path_for(sha256)
             if cached.is_file():
                 return cached, True
-        data = read_limited(source, self.limits.max_file_bytes)
+        data = read() if read is not None else read_limited(source, self.limits.max_file_bytes)
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
             log.info("%s changed since it was indexed: thumbnail filed under its current content", source)
