@@ -148,6 +148,11 @@ class ServeSettings(_Section):
     # Search requests with uploaded images decoded at once (off the event loop and the engine thread); one
     # more is refused with 503 and Retry-After. Bounds the memory of huge-pixel uploads.
     max_decodes: int = Field(default=2, ge=1, le=64)
+    # Deadlines of a client (seconds): its headers after connecting, its body after the headers; and the open
+    # connections at most (fewer when the open-files limit is lower). See indexer.api.server.
+    header_timeout: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    body_timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    max_connections: int = Field(default=1000, ge=8)
 
 
 # The lowest cosine a duplicate tier may use: below it most unrelated images join one group, and an action on

@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
+import resource
 import shutil
 import signal
 import socket
@@ -36,7 +39,7 @@ from indexer.settings import Settings
 from indexer.store.protocol import VectorStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
-from tests.support.clirun import INDEXER, MODEL
+from tests.support.clirun import INDEXER, MODEL, run
 from tests.support.live_server import serve
 from tests.support.rawhttp import raw_request
 
@@ -276,3 +279,100 @@ def test_a_request_without_a_host_header_is_refused_on_both_surfaces(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b" ", 2)[1] == b"403", answer[:300]
     assert json.loads(body)["error"] == "HostNotAllowedError"
+
+
+# -- slow clients (issue 22, defect 9): a real `indexer serve` with 256 open files allowed -----------------------
+
+SLOW_CLIENTS = 300
+NOFILE = 256
+
+
+def _limit_open_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+
+@pytest.fixture(scope="module")
+def slow_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """`indexer serve` over 8 indexed images, RLIMIT_NOFILE 256, client deadlines of 3 s; (base URL, port)."""
+    base = tmp_path_factory.mktemp("slow")
+    photos, store = base / "photos", base / "store"
+    write_dataset(photos, 8, seed=21, size=64)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "INDEXER_SERVE__HEADER_TIMEOUT": "3", "INDEXER_SERVE__BODY_TIMEOUT": "3"}
+    with (base / "serve.log").open("w") as out:
+        proc = subprocess.Popen(
+            [INDEXER, "serve", "--store", str(store), *MODEL, "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_limit_open_files,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (base / "serve.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "indexer serve did not start"
+            time.sleep(0.5)
+        yield url, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _slow_clients(port: int, count: int, first: bytes) -> list[socket.socket]:
+    """``count`` loopback connections that each send ``first`` and then nothing."""
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(first)
+        clients.append(client)
+    return clients
+
+
+def _closed_by_server(client: socket.socket, until: float) -> bool:
+    """Whether the server closes ``client`` (after a refusal, or with nothing said) before ``until``."""
+    while (left := until - time.monotonic()) > 0:
+        client.settimeout(left)
+        try:
+            if client.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            return False
+        except OSError:  # reset
+            return True
+    return False
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"q',
+    ],
+    ids=["half-sent headers", "half-sent body"],
+)
+def test_slow_clients_are_cut_off_and_healthz_answers_beyond_the_open_files_limit(
+    slow_serve: tuple[str, int], first: bytes
+) -> None:
+    url, port = slow_serve
+    clients = _slow_clients(port, SLOW_CLIENTS, first)
+    try:
+        started = time.monotonic()
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        found = httpx.get(url + "/search", params={"q": "a red circle", "limit": 3}, timeout=30)
+        assert found.status_code == 200 and found.json()["hits"], found.text
+        deadline = started + 3 + 20  # the 3 s deadline, and slack for a loaded machine
+        still_open = [c for c in clients if not _closed_by_server(c, deadline)]
+        assert not still_open, f"{len(still_open)} of {SLOW_CLIENTS} slow connections still open after 23 s"
+    finally:
+        for client in clients:
+            client.close()

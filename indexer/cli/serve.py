@@ -75,9 +75,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _run(settings: Settings, key: str) -> int:
-    import uvicorn
-
     from indexer.api.routes import create_app
+    from indexer.api.server import build_server, limits_from
     from indexer.ingest.pipeline import store_from_settings
     from indexer.model.lazy import LazyModel
 
@@ -86,15 +85,15 @@ def _run(settings: Settings, key: str) -> int:
         app = create_app(settings, store, model, api_key=key)
         service = app.state.service
         service.executor.submit(service.warm_up).result()  # on the engine thread, which runs every query
-        config = uvicorn.Config(
+        server = build_server(
             app,
-            host=settings.serve.host,
-            port=settings.serve.port,
-            log_level=settings.log_level.lower(),
+            settings.serve.host,
+            settings.serve.port,
+            limits=limits_from(settings.serve),
+            log_level=settings.log_level,
             access_log=settings.log_level == "DEBUG",
-            server_header=False,
         )
-        _serve_until_stopped(uvicorn.Server(config))
+        _serve_until_stopped(server)
     model.close()
     return EXIT_OK
 
