@@ -28,9 +28,9 @@ from indexer.distributed.parts import PART_PREFIX, PART_SUFFIX, Part, decode_row
 from indexer.distributed.stage import PartEmbedder, model_json, vectors_of
 from indexer.errors import ConfigError
 from indexer.ingest.pipeline import Indexer, NoProgress, Progress, check_roots, decode_limits, payload_for
-from indexer.library.export import export_points
+from indexer.library.export import embedding_columns, export_points, write_embedding_part
 from indexer.model.lazy import LazyModel
-from indexer.records import Failure, RunSummary, SearchFilter, StoredPoint, point_id
+from indexer.records import Failure, ImageMeta, RunSummary, SearchFilter, StoredPoint, point_id
 from indexer.settings import Settings
 from indexer.sources.shards import SHARD_PENDING
 from indexer.store.protocol import VectorStore
@@ -62,8 +62,9 @@ def run_ray_embed(
     paths: Sequence[str | Path], output: Path, settings: Settings, options: RayOptions,
     progress: Progress | None = None,
 ) -> RunSummary:  # fmt: skip
-    """Embed every image under ``paths`` on Ray into ``output``, a directory of ``part-ID.parquet`` files in the
-    export format (``indexer import`` reads them). Parts already there are skipped; stale ones are removed."""
+    """Embed every image under ``paths`` on Ray into ``output``, a directory of ``part-ID.parquet`` files with the
+    columns of an ``indexer embed`` file (one machine or many: the same columns; ``indexer import`` reads them).
+    Parts already there are skipped; stale ones, and parts in another schema, are removed."""
     return _run(paths, output, settings, options, progress or NoProgress(), store=None)[0]
 
 
@@ -72,7 +73,8 @@ def run_ray_index(
     parts_dir: Path, progress: Progress | None = None,
 ) -> RunSummary:  # fmt: skip
     """Embed on Ray and upsert into ``store`` from this process (the embedded store takes one writer), keeping
-    the parts in ``parts_dir``. A Qdrant server collection is bulk-loaded with HNSW building deferred."""
+    the parts in ``parts_dir`` in the export format (the whole payload: ``indexer import`` into another store
+    loses nothing). A Qdrant server collection is bulk-loaded with HNSW building deferred."""
     model = LazyModel(settings.model)
     with bulk_load(store, model.model_id, model.dim, options):
         summary, parts = _run(paths, parts_dir, settings, options, progress or NoProgress(), store=store)
@@ -102,13 +104,14 @@ def _run(
                                       include_hidden=settings.index.include_hidden)  # fmt: skip
     for failure in scan_failures:
         summary.add_failure(failure)
-    _remove_stale(out_dir, parts)
+    shard_columns = any(p.kind == "shard" for p in parts)
+    _remove_stale(out_dir, parts, None if store is not None else embedding_columns(shard_columns))
     todo = [p for p in parts if not (out_dir / p.file_name()).exists()]
     summary.unchanged = sum(p.images for p in parts) - sum(p.images for p in todo)
     log.info("%d parts: %d to embed, %d already done", len(parts), len(todo), len(parts) - len(todo))
     if not todo:
         return summary, parts
-    sink = _Sink(out_dir, store, summary, progress)
+    sink = _Sink(out_dir, store, summary, progress, shard_columns)
     progress.start(sum(p.images for p in todo), "embedding on ray")
     try:
         with ray_session(options.address):
@@ -154,20 +157,30 @@ def _mark_complete_shards(parts: list[Part], parts_dir: Path, store: VectorStore
                 store.set_payload(ids, {"shard_mtime_ns": shard_parts[0].shard_mtime_ns})
 
 
-def _remove_stale(out_dir: Path, parts: list[Part]) -> None:
-    """Part files of inputs that changed or left: the directory holds exactly the current parts."""
+def _remove_stale(out_dir: Path, parts: list[Part], columns: tuple[str, ...] | None) -> None:
+    """Part files of inputs that changed or left, or (``columns`` given) written with other columns (an earlier
+    version's export-format parts, or a run without shards): the directory holds exactly the current parts, in
+    one schema."""
+    import pyarrow.parquet as pq
+
     wanted = {p.file_name() for p in parts}
     for path in out_dir.glob(f"{PART_PREFIX}*{PART_SUFFIX}"):
         if path.name not in wanted:
             log.info("removing stale part %s", path)
+            path.unlink()
+        elif columns is not None and tuple(pq.read_schema(path).names) != columns:
+            log.info("removing part %s: written with other columns, embedded again", path)
             path.unlink()
 
 
 class _Sink:
     """Writes each embedded part once: upsert first (when there is a store), then the part file (rename)."""
 
-    def __init__(self, out_dir: Path, store: VectorStore | None, summary: RunSummary, progress: Progress) -> None:
+    def __init__(
+        self, out_dir: Path, store: VectorStore | None, summary: RunSummary, progress: Progress, shard_columns: bool
+    ) -> None:
         self.out_dir, self.store, self.summary, self.progress = out_dir, store, summary, progress
+        self.shard_columns = shard_columns
         self.seen: set[str] = set()
 
     def write(self, row: dict[str, Any]) -> None:
@@ -178,21 +191,28 @@ class _Sink:
             return
         self.seen.add(part.part_id)
         failures = [Failure(Path(path), reason) for path, reason in json.loads(row["failures"])]
-        points = _points(row, part)
-        if self.store is not None:
-            self.store.upsert(points)
-            self.store.clear_failures([p.path for p in points])
-        export_points(points, target, int(row["dim"]), str(row["model"]))
+        metas = [meta_from_dict(m) for m in json.loads(row["metas"])]
+        dim, model = int(row["dim"]), str(row["model"])
+        if self.store is None:  # indexer embed --ray: the rows indexer embed writes
+            write_embedding_part(metas, vectors_of(row), target, dim, model, self.shard_columns)
+            self._count(len(metas), failures)
+            return
+        points = _points(row, metas, part)
+        self.store.upsert(points)
+        self.store.clear_failures([p.path for p in points])
+        export_points(points, target, dim, model)
+        self._count(len(points), failures)
+
+    def _count(self, done: int, failures: list[Failure]) -> None:
         for failure in failures:
             log.warning("skipping %s: %s", failure.path, failure.reason)
             self.summary.add_failure(failure)
-        self.summary.indexed += len(points)
-        self.progress.advance(len(points) + len(failures))
+        self.summary.indexed += done
+        self.progress.advance(done + len(failures))
 
 
-def _points(row: dict[str, Any], part: Part) -> list[StoredPoint]:
+def _points(row: dict[str, Any], metas: list[ImageMeta], part: Part) -> list[StoredPoint]:
     now = time.time()
-    metas = [meta_from_dict(m) for m in json.loads(row["metas"])]
     vectors = vectors_of(row)
     # A part of a shard is not the whole shard: its points must not make the shard look unchanged.
     pending = {"shard_mtime_ns": SHARD_PENDING} if part.kind == "shard" and not part.whole_shard else {}
