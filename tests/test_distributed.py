@@ -22,8 +22,9 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'inde
 
 from indexer.distributed.engine import RayOptions, run_ray_embed, run_ray_index  # noqa: E402
 from indexer.distributed.stage import ImageEmbedder  # noqa: E402
+from indexer.ingest.embedfile import run_embed  # noqa: E402
 from indexer.ingest.pipeline import run_index  # noqa: E402
-from indexer.library.export import import_file  # noqa: E402
+from indexer.library.export import export_points, import_file  # noqa: E402
 from indexer.model.lazy import LazyModel  # noqa: E402
 from indexer.records import point_id  # noqa: E402
 from indexer.settings import Settings  # noqa: E402
@@ -86,7 +87,7 @@ def test_folder_on_four_fractional_gpu_actors(
     first = rows[0]
     decoded = decode_file(Path(first["path"]), model.preprocess, decode_limits(settings))
     expected = model.encode_pixels(decoded.pixels[None])[0]  # type: ignore[union-attr]
-    assert float(np.dot(expected, np.asarray(first["vector"], np.float32))) > 0.9999
+    assert float(np.dot(expected, np.asarray(first["embedding"], np.float32))) > 0.9999
 
 
 def test_shards_with_an_actor_dying_mid_batch_give_every_row_exactly_once(
@@ -100,11 +101,10 @@ def test_shards_with_an_actor_dying_mid_batch_give_every_row_exactly_once(
     rows = rows_of(out)
     expected = sorted(address(s, f"{n:09d}") for i, s in enumerate(shards) for n in range(i * 10, i * 10 + 10))
     assert sorted(r["path"] for r in rows) == expected  # none lost, none doubled
-    assert len({r["id"] for r in rows}) == 20 and summary.indexed == 20
-    first = json.loads(next(r for r in rows if r["path"] == expected[0])["metadata"])
-    assert first["caption"] == "a red circle" and first["metadata"]["key"] == "000000000"
-    assert first["shard"] == str(shards[0]) and first["shard_size"] == shards[0].stat().st_size
-    assert first["shard_mtime_ns"] == SHARD_PENDING  # a part of a shard (8 of 10) never marks it unchanged
+    assert len({point_id(r["path"]) for r in rows}) == 20 and summary.indexed == 20
+    first = next(r for r in rows if r["path"] == expected[0])
+    assert first["caption"] == "a red circle" and json.loads(first["json"])["key"] == "000000000"
+    assert first["shard"] == str(shards[0]) and first["key"] == "000000000"
 
 
 def test_a_rerun_embeds_only_the_parts_whose_files_are_missing(
@@ -124,7 +124,7 @@ def test_a_rerun_embeds_only_the_parts_whose_files_are_missing(
     assert summary.unchanged == 20 - summary.indexed
     assert {p: p.stat().st_mtime_ns for p in kept} == stamps  # untouched
     after = rows_of(out)
-    assert sorted(r["id"] for r in after) == sorted(r["id"] for r in before)
+    assert sorted(r["path"] for r in after) == sorted(r["path"] for r in before)
 
 
 def test_index_on_ray_into_the_embedded_store_keeps_caption_and_metadata(
@@ -140,6 +140,10 @@ def test_index_on_ray_into_the_embedded_store_keeps_caption_and_metadata(
         assert point.payload["shard_mtime_ns"] == shard.stat().st_mtime_ns
         again = run_index([shard], settings, store, LazyModel(settings.model))
         assert (again.indexed, again.unchanged) == (0, 6)
+    part_rows = rows_of(tmp_path / "parts")  # the store's parts keep the whole payload (export format)
+    first = json.loads(next(r for r in part_rows if r["path"] == address(shard, "000000000"))["metadata"])
+    assert first["shard"] == str(shard) and first["shard_size"] == shard.stat().st_size
+    assert first["shard_mtime_ns"] == SHARD_PENDING  # a part of a shard (4 of 6) never marks it unchanged
     with EdgeStore(tmp_path / "imported") as other:  # the parts are import files too (indexer import)
         for part in sorted((tmp_path / "parts").glob("part-*.parquet")):
             import_file(other, part)
@@ -240,3 +244,49 @@ def test_cli_embed_on_a_two_node_cluster(tmp_path: Path) -> None:
         assert "Running Dataset" not in proc.stderr and "Started a local Ray" not in proc.stderr
     finally:
         cluster.shutdown()  # type: ignore[no-untyped-call]
+
+
+def test_embed_on_ray_writes_the_columns_of_embed_and_import_reads_old_and_new_parts(
+    ray_cluster: str, tmp_path: Path, settings: Settings
+) -> None:
+    folder = tmp_path / "in"
+    write_dataset(folder / "photos", 3, seed=6, size=64)
+    [shard] = write_shards(folder / "shards", 1, 5)
+    single = tmp_path / "single.parquet"
+    run_embed([folder], single, settings, LazyModel(settings.model))
+    out = tmp_path / "out"
+    summary = run_ray_embed([folder], out, settings, replace(TWO_ACTORS, part_size=4))
+    assert summary.indexed == 8
+    one = pq.read_table(single)
+    for part in out.glob("part-*.parquet"):  # one machine or many: the same columns
+        assert pq.read_schema(part).names == one.column_names
+    assert one.column_names == ["path", "sha256", "width", "height", "embedding", "caption", "json", "key", "shard"]
+    by_path = {r["path"]: r for r in one.to_pylist()}
+    for row in rows_of(out):
+        alone = by_path[row["path"]]
+        assert {k: v for k, v in row.items() if k != "embedding"} == {
+            k: v for k, v in alone.items() if k != "embedding"
+        }
+        assert float(np.dot(row["embedding"], alone["embedding"])) > 0.9999
+    assert by_path[address(shard, "000000001")]["key"] == "000000001"
+    # indexer import reads the new parts (a directory) and the old ones (export format)
+    with EdgeStore(tmp_path / "new") as store:
+        assert import_file(store, out).imported == 8
+        point = store.retrieve([point_id(address(shard, "000000002"))])[0]
+        assert (point.payload["shard"], point.payload["key"], point.payload["caption"]) == (
+            str(shard), "000000002", "a red triangle")  # fmt: skip
+        assert point.payload["metadata"]["key"] == "000000002"
+        old = tmp_path / "old"
+        old.mkdir()
+        export_points(
+            list(store.scroll(with_vectors=True)), old / "part-0.parquet", 64, LazyModel(settings.model).model_id
+        )
+    with EdgeStore(tmp_path / "from-old") as store:
+        assert import_file(store, old).imported == 8 and store.count() == 8
+    # a part left in the old schema is embedded again, never mixed with new ones
+    victim = sorted(out.glob("part-*.parquet"))[0]
+    rows = pq.read_metadata(victim).num_rows
+    victim.write_bytes((old / "part-0.parquet").read_bytes())
+    again = run_ray_embed([folder], out, settings, replace(TWO_ACTORS, part_size=4))
+    assert (again.indexed, again.unchanged) == (rows, 8 - rows)
+    assert pq.read_schema(victim).names == one.column_names

@@ -214,3 +214,27 @@ def test_export_needs_a_parquet_name_and_a_store(indexed: tuple[Path, Path], tmp
         "is empty" in run("export", "-o", str(tmp_path / "x.parquet"), "--store", str(tmp_path / "e"), check=2).stderr
     )
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.partial").exists()
+
+
+def test_an_embed_file_of_shards_imports_with_its_shard_fields_and_a_folder_of_files_at_once(
+    tmp_path: Path, model: LazyModel
+) -> None:
+    from tests.support.shardfiles import write_shards
+
+    [shard] = write_shards(tmp_path / "shards", 1, 3)
+    write_dataset(tmp_path / "shards" / "photos", 2, seed=8, size=64)
+    files = tmp_path / "files"
+    files.mkdir()
+    settings = shapes_settings(tmp_path / "unused")
+    run_embed([tmp_path / "shards"], files / "a.parquet", settings, model)
+    run_embed([tmp_path / "shards" / "photos"], files / "b.parquet", settings, model)  # no shard columns
+    with EdgeStore(tmp_path / "store") as store:
+        summary = import_file(store, files)
+        assert summary.imported == 5 + 2 and store.count() == 5
+        point = store.retrieve([point_id(f"{shard}#000000001")])[0]
+        assert (point.payload["shard"], point.payload["key"], point.payload["caption"]) == (
+            str(shard), "000000001", "a red square")  # fmt: skip
+        assert point.payload["metadata"]["key"] == "000000001"
+        assert f"{shard}#000000001" in summary.unverified  # no shard size and mtime: the next index reads it again
+        photo = next(p for p in store.scroll() if "shard" not in p.payload)
+        assert not {"key", "caption", "metadata"} & set(photo.payload)

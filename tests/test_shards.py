@@ -120,7 +120,7 @@ def test_embed_writes_caption_and_json_beside_each_vector(tmp_path: Path, settin
     summary = run_embed([tmp_path / "shards"], out, settings, model)
     assert summary.indexed == 12 and summary.failed == 0
     table = pq.read_table(out)
-    assert table.column_names == ["path", "sha256", "width", "height", "embedding", "caption", "json"]
+    assert table.column_names == ["path", "sha256", "width", "height", "embedding", "caption", "json", "key", "shard"]
     rows = table.to_pylist()
     first = str(tmp_path / "shards" / "00000.tar") + "#000000000"
     assert rows[0]["path"] == first and rows[0]["caption"] == "a red circle"

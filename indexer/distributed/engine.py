@@ -32,7 +32,7 @@ from indexer.ingest.embed import EmbeddedBatch
 from indexer.ingest.loop import NoProgress, Progress, drain
 from indexer.ingest.plan import check_roots
 from indexer.ingest.sinks import remove_points
-from indexer.library.export import export_points
+from indexer.library.export import embedding_columns, export_points, write_embedding_part
 from indexer.model.lazy import LazyModel
 from indexer.records import Failure, RunSummary, SearchFilter, StoredPoint, point_id
 from indexer.settings import Settings
@@ -67,8 +67,9 @@ def run_ray_embed(
     paths: Sequence[str | Path], output: Path, settings: Settings, options: RayOptions,
     progress: Progress | None = None,
 ) -> RunSummary:  # fmt: skip
-    """Embed every image under ``paths`` on Ray into ``output``, a directory of ``part-ID.parquet`` files in the
-    export format (``indexer import`` reads them). Parts already there are skipped; stale ones are removed."""
+    """Embed every image under ``paths`` on Ray into ``output``, a directory of ``part-ID.parquet`` files with the
+    columns of an ``indexer embed`` file (one machine or many: the same columns; ``indexer import`` reads them).
+    Parts already there are skipped; stale ones, and parts in another schema, are removed."""
     return _run(paths, output, settings, options, progress or NoProgress(), store=None)[0]
 
 
@@ -77,7 +78,8 @@ def run_ray_index(
     parts_dir: Path, progress: Progress | None = None,
 ) -> RunSummary:  # fmt: skip
     """Embed on Ray and upsert into ``store`` from this process (the embedded store takes one writer), keeping
-    the parts in ``parts_dir``. A Qdrant server collection is bulk-loaded with HNSW building deferred."""
+    the parts in ``parts_dir`` in the export format (the whole payload: ``indexer import`` into another store
+    loses nothing). A Qdrant server collection is bulk-loaded with HNSW building deferred."""
     model = LazyModel(settings.model)
     with bulk_load(store, model.model_id, model.dim, options):
         summary, parts = _run(paths, parts_dir, settings, options, progress or NoProgress(), store=store)
@@ -107,7 +109,8 @@ def _run(
                                       include_hidden=settings.index.include_hidden)  # fmt: skip
     for failure in scan_failures:
         summary.add_failure(failure)
-    _remove_stale(out_dir, parts)
+    shard_columns = any(p.kind == "shard" for p in parts)
+    _remove_stale(out_dir, parts, None if store is not None else embedding_columns(shard_columns))
     todo = [p for p in parts if not (out_dir / p.file_name()).exists()]
     summary.unchanged = sum(p.images for p in parts) - sum(p.images for p in todo)
     log.info("%d parts: %d to embed, %d already done", len(parts), len(todo), len(parts) - len(todo))
@@ -117,7 +120,7 @@ def _run(
     try:
         with ray_session(options.address):
             rows = _dataset(todo, settings, options).iter_rows()
-            drain(_part_batches(rows, out_dir), PartSink(out_dir, store), summary, progress)
+            drain(_part_batches(rows, out_dir), PartSink(out_dir, store, shard_columns), summary, progress)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
@@ -158,12 +161,19 @@ def _mark_complete_shards(parts: list[Part], parts_dir: Path, store: VectorStore
                 store.set_payload(ids, {"shard_mtime_ns": shard_parts[0].shard_mtime_ns})
 
 
-def _remove_stale(out_dir: Path, parts: list[Part]) -> None:
-    """Part files of inputs that changed or left: the directory holds exactly the current parts."""
+def _remove_stale(out_dir: Path, parts: list[Part], columns: tuple[str, ...] | None) -> None:
+    """Part files of inputs that changed or left, or (``columns`` given) written with other columns (an earlier
+    version's export-format parts, or a run without shards): the directory holds exactly the current parts, in
+    one schema."""
+    import pyarrow.parquet as pq
+
     wanted = {p.file_name() for p in parts}
     for path in out_dir.glob(f"{PART_PREFIX}*{PART_SUFFIX}"):
         if path.name not in wanted:
             log.info("removing stale part %s", path)
+            path.unlink()
+        elif columns is not None and tuple(pq.read_schema(path).names) != columns:
+            log.info("removing part %s: written with other columns, embedded again", path)
             path.unlink()
 
 
@@ -191,17 +201,21 @@ def _part_batches(rows: Iterable[dict[str, Any]], out_dir: Path) -> Iterator[Par
 
 class PartSink:
     """Writes each embedded part once: upsert first (when there is a store), then the part file (rename: the
-    resume marker)."""
+    resume marker). Without a store (``indexer embed --ray``) the part has the columns ``indexer embed`` writes;
+    with one, the export format (the whole payload)."""
 
-    def __init__(self, out_dir: Path, store: VectorStore | None) -> None:
-        self.out_dir, self.store = out_dir, store
+    def __init__(self, out_dir: Path, store: VectorStore | None, shard_columns: bool) -> None:
+        self.out_dir, self.store, self.shard_columns = out_dir, store, shard_columns
 
     def write(self, batch: PartBatch) -> None:
+        target, dim = self.out_dir / batch.part.file_name(), batch.vectors.shape[1]
+        if self.store is None:
+            write_embedding_part(batch.metas, batch.vectors, target, dim, batch.model_id, self.shard_columns)
+            return
         points = _points(batch)
-        if self.store is not None:
-            self.store.upsert(points)
-            self.store.clear_failures([p.path for p in points])
-        export_points(points, self.out_dir / batch.part.file_name(), batch.vectors.shape[1], batch.model_id)
+        self.store.upsert(points)
+        self.store.clear_failures([p.path for p in points])
+        export_points(points, target, dim, batch.model_id)
 
     def fail(self, failure: Failure) -> Failure:
         return failure

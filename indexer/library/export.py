@@ -1,16 +1,17 @@
 """Vectors to and from files: ``indexer embed`` output, store export/import, and temporary vector dumps.
 
-``indexer embed`` writes Parquet (columns path, sha256, width, height, embedding list<float32>) or ``.npy`` (the
-(N, dim) float32 matrix; the paths of its rows, in order, in ``FILE.paths.txt`` beside it).
+``indexer embed`` writes Parquet (columns path, sha256, width, height, embedding list<float32>; where the inputs
+hold tar shards also caption, json, key and shard, empty for files in folders) or ``.npy`` (the (N, dim) float32
+matrix; the paths of its rows, in order, in ``FILE.paths.txt`` beside it). ``indexer embed --ray`` writes the same
+columns, one ``part-ID.parquet`` file per part (`write_embedding_part`).
 
 ``indexer export`` writes a store to Parquet: columns id, path, sha256, metadata (the rest of the payload, as a
 JSON object), vector (list<float32>); the schema metadata records ``dim`` and ``model`` as the embed files do.
-``indexer import`` reads either kind into any backend: the way to move an embedded store to a Qdrant server, or
-to load vectors made elsewhere.
+``indexer import`` reads either kind, or a directory of them (``indexer embed --ray`` parts, old and new), into any
+backend: the way to move an embedded store to a Qdrant server, or to load vectors made elsewhere.
 
 Files are written under a temporary name and renamed when complete, so a crash never leaves a half-written file
-under the final name. ``dump_vectors`` copies a store's vectors into a raw float32 file that dedup and cluster
-read a block at a time (the process holds only the blocks it reads, never the whole matrix).
+under the final name. (``dump_vectors``, for dedup and cluster, lives in `indexer.library.vectorfile`.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +31,10 @@ import numpy.typing as npt
 
 from indexer.atomicio import AtomicFile, atomic_write_text
 from indexer.errors import ConfigError, StoreError
+from indexer.library.vectorfile import VectorDump as VectorDump
+from indexer.library.vectorfile import VectorFile as VectorFile
+from indexer.library.vectorfile import chunks
+from indexer.library.vectorfile import dump_vectors as dump_vectors
 from indexer.records import ImageMeta, SearchFilter, StoredPoint, point_id
 from indexer.store.payload import embedded_payload, exported_payload
 
@@ -41,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet", ".npy")
+EMBED_COLUMNS = ("path", "sha256", "width", "height", "embedding")
+SHARD_COLUMNS = ("caption", "json", "key", "shard")  # images read from tar shards (ShardMeta's fields)
 
 
 class EmbeddingWriter(Protocol):
@@ -73,7 +80,7 @@ class ParquetWriter(AtomicFile):
 
         super().__init__(output)
         self.shard_columns = shard_columns
-        extra = [("caption", pa.string()), ("json", pa.string())] if shard_columns else []
+        extra = [(name, pa.string()) for name in SHARD_COLUMNS] if shard_columns else []
         self.schema = pa.schema(
             [
                 ("path", pa.string()),
@@ -100,8 +107,7 @@ class ParquetWriter(AtomicFile):
             pa.ListArray.from_arrays(offsets, flat),
         ]
         if self.shard_columns:  # ShardMeta (indexer.sources.shards) carries them; files in folders have none
-            columns.append(pa.array([getattr(m, "caption", None) for m in metas], pa.string()))
-            columns.append(pa.array([getattr(m, "json", None) for m in metas], pa.string()))
+            columns.extend(pa.array([getattr(m, name, None) for m in metas], pa.string()) for name in SHARD_COLUMNS)
         self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
 
     def __enter__(self) -> ParquetWriter:
@@ -113,6 +119,22 @@ class ParquetWriter(AtomicFile):
             self.commit()
         else:
             self.discard()
+
+
+def write_embedding_part(
+    metas: list[ImageMeta], vectors: npt.NDArray[np.float32], output: Path, dim: int, model_id: str,
+    shard_columns: bool,
+) -> None:  # fmt: skip
+    """One part of ``indexer embed --ray``: the rows an ``indexer embed`` file would hold for these images, under
+    a temporary name renamed when complete (the file exists only whole: it is the part's resume marker)."""
+    with ParquetWriter(output, dim, model_id, shard_columns) as writer:
+        if metas:
+            writer.write(metas, vectors)
+
+
+def embedding_columns(shard_columns: bool) -> tuple[str, ...]:
+    """The columns of an ``indexer embed`` Parquet file."""
+    return EMBED_COLUMNS + (SHARD_COLUMNS if shard_columns else ())
 
 
 class NpyWriter(AtomicFile):
@@ -230,7 +252,7 @@ def export_store(
     written = 0
     try:
         with pq.ParquetWriter(str(target.partial), schema) as writer:
-            for batch in _chunks(store.scroll(filter=filter, with_vectors=True, batch_size=batch_size), batch_size):
+            for batch in chunks(store.scroll(filter=filter, with_vectors=True, batch_size=batch_size), batch_size):
                 writer.write_table(_export_table(batch, schema))
                 written += len(batch)
     except BaseException:
@@ -239,17 +261,6 @@ def export_store(
     target.commit()
     log.info("exported %d points to %s", written, output)
     return written
-
-
-def _chunks(points: Iterator[StoredPoint], size: int) -> Iterator[list[StoredPoint]]:
-    batch: list[StoredPoint] = []
-    for point in points:
-        batch.append(point)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @dataclass(slots=True)
@@ -304,26 +315,42 @@ def import_file(
     optimize_after: int = 1000,
     on_rows: Callable[[int, int], None] | None = None,
 ) -> ImportSummary:
-    """Upsert every row of an export or embed Parquet file into the store (same model required).
+    """Upsert every row of an export or embed Parquet file, or of every ``*.parquet`` file in a directory (the
+    parts of ``indexer embed --ray``, in either schema), into the store (same model required).
 
     Memory: one batch of rows at a time (and the Parquet row group it comes from). The graph is built once, by the
     one optimize() after the last batch, never per batch. ``on_rows(done, total)`` is called after each batch."""
-    src = _open_source(source)
-    store.ensure_collection(src.model_id, src.dim)
-    summary = ImportSummary(model=src.model_id, dim=src.dim)
-    total = int(src.file.metadata.num_rows)
+    files = _import_files(source)
+    summary = ImportSummary()
+    sources = [_open_source(path) for path in files]
+    total = sum(int(src.file.metadata.num_rows) for src in sources)
     now = time.time()
-    for batch in src.file.iter_batches(batch_size=batch_size):
-        points = _points_of(batch, src, now, summary, first_row=summary.imported)
-        store.upsert(points)
-        summary.imported += len(points)
-        if on_rows is not None:
-            on_rows(summary.imported, total)
+    for path, src in zip(files, sources, strict=True):
+        if summary.model and (src.model_id, src.dim) != (summary.model, summary.dim):
+            raise ConfigError("FILE", f"{path} was made by {src.model_id} ({src.dim}-d), not {summary.model}")
+        store.ensure_collection(src.model_id, src.dim)
+        summary.model, summary.dim = src.model_id, src.dim
+        first = summary.imported
+        for batch in src.file.iter_batches(batch_size=batch_size):
+            points = _points_of(batch, src, now, summary, first_row=summary.imported - first)
+            store.upsert(points)
+            summary.imported += len(points)
+            if on_rows is not None:
+                on_rows(summary.imported, total)
     if summary.imported >= max(1, optimize_after):
         store.optimize()
     store.flush()
     log.info("imported %d points from %s", summary.imported, source)
     return summary
+
+
+def _import_files(source: Path) -> list[Path]:
+    if not source.is_dir():
+        return [source]
+    files = sorted(p for p in source.glob("*.parquet") if p.is_file())
+    if not files:
+        raise ConfigError("FILE", f"{source} holds no .parquet files")
+    return files
 
 
 def _points_of(batch: Any, src: _Source, now: float, summary: ImportSummary, first_row: int) -> list[StoredPoint]:
@@ -340,7 +367,29 @@ def _points_of(batch: Any, src: _Source, now: float, summary: ImportSummary, fir
             _embedded_payload(p, s, w, h, src.model_id, now, summary)
             for p, s, (w, h) in zip(paths, shas, sizes, strict=True)
         ]
+        for payload, fields in zip(payloads, _shard_fields(batch), strict=True):
+            payload.update(fields)
     return [StoredPoint(i, pl, v) for i, pl, v in zip(ids, payloads, vectors, strict=True)]
+
+
+def _shard_fields(batch: Any) -> list[dict[str, Any]]:
+    """The payload fields of the rows read from tar shards (shard, key, caption, metadata) as `indexer index`
+    stores them; none for files in folders or a file without the shard columns. Without the shard's size and
+    mtime, the next `indexer index` reads such a shard again."""
+    from indexer.sources.shards import parse_json
+
+    if not set(SHARD_COLUMNS) <= set(batch.schema.names):
+        return [{} for _ in range(batch.num_rows)]
+    columns = {name: batch.column(name).to_pylist() for name in SHARD_COLUMNS}
+    out: list[dict[str, Any]] = []
+    for caption, text, key, shard in zip(*(columns[name] for name in SHARD_COLUMNS), strict=True):
+        fields: dict[str, Any] = {"shard": shard, "key": key} if shard else {}
+        if shard and caption is not None:
+            fields["caption"] = caption
+        if shard and text is not None:
+            fields["metadata"] = parse_json(text)
+        out.append(fields)
+    return out
 
 
 def _batch_vectors(column: Any, src: _Source, first_row: int) -> npt.NDArray[np.float32]:
@@ -381,86 +430,3 @@ def _unchanged_stat(path: Path, sha256: str) -> os.stat_result | None:
         return None
     unchanged = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
     return after if same and unchanged else None
-
-
-# --- vector dumps for dedup and cluster ---------------------------------------------------------------------------
-
-
-class VectorFile:
-    """An (n, dim) float32 matrix in a raw file, read a row range or a few rows at a time.
-
-    Reads go through the page cache into fresh arrays, so the process holds only what it asked for: the matrix
-    itself may be larger than memory.
-    """
-
-    def __init__(self, path: Path, dim: int) -> None:
-        self.path = path
-        self.dim = dim
-        self._row_bytes = dim * 4
-        self.count = path.stat().st_size // self._row_bytes if dim else 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def rows(self, start: int, stop: int) -> npt.NDArray[np.float32]:
-        """Rows [start, stop) as a new array."""
-        stop = min(stop, self.count)
-        if stop <= start:
-            return np.zeros((0, self.dim), np.float32)
-        flat = np.fromfile(self.path, np.float32, count=(stop - start) * self.dim, offset=start * self._row_bytes)
-        return flat.reshape(stop - start, self.dim)
-
-    def take(self, indices: Sequence[int]) -> npt.NDArray[np.float32]:
-        """The rows at these indices, in that order."""
-        out = np.empty((len(indices), self.dim), np.float32)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for k, index in enumerate(indices):
-                if not 0 <= index < self.count:
-                    raise IndexError(f"row {index} of {self.count}")
-                out[k] = np.frombuffer(os.pread(fd, self._row_bytes, index * self._row_bytes), np.float32)
-        finally:
-            os.close(fd)
-        return out
-
-    def blocks(self, size: int) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
-        """(start, rows) for consecutive blocks of ``size`` rows."""
-        for start in range(0, self.count, size):
-            yield start, self.rows(start, start + size)
-
-
-@dataclass(frozen=True, slots=True)
-class VectorDump:
-    """A store's vectors copied out: row i of ``matrix`` is the point ``ids[i]``, whose sha256 is ``sha256s[i]``."""
-
-    ids: list[str]
-    sha256s: list[str]
-    matrix: VectorFile
-
-
-def dump_vectors(
-    store: VectorStore, directory: Path, *, filter: SearchFilter | None = None, batch_size: int = 1000
-) -> VectorDump:
-    """Copy the vectors (L2-normalised) of every point matching the filter into ``directory/vectors.f32``."""
-    info = store.model_info()
-    if info is None:
-        raise StoreError(f"the store {store.location} is empty: run `indexer index PATH` first")
-    dim = info[1]
-    path = directory / "vectors.f32"
-    ids: list[str] = []
-    shas: list[str] = []
-    with path.open("wb") as fh:
-        for batch in _chunks(store.scroll(filter=filter, with_vectors=True, batch_size=batch_size), batch_size):
-            fh.write(_unit_rows([p.vector for p in batch], dim).tobytes())
-            ids.extend(p.id for p in batch)
-            shas.extend(str(p.payload.get("sha256") or "") for p in batch)
-    log.info("copied %d vectors (%d-d) out of %s", len(ids), dim, store.location)
-    return VectorDump(ids, shas, VectorFile(path, dim))
-
-
-def _unit_rows(vectors: list[npt.NDArray[np.float32] | None], dim: int) -> npt.NDArray[np.float32]:
-    matrix = np.stack([np.zeros(dim, np.float32) if v is None else v for v in vectors]).astype(np.float32)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    out = np.zeros_like(matrix)
-    np.divide(matrix, norms, out=out, where=norms > 0)
-    return out
