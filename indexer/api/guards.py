@@ -120,7 +120,9 @@ class AccessMiddleware:
         host = headers.get(b"host", b"").decode("latin-1")
         try:
             check_access(host, headers.get(b"authorization", b""), self.key, scope["path"] in PUBLIC_PATHS)
-            if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
+            if scope["method"] == "POST" and (
+                scope["path"] in JSON_BODY_PATHS or scope["path"].startswith("/control/")
+            ):
                 check_json(headers.get(b"content-type", b"").decode("latin-1"))
         except UnauthorizedError as exc:
             await _send_error(send, exc, [(b"www-authenticate", b'Bearer realm="indexer"')])

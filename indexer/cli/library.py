@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from indexer.atomicio import atomic_open
-from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options
+from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options, library_store
 from indexer.errors import ConfigError
 from indexer.records import SearchFilter
 from indexer.settings import Settings
@@ -116,7 +116,6 @@ def _human_bytes(n: int) -> str:
 
 def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.dedup import find_duplicates, tier_threshold
-    from indexer.store.factory import open_store_from_settings
 
     threshold = tier_threshold(args.tier, settings.dedup, args.threshold)
     if args.yes and not args.delete:
@@ -125,7 +124,7 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
         _check_output(path, flag)
     flt = _folder_filter(args.folder)
     acts = args.move_to is not None or args.delete
-    with open_store_from_settings(settings, read_only=not acts) as store:
+    with library_store(settings, read_only=not acts) as store:
         report = find_duplicates(store, args.tier, threshold=threshold, filter=flt, block=settings.dedup.block_size)
         _write_dedup_files(report, args, settings)
         if args.move_to is None and not args.delete:
@@ -226,11 +225,10 @@ def _write_csv(report: DedupReport, path: Path) -> None:
 
 def cmd_cluster(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.cluster import cluster_store, resolve_k
-    from indexer.store.factory import open_store_from_settings
 
     k = resolve_k(args.k, args.auto, settings.cluster)
     _check_output(args.html, "--html")
-    with open_store_from_settings(settings) as store:
+    with library_store(settings) as store:
         report = cluster_store(store, settings.cluster, k=k)
     if args.html is not None:
         from indexer.library.report import cluster_page, write_page
@@ -255,10 +253,9 @@ def _print_clusters(report: ClusterReport, as_json: bool) -> None:
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.export import export_store
-    from indexer.store.factory import open_store_from_settings
 
     flt = _folder_filter(args.folder)
-    with open_store_from_settings(settings, read_only=True) as store:
+    with library_store(settings, read_only=True) as store:
         written = export_store(store, args.output, filter=flt)
     if args.json:
         print(json.dumps({"exported": written, "output": str(args.output)}))
