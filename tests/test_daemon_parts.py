@@ -403,7 +403,7 @@ def test_the_remote_store_pages_scrolls_and_round_trips_vectors(live: Live) -> N
     paged = list(remote.scroll(with_vectors=True, batch_size=4))  # two pages through one cursor
     assert sorted(p.id for p in paged) == sorted(p.id for p in local) and len(paged) == 6
     by_id = {p.id: p for p in local}
-    assert all(np.array_equal(p.vector, by_id[p.id].vector) for p in paged)
+    assert all(np.array_equal(np.asarray(p.vector), np.asarray(by_id[p.id].vector)) for p in paged)
     flt = SearchFilter(path_prefix=str(live.photos / "red"))
     assert remote.count(flt) == live.store.count(flt) and remote.count() == 6
     first = local[0]
