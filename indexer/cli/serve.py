@@ -43,9 +43,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if not args.verbose:  # a long-running command: serve's log level comes from the settings
         logging.getLogger("indexer").setLevel(settings.log_level)
+    check_bind(settings.serve.host, resolve_api_key(settings.serve))  # before anything slow: refused at once
     _check_not_owned(settings)
-    key = resolve_api_key(settings.serve)
-    check_bind(settings.serve.host, key)  # before anything slow: a refused address fails in a moment
     return _run(settings)
 
 
@@ -88,11 +87,12 @@ class _ServeOwner:
         from indexer.daemon.indexjobs import IndexJobs
         from indexer.ingest.pipeline import run_index
 
-        self.url = url
+        self.url, self.store = url, store
         self.jobs = IndexJobs(lambda paths, job: run_index(paths, settings, store, model, job))
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        return 200, {"status": "ok", "pid": os.getpid()}
+        images = self.store.count() if self.store.model_info() is not None else 0  # open before the app starts
+        return 200, {"status": "ok", "images": images, "pid": os.getpid()}
 
     def describe(self) -> dict[str, Any]:
         return {"server": {"pid": os.getpid(), "url": self.url}}
@@ -103,16 +103,17 @@ class _ServeOwner:
 
 def _run(settings: Settings) -> int:
     from indexer.daemon.client import ADVERT_FILE, advertise, remove_advert
-    from indexer.daemon.http import owner_listener
+    from indexer.daemon.http import owner_listener, owner_socket
     from indexer.daemon.sharedmodel import SharedModel
     from indexer.ingest.pipeline import store_from_settings
     from indexer.store.locked import LockedStore
 
+    sock = owner_socket(settings, page=True)  # before anything slow: a taken port fails in a moment
     model = SharedModel(settings.model)
     advert = None if settings.store.qdrant_url else settings.store.dir / ADVERT_FILE
     with LockedStore(lambda: store_from_settings(settings)) as store:
         owner = _ServeOwner(settings, store, model, "")
-        listener = owner_listener(settings, store, model, owner, page=True)
+        listener = owner_listener(settings, store, model, owner, page=True, sock=sock)
         owner.url = listener.url
         service = listener.app.state.service
         service.executor.submit(service.warm_up).result()  # on the engine thread, which runs every query

@@ -8,6 +8,7 @@ watch.control_host:watch.control_port.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from indexer.api.listen import Listener, bind
@@ -16,19 +17,33 @@ from indexer.settings import Settings
 from indexer.store.protocol import VectorStore
 
 
-def owner_listener(settings: Settings, store: VectorStore, model: LazyModel, owner: Any, *, page: bool) -> Listener:
-    """The app (`indexer.api.routes.create_app` with ``owner``) on a socket bound now (a taken port fails here)."""
+def owner_socket(settings: Settings, *, page: bool) -> socket.socket:
+    """The owner's socket, bound now (before anything slow: a refused address or a taken port fails at once)."""
     from indexer.api.guards import check_bind, resolve_api_key
-    from indexer.api.routes import create_app
 
-    key = resolve_api_key(settings.serve)
     if page:
         host, port, setting = settings.serve.host, settings.serve.port, "serve.port"
     else:
         host, port, setting = settings.watch.control_host, settings.watch.control_port, "watch.control_port"
-    check_bind(host, key)
-    sock = bind(host, port, setting)
-    app = create_app(settings, store, model, api_key=key, owner=owner, page=page)
+    check_bind(host, resolve_api_key(settings.serve))
+    return bind(host, port, setting)
+
+
+def owner_listener(
+    settings: Settings,
+    store: VectorStore,
+    model: LazyModel,
+    owner: Any,
+    *,
+    page: bool,
+    sock: socket.socket | None = None,
+) -> Listener:
+    """The app (`indexer.api.routes.create_app` with ``owner``) on ``sock`` (default: `owner_socket`)."""
+    from indexer.api.guards import resolve_api_key
+    from indexer.api.routes import create_app
+
+    sock = sock if sock is not None else owner_socket(settings, page=page)
+    app = create_app(settings, store, model, api_key=resolve_api_key(settings.serve), owner=owner, page=page)
     return Listener(app, sock, settings.log_level)
 
 
