@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -251,3 +252,29 @@ def _page_search(page: Any, text: str) -> list[str]:
     page.wait_for_function("() => !document.querySelector('#status').textContent.startsWith('Searching')")
     paths: list[str] = page.eval_on_selector_all("#grid li.hit", "els => els.map(e => e.dataset.path)")
     return paths
+
+
+def test_commands_ask_a_running_indexer_serve_too(tmp_path: Path) -> None:
+    library = _library(tmp_path)
+    other = tmp_path / "other"
+    write_dataset(other, 3, seed=37, size=64)
+    command = [INDEXER, "serve", "--port", "0", "--store", str(library.store), *MODEL]
+    with open(tmp_path / "serve.log", "wb") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=out)
+    try:
+        advert = library.store / "daemon.json"
+
+        def advertised() -> dict[str, Any] | None:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            return json.loads(advert.read_text()) if advert.exists() else None
+
+        found = wait_for("indexer serve to advertise itself", advertised, 90)
+        assert found["kind"] == "serve" and found["page"] is True and found["pid"] == server.pid
+        status = library.cli("status").stdout
+        assert "images:   14" in status and f"server:   pid {server.pid} at {found['url']}" in status
+        assert library.cli("index", str(other), *MODEL).stdout.startswith("indexed 3, unchanged 0")
+        assert "red-circle" in library.cli("search", "a red circle", "-k", "1").stdout
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert server.returncode == 0 and not advert.exists()

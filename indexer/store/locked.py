@@ -60,6 +60,12 @@ class LockedStore:
             raise StoreError("the store is still being opened by its owner: try again in a moment")
         return self._inner
 
+    @property
+    def damage(self) -> str | None:
+        """What the store found damaged when it opened (`indexer status` shows it), if the backend says."""
+        found: str | None = getattr(self._inner, "damage", None)
+        return found
+
     def _call(self, call: Callable[[VectorStore], T]) -> T:
         self.inner  # noqa: B018 (waits until the store is open)
         with self.lock:
