@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -426,3 +428,12 @@ def test_an_index_job_runs_on_the_owner_and_reports_progress(live: Live, tmp_pat
     assert isinstance(owner.ask("GET", f"/index/{job['id']}"), dict)
     live.store.delete([p.id for p in live.store.scroll(filter=SearchFilter(path_prefix=str(extra)))])
     assert IndexJob("x", []).state == "queued"
+
+
+def test_the_cli_side_of_the_owner_imports_no_torch() -> None:
+    code = (
+        "import sys, indexer.daemon.client, indexer.daemon.remote, indexer.cli.owned, indexer.search; "
+        "print('torch' in sys.modules, 'fastapi' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False", "False"], proc.stderr
