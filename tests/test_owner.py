@@ -60,6 +60,7 @@ COMMANDS: dict[str, list[str]] = {
     "dedup": ["dedup", "--tier", "exact"],
     "dedup near json": ["dedup", "--tier", "near", "--json"],
     "export": ["export", "-o", "{out}"],
+    "import": ["import", "{out}"],  # the same points again: idempotent
 }
 
 
@@ -71,7 +72,7 @@ def _run_all(library: Library, out: Path) -> dict[str, str]:
         got[name] = "\n".join(line for line in text.splitlines() if not line.startswith("daemon:"))
         got[name] = got[name].replace(str(out), "OUT")
         if name == "search json":  # the owner's engine thread runs torch on serve.threads: the last float32 bit
-            got[name] = json.dumps([{**h, "score": f"{h['score']:.4f}"} for h in json.loads(got[name])])
+            got[name] = json.dumps([{**h, "score": f"{h['score']:.4f}"} for h in json.loads(got[name])], sort_keys=True)
     return got
 
 

@@ -266,9 +266,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.export import import_file
-    from indexer.store.factory import open_store_from_settings
 
-    with open_store_from_settings(settings) as store:
+    with library_store(settings) as store:
         summary = import_file(store, args.file, optimize_after=settings.store.optimize_after)
         location = store.location
     if args.json:

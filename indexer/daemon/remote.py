@@ -1,7 +1,7 @@
 """`RemoteStore`: the embedded store as the CLI sees it while another process owns it.
 
-``indexer dedup``, ``cluster`` and ``export`` run here, in the command's process, exactly as without an owner (the
-same code, the same output, file actions as this user), over the owner's store primitives
+``indexer dedup``, ``cluster``, ``export`` and ``import`` run here, in the command's process, exactly as without
+an owner (the same code, the same output, file actions as this user), over the owner's store primitives
 (`indexer.api.control`, POST /control/store/...). Vectors travel as base64 float32; a scroll is paged through a
 cursor the owner keeps. Searching, the failure log and building indexes stay with the owner.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.daemon.client import OwnerClient
-from indexer.errors import StoreError
+from indexer.errors import ModelMismatchError, StoreError
 from indexer.records import Failure, Hit, SearchFilter, StoredPoint
 from indexer.settings import SEARCH_LIMIT
 from indexer.store.protocol import READ_BATCH, WRITE_BATCH, FailureRecord
@@ -59,8 +59,13 @@ class RemoteStore:
         return self._model
 
     def ensure_collection(self, model_id: str, dim: int) -> None:
-        if self._model is None or self._model != (model_id, dim):
-            raise StoreError(f"the store at {self.location} is owned by another process: index through it")
+        """The owner made the collection (with its model): a match passes, another model is refused."""
+        if self._model is None:
+            raise StoreError(
+                f"the store at {self.location} has no collection yet: `indexer index PATH` through its owner"
+            )
+        if self._model != (model_id, dim):
+            raise ModelMismatchError(self._model[0], model_id, f"at {self.location}")
 
     def upsert(self, points: Sequence[StoredPoint]) -> None:
         for batch in _batches(points, WRITE_BATCH):
