@@ -117,7 +117,10 @@ class Daemon:
             raise StoreBusyError(advert.parent, f"`indexer watch` or `indexer serve` owns it already, at {other}")
         from indexer.daemon.http import start_owner_app
 
-        self.listener = start_owner_app(self.settings, self.store, self.model, self, page=self.serve_page)
+        # torch's thread count is the process's: the app's engine thread must not set it (serve.threads) under
+        # the worker, whose batches use every core.
+        app_settings = self.settings.model_copy(update={"serve": self.settings.serve.model_copy(update={"threads": 0})})
+        self.listener = start_owner_app(app_settings, self.store, self.model, self, page=self.serve_page)
         early = advert is not None and (advert.parent / STORE_FILE).is_file()
         if early:
             self._advertise()
