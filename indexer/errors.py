@@ -7,9 +7,11 @@
     ├── StoreError                  the vector store failed                                   → HTTP 503
     │   ├── StoreBusyError          the embedded store is open in another process             → HTTP 503
     │   ├── StoreFullError          the embedded store's disk is below store.min_free_mb      → HTTP 503
+    │   ├── StoreOwnedError         another process owns the store and serves it (names where) → HTTP 503
     │   └── ModelMismatchError      the collection was made by another model                  → HTTP 409
     ├── DecodeError                 one file cannot be turned into pixels (carried per file)  → HTTP 422
     ├── UnknownImageError           a query names image ids the store does not hold          → HTTP 404
+    ├── UnknownJobError             no review or index job with this id (never started, or dropped) → HTTP 404
     ├── NotServableError            an indexed file the service will not send                 → HTTP 404
     ├── PayloadTooLargeError        a request body or an upload above its limit               → HTTP 413
     ├── ServiceBusyError            every upload-decode slot is taken (serve.max_decodes)     → HTTP 503 + Retry-After
@@ -24,8 +26,9 @@
 Private control flow stays where it is raised and caught: ``decode._Unusable`` (a file's reason, turned into a
 Failure) and ``cli.serve._Terminated`` (SIGTERM, turned into a clean exit).
 
-Exit codes (`exit_code_for`, used by `indexer.cli`): every IndexerError that stops a command exits 2; a run that
-finished with some failed files exits 1 (decided by the command, not here); Ctrl-C exits 130.
+Exit codes (the one home of them: `EXIT_OK`, `EXIT_FAILURES`, `EXIT_ERROR`, `EXIT_INTERRUPTED`; `exit_code_for`,
+used by `indexer.cli`): every IndexerError that stops a command exits 2; a run that finished with some failed files
+exits 1 (decided by the command, not here); Ctrl-C exits 130.
 
 HTTP (`http_status_for`, `error_body`, `error_from_body`): every HTTP surface (`indexer serve` and the watch
 daemon's control endpoint) answers an error with the body ``{"detail": message, "error": Kind, ...fields}``, where
@@ -95,6 +98,11 @@ class StoreBusyError(StoreError):
         self.path = path
 
 
+class StoreOwnedError(StoreError):
+    """The embedded store is owned by another process (`indexer watch`, `indexer serve`) that serves it; the
+    message says where."""
+
+
 class StoreFullError(StoreError):
     """The embedded store's filesystem has less free space than store.min_free_mb: nothing was written."""
 
@@ -133,6 +141,16 @@ class UnknownImageError(IndexerError):
         shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
         super().__init__(f"no indexed image with id {shown}")
         self.ids = list(ids)
+
+
+class UnknownJobError(IndexerError):
+    """No job with this id (never started, or dropped from memory)."""
+
+    FIELDS = ("job_id",)
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id}: it was never started or is no longer kept (start a new one)")
+        self.job_id = job_id
 
 
 class NotServableError(IndexerError):
@@ -182,11 +200,12 @@ class UnsupportedMediaError(AccessError):
 
 # --- one mapping to exit codes, one to HTTP statuses, one error body ------------------------------------------------
 
-EXIT_ERROR = 2
+EXIT_OK, EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Most specific first: the first matching class gives the status.
 HTTP_STATUS_FOR: tuple[tuple[type[IndexerError], int], ...] = (
     (UnknownImageError, 404),
+    (UnknownJobError, 404),
     (NotServableError, 404),
     (PayloadTooLargeError, 413),
     (ServiceBusyError, 503),

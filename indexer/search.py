@@ -20,18 +20,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from indexer.decode.image import Pixels, decode_file, load_image, preprocess
 from indexer.errors import ConfigError, DecodeError, ModelMismatchError, StoreError, UnknownImageError
-from indexer.model.clip import ClipModel
-from indexer.model.lazy import LazyModel
+from indexer.model.lazy import LazyModel  # torch-free: a search answered by the store's owner loads no torch here
 from indexer.records import DecodeLimits, Failure, Hit, PreprocessSpec, SearchFilter
 from indexer.settings import SEARCH_LIMIT, SEARCH_THRESHOLD
 from indexer.store.protocol import VectorStore
+
+if TYPE_CHECKING:
+    from indexer.model.clip import ClipModel
 
 log = logging.getLogger(__name__)
 

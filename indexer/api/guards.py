@@ -1,5 +1,5 @@
-"""ASGI middleware of the service: metrics and security headers, Host and key checks, body size; the API key
-and bind checks. The checks themselves are `indexer.api.httpcheck`'s, shared with the daemon's control endpoint."""
+"""ASGI middleware of the app (`indexer serve` and the watch daemon): metrics and security headers, Host and key
+checks, body size; the API key and bind checks. The checks themselves are `indexer.api.httpcheck`'s."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SETTING = "serve.max_upload_mb"
 PUBLIC_PATHS = frozenset({"/", "/static/app.js", "/static/style.css", "/healthz"})
-# Routes whose POST body is JSON: like the watch daemon's control endpoint, any other declared type is a 415
+# Routes whose POST body is JSON (these and every control route, /control/...): any other declared type is a 415
 # (a cross-origin page can post text/plain or a form without asking first).
 JSON_BODY_PATHS = frozenset({"/search"})
 SECURITY_HEADERS = [
@@ -106,7 +106,7 @@ class MetricsMiddleware:
 class AccessMiddleware:
     """Without a key: only loopback Host headers (DNS-rebinding guard). With a key: a bearer token on every
     route except the page, its static files and /healthz. The key is compared in constant time. A POST to a
-    JSON route must declare its body as JSON (415 otherwise), as on the daemon's control endpoint."""
+    JSON route (a control route included) must declare its body as JSON (415 otherwise)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -120,7 +120,9 @@ class AccessMiddleware:
         host = headers.get(b"host", b"").decode("latin-1")
         try:
             check_access(host, headers.get(b"authorization", b""), self.key, scope["path"] in PUBLIC_PATHS)
-            if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
+            if scope["method"] == "POST" and (
+                scope["path"] in JSON_BODY_PATHS or scope["path"].startswith("/control/")
+            ):
                 check_json(headers.get(b"content-type", b"").decode("latin-1"))
         except UnauthorizedError as exc:
             await _send_error(send, exc, [(b"www-authenticate", b'Bearer realm="indexer"')])

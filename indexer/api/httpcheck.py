@@ -1,9 +1,8 @@
 """The checks every HTTP surface makes before it reads a request: its Host, its key, its body's type and size.
 
-One implementation for `indexer serve` (ASGI middleware in `indexer.api.guards`) and the watch daemon's control
-endpoint (`indexer.daemon.control`, on http.server). Each check raises the IndexerError the surfaces answer with
-(`indexer.errors.body_for`), so both refuse the same requests with the same status and body. No web framework and
-no torch here: the daemon's control thread imports it.
+Used by the ASGI middleware of the one app (`indexer.api.guards`: `indexer serve` and the watch daemon alike) and
+by the control routes' own local-client check (`indexer.api.control`). Each check raises the IndexerError the app
+answers with (`indexer.errors.body_for`). No web framework and no torch here.
 """
 
 from __future__ import annotations

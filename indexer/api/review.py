@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.api.httpcheck import is_loopback
 from indexer.api.models import ErrorOut, FilterIn, to_filter
@@ -30,7 +29,6 @@ from indexer.library.jobs import (
     JobKind,
     Review,
     Selection,
-    UnknownJobError,
     stored_clusters,
 )
 
@@ -198,10 +196,7 @@ def add_review_routes(app: FastAPI, service: Service, api_key: str) -> Review:
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (404, 409, 422, 503)}
 
     def job(job_id: str, kind: JobKind) -> Job:
-        try:
-            return review.job(job_id, kind)
-        except UnknownJobError as exc:
-            raise StarletteHTTPException(404, str(exc)) from None
+        return review.job(job_id, kind)  # UnknownJobError: 404, by the error tree
 
     @app.post("/duplicates/scans", status_code=202, response_model=JobOut, responses=errors, summary="Find duplicates")
     async def start_scan(body: ScanIn) -> JobOut:

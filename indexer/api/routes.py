@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer import __version__
+from indexer.api.control import Owner, add_control_routes
 from indexer.api.guards import AccessMiddleware, BodyLimitMiddleware, MetricsMiddleware, resolve_api_key
 from indexer.api.models import (
     UUID_PATTERN,
@@ -83,10 +84,15 @@ def create_app(
     *,
     api_key: str | None = None,
     thumbnail_dir: Path | None = None,
+    owner: Owner | None = None,
+    page: bool = True,
 ) -> FastAPI:
     """The FastAPI app over an open store and a (lazy) model; the caller owns and closes both.
 
     api_key: None reads it from the settings (serve.api_key_file, serve.api_key); '' means no key.
+    owner: the process owning the store (`indexer watch`, `indexer serve`) adds the control routes and its health
+    and metrics. page: False leaves out the page, the search API, the files and the review routes (`indexer watch`
+    without --serve: /healthz, /metrics and the control routes only).
     """
     key = resolve_api_key(settings.serve) if api_key is None else api_key
     limits = decode_limits(settings, max_file_bytes=max_body_bytes(settings))
@@ -128,11 +134,15 @@ def create_app(
     )
     app.state.service = service
     _add_error_handlers(app)
-    _add_page_routes(app)
-    _add_search_routes(app, service)
-    _add_file_routes(app, service)
-    _add_ops_routes(app, service)
-    add_review_routes(app, service, key)
+    if page:
+        _add_page_routes(app)
+        _add_search_routes(app, service)
+        _add_file_routes(app, service)
+    _add_ops_routes(app, service, owner)
+    if page:
+        add_review_routes(app, service, key)
+    if owner is not None:
+        add_control_routes(app, service, owner)
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes(settings))
     app.add_middleware(AccessMiddleware, api_key=key)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: sees every answer
@@ -251,12 +261,16 @@ def _add_file_routes(app: FastAPI, service: Service) -> None:
         return FileResponse(path, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
 
 
-def _add_ops_routes(app: FastAPI, service: Service) -> None:
+def _add_ops_routes(app: FastAPI, service: Service, owner: Owner | None) -> None:
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorOut}}, summary="Liveness")
-    async def healthz() -> Health:
-        return Health(status="ok", images=await service.run(service.count), version=__version__)
+    async def healthz() -> Any:
+        if owner is None:
+            return Health(status="ok", images=await service.run(service.count), version=__version__)
+        status, fields = owner.health()  # answered while the store opens: the owner's own state, no store call
+        return JSONResponse({"version": __version__, **fields}, status_code=status)
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
     async def metrics() -> Response:
         service.metrics.images.set(await service.run(service.count))
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(service.metrics.registry) + (owner.metrics_text() if owner is not None else b"")
+        return Response(text, media_type=CONTENT_TYPE_LATEST)

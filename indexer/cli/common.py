@@ -8,11 +8,16 @@ import sys
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from indexer.errors import EXIT_ERROR, EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK
 from indexer.records import RunSummary
+from indexer.settings import Settings
 
-EXIT_OK, EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+if TYPE_CHECKING:
+    from indexer.store.protocol import VectorStore
+
+__all__ = ["EXIT_ERROR", "EXIT_FAILURES", "EXIT_INTERRUPTED", "EXIT_OK"]
 
 
 # Each CLI module declares its flags → settings once, as a FLAGS table (argparse dest → dotted setting);
@@ -132,3 +137,18 @@ class _Bar:
 def progress_bar(args: argparse.Namespace) -> AbstractContextManager[Any]:
     """A progress bar on a terminal; nothing when stderr is a pipe or a file."""
     return _Bar() if sys.stderr.isatty() else nullcontext(None)
+
+
+def library_store(settings: Settings, *, read_only: bool = False) -> VectorStore:
+    """The store a library command works on: while a process owns the embedded store (`indexer watch`,
+    `indexer serve`), that owner's, through its control routes; else the store, opened here."""
+    from indexer.daemon.client import owner_of
+
+    owner = owner_of(settings)
+    if owner is not None:
+        from indexer.daemon.remote import RemoteStore
+
+        return RemoteStore(owner)
+    from indexer.store.factory import open_store_from_settings
+
+    return open_store_from_settings(settings, read_only=read_only)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from indexer.cli.common import (
     EXIT_OK,
@@ -19,6 +19,9 @@ from indexer.cli.distributed import cmd_embed_ray, cmd_index_ray, ray_options
 from indexer.errors import ConfigError
 from indexer.records import SearchFilter
 from indexer.settings import SEARCH_LIMIT, Settings
+
+if TYPE_CHECKING:
+    from indexer.daemon.client import OwnerClient
 
 FLAGS: dict[str, str] = {}  # flag → setting, applied by main(): none here beyond the common ones
 
@@ -84,12 +87,21 @@ def _add_status(sub: Any) -> None:
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.ingest.pipeline import check_roots, run_index, store_from_settings
-    from indexer.model.lazy import LazyModel
+    from indexer.ingest.pipeline import check_roots
 
-    check_roots(args.paths)
+    roots = check_roots(args.paths)
     if args.ray:
         return cmd_index_ray(args, settings)
+    owner = _owner(settings)
+    if owner is not None:
+        from indexer.cli.owned import index_through
+
+        summary = index_through(owner, roots, args)
+        if summary is not None:
+            return report_summary(summary, args)
+    from indexer.ingest.pipeline import run_index, store_from_settings
+    from indexer.model.lazy import LazyModel
+
     model = LazyModel(settings.model)
     with store_from_settings(settings) as store, progress_bar(args) as progress:
         summary = run_index(args.paths, settings, store, model, progress, retry_failed=args.retry_failed)
@@ -129,11 +141,9 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         threshold=threshold,
         filter=_filter(args),
     )
-    url = _daemon_url(settings)
-    if url is not None:
-        from indexer.daemon.client import search_via_daemon
-
-        hits = search_via_daemon(url, settings, query)
+    owner = _owner(settings)
+    if owner is not None:
+        hits = owner.search(query)
     else:
         model = LazyModel(settings.model)
         towers = [t for t, used in (("text", query.texts or query.negative_texts), ("visual", query.images)) if used]
@@ -167,14 +177,12 @@ def _filter(args: argparse.Namespace) -> SearchFilter | None:
     return None if found.is_empty() else found
 
 
-def _daemon_url(settings: Settings) -> str | None:
-    """The control URL of a running `indexer watch` holding the embedded store, if any: search and status ask it
-    (the store opens in one process only, and a second opener disturbs the holder)."""
-    if settings.store.qdrant_url:
-        return None
-    from indexer.daemon.client import find_daemon
+def _owner(settings: Settings) -> OwnerClient | None:
+    """The running process owning the embedded store (`indexer watch`, `indexer serve`), if any: every command
+    asks it (the store opens in one process only, and a second opener disturbs the holder)."""
+    from indexer.daemon.client import owner_of
 
-    return find_daemon(settings.store.dir)
+    return owner_of(settings)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -184,10 +192,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     s = settings.store
     if not s.qdrant_url and not s.dir.exists():
         info: dict[str, Any] = missing_store_status(s.dir)
-    elif (url := _daemon_url(settings)) is not None:
-        from indexer.daemon.client import status_via_daemon
-
-        info = status_via_daemon(url, args.failures)
+    elif (owner := _owner(settings)) is not None:
+        info = owner.status(args.failures)
     else:
         with open_store_from_settings(settings, read_only=True) as store:
             info = store_status(store, args.failures)
@@ -195,6 +201,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not args.json and info.get("daemon"):
         daemon = info["daemon"]
         print(f"daemon:   pid {daemon['pid']} at {daemon['url']}, {daemon['phase']}, {daemon['queue']} waiting")
+    if not args.json and info.get("server"):
+        print(f"server:   pid {info['server']['pid']} at {info['server']['url']} (indexer serve)")
     return EXIT_OK
 
 

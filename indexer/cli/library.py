@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from indexer.atomicio import atomic_open
-from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options, plural, progress_bar
+from indexer.cli.common import EXIT_FAILURES, EXIT_OK, common_options, library_store, plural, progress_bar
 from indexer.errors import ConfigError
 from indexer.records import SearchFilter
 from indexer.settings import Settings
@@ -143,7 +143,6 @@ def _human_bytes(n: int) -> str:
 
 def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.dedup import PairPlan, find_duplicates, tier_threshold
-    from indexer.store.factory import open_store_from_settings
 
     threshold = tier_threshold(args.tier, settings.dedup, args.threshold)
     if args.yes and not args.delete:
@@ -153,7 +152,7 @@ def cmd_dedup(args: argparse.Namespace, settings: Settings) -> int:
     flt = _folder_filter(args.folder)
     args.move_to = _move_to(args.move_to, settings)
     acts = args.move_to is not None or args.delete
-    with open_store_from_settings(settings, read_only=not acts) as store:
+    with library_store(settings, read_only=not acts) as store:
         plan = PairPlan.from_settings(settings.dedup, exact=args.exact, device=args.device)
         report = find_duplicates(
             store, args.tier, threshold=threshold, filter=flt, block=settings.dedup.block_size, plan=plan
@@ -285,11 +284,10 @@ def _write_csv(report: DedupReport, path: Path) -> None:
 
 def cmd_cluster(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.cluster import cluster_store, resolve_k
-    from indexer.store.factory import open_store_from_settings
 
     k = resolve_k(args.k, args.auto, settings.cluster)
     _check_output(args.html, "--html")
-    with open_store_from_settings(settings) as store:
+    with library_store(settings) as store:
         report = cluster_store(store, settings.cluster, k=k)
     if args.html is not None:
         from indexer.library.report import cluster_page, write_page
@@ -315,10 +313,9 @@ def _print_clusters(report: ClusterReport, as_json: bool) -> None:
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.export import export_store
-    from indexer.store.factory import open_store_from_settings
 
     flt = _folder_filter(args.folder)
-    with open_store_from_settings(settings, read_only=True) as store:
+    with library_store(settings, read_only=True) as store:
         written = export_store(store, args.output, filter=flt)
     if args.json:
         print(json.dumps({"exported": written, "output": str(args.output)}))
@@ -329,9 +326,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.library.export import import_file
-    from indexer.store.factory import open_store_from_settings
 
-    with open_store_from_settings(settings) as store, progress_bar(args) as bar:
+    with library_store(settings) as store, progress_bar(args) as bar:
         summary = import_file(
             store, args.file, optimize_after=settings.store.optimize_after, on_rows=_advance(bar, "importing")
         )

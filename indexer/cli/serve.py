@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
 from indexer.cli.common import EXIT_OK, common_options, model_options
-from indexer.errors import ConfigError
+from indexer.errors import StoreOwnedError
 from indexer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,27 +43,33 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if not args.verbose:  # a long-running command: serve's log level comes from the settings
         logging.getLogger("indexer").setLevel(settings.log_level)
-    key = resolve_api_key(settings.serve)
-    check_bind(settings.serve.host, key)  # before anything slow: a refused address fails in a moment
-    _check_port_free(settings.serve.host, settings.serve.port)
-    return _run(settings, key)
+    check_bind(settings.serve.host, resolve_api_key(settings.serve))  # before anything slow: refused at once
+    _check_not_owned(settings)
+    return _run(settings)
 
 
 def _absolute(folder: str) -> str:
     return str(Path(folder).expanduser().absolute())
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """A taken address fails now, not after the model has loaded (uvicorn only finds out when it binds)."""
-    if port == 0:
+def _check_not_owned(settings: Settings) -> None:
+    """A store another process owns already (`indexer watch`, another `indexer serve`) is served by it: say where."""
+    if settings.store.qdrant_url:
         return
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-            probe.bind(address)
-    except OSError as exc:
-        raise ConfigError("serve.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    from indexer.daemon.client import advertised, find_daemon
+
+    url = find_daemon(settings.store.dir)
+    found = advertised(settings.store.dir) if url is not None else None
+    if found is None:
+        return
+    if found["page"]:
+        where = f"its page and API are at {url}/"
+    else:
+        where = "restart it with `indexer watch ... --serve` for the page and the API, on the same one port"
+    raise StoreOwnedError(
+        f"the store at {settings.store.dir} is owned by `indexer {found['kind']}` (pid {found['pid']}), which "
+        f"answers at {url}: {where}"
+    )
 
 
 class _Terminated(Exception):
@@ -74,26 +80,50 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _run(settings: Settings, key: str) -> int:
-    from indexer.api.routes import create_app
-    from indexer.api.server import build_server, limits_from
-    from indexer.ingest.pipeline import store_from_settings
-    from indexer.model.lazy import LazyModel
+class _ServeOwner:
+    """`indexer serve` as the owner of its store: index jobs, its health and its place in `indexer status`."""
 
-    model = LazyModel(settings.model)
-    with store_from_settings(settings) as store:
-        app = create_app(settings, store, model, api_key=key)
-        service = app.state.service
+    def __init__(self, settings: Settings, store: Any, model: Any, url: str) -> None:
+        from indexer.daemon.indexjobs import IndexJobs
+        from indexer.ingest.pipeline import run_index
+
+        self.url, self.store = url, store
+        self.jobs = IndexJobs(lambda paths, job: run_index(paths, settings, store, model, job))
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        images = self.store.count() if self.store.model_info() is not None else 0  # open before the app starts
+        return 200, {"status": "ok", "images": images, "pid": os.getpid()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"server": {"pid": os.getpid(), "url": self.url}}
+
+    def metrics_text(self) -> bytes:
+        return b""
+
+
+def _run(settings: Settings) -> int:
+    from indexer.daemon.client import ADVERT_FILE, advertise, remove_advert
+    from indexer.daemon.http import owner_listener, owner_socket
+    from indexer.daemon.sharedmodel import SharedModel
+    from indexer.ingest.pipeline import store_from_settings
+    from indexer.store.locked import LockedStore
+
+    sock = owner_socket(settings, page=True)  # before anything slow: a taken port fails in a moment
+    model = SharedModel(settings.model)
+    advert = None if settings.store.qdrant_url else settings.store.dir / ADVERT_FILE
+    with LockedStore(lambda: store_from_settings(settings)) as store:
+        owner = _ServeOwner(settings, store, model, "")
+        listener = owner_listener(settings, store, model, owner, page=True, sock=sock)
+        owner.url = listener.url
+        service = listener.app.state.service
         service.executor.submit(service.warm_up).result()  # on the engine thread, which runs every query
-        server = build_server(
-            app,
-            settings.serve.host,
-            settings.serve.port,
-            limits=limits_from(settings.serve),
-            log_level=settings.log_level,
-            access_log=settings.log_level == "DEBUG",
-        )
-        _serve_until_stopped(server)
+        if advert is not None:
+            advertise(advert, listener.url, [], kind="serve", page=True)
+        try:
+            _serve_until_stopped(listener)
+        finally:
+            if advert is not None:
+                remove_advert(advert)
     model.close()
     return EXIT_OK
 

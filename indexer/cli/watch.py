@@ -18,6 +18,8 @@ FLAGS = {  # flag → setting, applied by main()
     "max_wait": "watch.max_wait",
     "control_port": "watch.control_port",
     "json_logs": "watch.json_logs",
+    "host": "serve.host",
+    "port": "serve.port",
 }
 
 
@@ -28,7 +30,8 @@ def register(sub: Any) -> None:
         help="keep the store equal to folders: index new, changed, moved and deleted images as they happen",
         description=(
             "Reconcile the store with PATH... (as `indexer index` does), then follow filesystem events until "
-            "SIGTERM/SIGINT. `indexer search` and `indexer status` keep working: they ask the daemon."
+            "SIGTERM/SIGINT. The daemon owns the store: every other command (search, status, index, dedup, "
+            "cluster, export) asks it. With --serve it also serves the web page and the search API."
         ),
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="folders to watch (default: [watch] paths)")
@@ -40,6 +43,13 @@ def register(sub: Any) -> None:
         help="apply held mass deletions at start-up (a one-off: never put it in a service unit)",
     )
     p.add_argument("--control-port", type=int, metavar="PORT", help="port of /healthz, /metrics (default: any)")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="also serve the web page and the search API (serve.* settings; one port: serve.host:serve.port)",
+    )
+    p.add_argument("--host", help="with --serve: address to bind (default 127.0.0.1; any other needs an API key)")
+    p.add_argument("--port", type=int, help="with --serve: port (default 8000; 0: any free port)")
     p.add_argument("--json-logs", action="store_true", default=None, help="log one JSON object per line")
     common_options(p)
     model_options(p)
@@ -50,11 +60,15 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.sources.watch import check_watch_roots
 
     roots = check_watch_roots(args.paths or settings.watch.paths)  # before the heavy imports: usage errors are quick
+    if (args.host is not None or args.port is not None) and not args.serve:
+        from indexer.errors import ConfigError
+
+        raise ConfigError("--host/--port", "they choose where --serve serves the page: add --serve")
     setup_daemon_logging(settings, args.verbose)
 
-    from indexer.daemon.loop import Daemon
+    from indexer.daemon.lifecycle import Daemon
 
-    daemon = Daemon(settings, roots, confirm_deletes=args.confirm_deletes)
+    daemon = Daemon(settings, roots, confirm_deletes=args.confirm_deletes, serve=args.serve)
     daemon.install_signal_handlers()
     return daemon.run()
 

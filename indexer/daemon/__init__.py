@@ -1,14 +1,19 @@
-"""The watch daemon (`indexer watch`): keeps the store equal to the watched folders, forever, without losing a file.
+"""The watch daemon (`indexer watch`) and the owner of an embedded store: keeps the store equal to the watched
+folders, forever, without losing a file, and answers every other command through its one HTTP app.
 
 Never wipe on an outage: deletions apply only while their root is present and not empty, and a mass deletion is
-held until a later scan confirms it (`guard`). While the daemon holds the embedded store, ``indexer search`` and
-``indexer status`` ask it over its control endpoint (`control`, found through the advert file by `client`).
+held until a later scan confirms it (`guard`). While a process owns the embedded store (this daemon, or
+``indexer serve``), the CLI asks it instead of opening the store (`client`, found through the advert file).
 
-    loop       `Daemon`: threads, lifecycle, the worker's loop, roots coming and going; `Resources`
-    schedule   `Scheduler`: which scans are due when (typed: `Scan`, `ScanKind`)
-    guard      `DeletionGuard`: which deletions apply, which are held; root states
-    shared     `LockedStore`, `SharedModel`: the store and the model shared with the control server's threads
-    metrics    the Prometheus metrics
-    control    `ControlServer`: /healthz, /metrics, /status, /search, with the service's checks and error body
-    client     the CLI's side: the advert file, `find_daemon`, `ask_daemon`, `search_via_daemon`, the query codec
+    lifecycle    `Daemon`: start (HTTP app, advert, store, with retries for a brief holder), signals, stop
+    worker       `Worker`: the worker thread's loop (reconciliation, event batches, scans); `Resources`
+    roots        `Roots`: watched folders coming and going
+    schedule     `Scheduler`: which scans are due when (typed: `Scan`, `ScanKind`)
+    guard        `DeletionGuard`: which deletions apply, which are held; root states
+    sharedmodel  `SharedModel`: the model shared by the owner's threads (the store's is `indexer.store.locked`)
+    indexjobs    `IndexJobs`: ``indexer index PATH`` run by the owner
+    http         the owner's one app (`indexer.api.routes.create_app` + `indexer.api.control`), served
+    metrics      the Prometheus metrics
+    client       the CLI's side: the advert file, `owner_of`, `OwnerClient`, the query codec (no torch)
+    remote       `RemoteStore`: the store primitives through the owner, for dedup, cluster and export
 """

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from indexer.errors import ConfigError, IndexerError
+from indexer.errors import ConfigError, IndexerError, UnknownJobError
 from indexer.library.actions import Places, apply_plan, common_root, plan_actions
 from indexer.library.cluster import ClusterReport, cluster_store, resolve_k
 from indexer.library.dedup import DedupReport, Group, Tier, find_duplicates, rekeep, tier_threshold
@@ -115,14 +115,6 @@ class Selection:
     group: int
     keeper: str | None = None
     exclude: tuple[str, ...] = ()
-
-
-class UnknownJobError(IndexerError):
-    """No job with this id (never started, or dropped from memory)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job {job_id}: it was never started or is no longer kept (start a new scan)")
-        self.job_id = job_id
 
 
 class Review:

@@ -1,7 +1,7 @@
-"""The store and the model shared between the daemon's worker and its control server's threads.
+"""`LockedStore`: one open store shared by the threads of the process that owns it (the watch daemon's worker, the
+HTTP app's engine thread, an index job), every call under one lock; opened when the owner is ready for it.
 
-The model is not thread-safe and the store's failure log is plain Python: each is wrapped so that one caller at a
-time uses it.
+The store's failure log is plain Python and Qdrant Edge is one-caller-at-a-time: one caller at a time uses it.
 """
 
 from __future__ import annotations
@@ -16,32 +16,58 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import ModelMismatchError, StoreBusyError, StoreError, StoreFullError
-from indexer.model.clip import ClipModel
-from indexer.model.lazy import LazyModel
 from indexer.records import Failure, Hit, SearchFilter, StoredPoint
-from indexer.settings import SEARCH_LIMIT, ModelSettings
+from indexer.settings import SEARCH_LIMIT
 from indexer.store.protocol import FailureRecord, VectorStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+OPEN_WAIT = 60.0  # seconds a call made before the store is open waits for it
+
 
 class LockedStore:
-    """A VectorStore shared by the worker and the control server: every call holds one lock.
+    """A VectorStore shared by the owner's threads: every call holds one lock.
+
+    ``opened=False`` defers opening to `open()`: the owner's HTTP app can start (and its advert go out) first, and
+    a call made meanwhile waits for the store (up to OPEN_WAIT seconds, then a StoreError saying so).
 
     An unexpected store failure closes the store, opens it again and retries the call once: Qdrant Edge (beta) can
     leave its holder's payload storage unflushable when another process tries to open the same directory, and
-    reopening (WAL replay) recovers it. The daemon runs forever; it must survive a stray ``indexer index``.
+    reopening (WAL replay) recovers it. The daemon runs forever; it must survive a stray opener.
     """
 
-    def __init__(self, open_store: Callable[[], VectorStore]) -> None:
+    def __init__(self, open_store: Callable[[], VectorStore], *, location: str = "", opened: bool = True) -> None:
         self._open_store = open_store
-        self.inner = open_store()
-        self.location = self.inner.location
         self.lock = threading.RLock()
         self.reopened = 0
+        self._ready = threading.Event()
+        self._inner: VectorStore | None = None
+        self.location = location
+        if opened:
+            self.open()
+
+    def open(self) -> None:
+        """Open the store (raises what opening raises, e.g. StoreBusyError: the caller may retry)."""
+        with self.lock:
+            self._inner = self._open_store()
+            self.location = self._inner.location
+        self._ready.set()
+
+    @property
+    def inner(self) -> VectorStore:
+        if not self._ready.wait(OPEN_WAIT) or self._inner is None:
+            raise StoreError("the store is still being opened by its owner: try again in a moment")
+        return self._inner
+
+    @property
+    def damage(self) -> str | None:
+        """What the store found damaged when it opened (`indexer status` shows it), if the backend says."""
+        found: str | None = getattr(self._inner, "damage", None)
+        return found
 
     def _call(self, call: Callable[[VectorStore], T]) -> T:
+        self.inner  # noqa: B018 (waits until the store is open)
         with self.lock:
             try:
                 return call(self.inner)
@@ -57,7 +83,7 @@ class LockedStore:
             self.inner.close()
         except Exception:  # it is broken already: what matters is the fresh one
             log.debug("closing the failed store raised", exc_info=True)
-        self.inner = self._open_store()
+        self._inner = self._open_store()
         self.reopened += 1
 
     def model_info(self) -> tuple[str, int] | None:
@@ -81,8 +107,9 @@ class LockedStore:
     def scroll(
         self, *, filter: SearchFilter | None = None, with_vectors: bool = False, batch_size: int = 1000
     ) -> Iterator[StoredPoint]:
+        inner = self.inner
         with self.lock:
-            points = self.inner.scroll(filter=filter, with_vectors=with_vectors, batch_size=batch_size)
+            points = inner.scroll(filter=filter, with_vectors=with_vectors, batch_size=batch_size)
         while True:  # the lock is held per point, never across the caller's work
             with self.lock:
                 point = next(points, None)
@@ -127,7 +154,8 @@ class LockedStore:
 
     def close(self) -> None:
         with self.lock:
-            self.inner.close()
+            if self._inner is not None:
+                self._inner.close()
 
     def __enter__(self) -> Self:
         return self
@@ -136,39 +164,3 @@ class LockedStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-class _LockedClip(ClipModel):
-    """The same loaded model, its encode calls serialised by a lock (ClipModel is one-caller-at-a-time)."""
-
-    def __init__(self, inner: ClipModel, lock: threading.RLock) -> None:
-        self.__dict__.update(inner.__dict__)
-        self._lock = lock
-
-    def encode_pixels(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        with self._lock:
-            return super().encode_pixels(pixels)
-
-    def encode_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        with self._lock:
-            return super().encode_texts(texts)
-
-
-class SharedModel(LazyModel):
-    """A LazyModel safe to share between the worker and the control server: loads once, encodes one at a time."""
-
-    def __init__(self, settings: ModelSettings) -> None:
-        super().__init__(settings)
-        self.lock = threading.RLock()
-        self._shared: ClipModel | None = None
-
-    def get(self) -> ClipModel:
-        with self.lock:
-            if self._shared is None:
-                self._shared = _LockedClip(super().get(), self.lock)
-            return self._shared
-
-    def close(self) -> None:
-        with self.lock:
-            self._shared = None
-            super().close()

@@ -1,0 +1,59 @@
+"""`indexer index PATH` through the process that owns the store: the owner queues the work, this command shows its
+progress and prints its summary, as the command run here would. Should the owner stop during the job (kill -9
+included), what it stored is kept and the command goes on here (None: index here)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from indexer.cli.common import progress_bar
+from indexer.daemon.client import OwnerClient, OwnerGoneError, find_daemon
+from indexer.errors import error_from_body
+from indexer.records import Failure, RunSummary
+
+log = logging.getLogger(__name__)
+
+POLL = 0.2  # seconds between looks at the job
+
+
+def index_through(owner: OwnerClient, roots: Sequence[Path], args: argparse.Namespace) -> RunSummary | None:
+    """Run ``index ROOTS`` as a job of the owner and wait for it; None when the owner went away meanwhile."""
+    paths = [str(Path(r).expanduser().absolute()) for r in roots]
+    try:
+        job = owner.ask("POST", "/index", {"paths": paths})
+        with progress_bar(args) as progress:
+            job = _wait(owner, job, progress)
+    except OwnerGoneError as exc:
+        if find_daemon(owner.settings.store.dir) is not None:
+            raise
+        log.warning("%s: it is gone, so indexing goes on here (what it stored is kept)", exc)
+        return None
+    if job["state"] == "failed":
+        raise error_from_body(job["error"], "the owner's index job failed")
+    return _summary(job["summary"])
+
+
+def _wait(owner: OwnerClient, job: dict[str, Any], progress: Any) -> dict[str, Any]:
+    shown, phase = 0, ""
+    while job["state"] in ("queued", "running"):
+        time.sleep(POLL)
+        job = owner.ask("GET", f"/index/{job['id']}", timeout=60)
+        if progress is not None and job["state"] == "running" and job["total"]:
+            if job["phase"] != phase:
+                phase, shown = job["phase"], 0
+                progress.close()
+                progress.start(job["total"], phase)
+            progress.advance(job["done"] - shown)
+            shown = job["done"]
+    return job
+
+
+def _summary(raw: dict[str, Any]) -> RunSummary:
+    failures = [Failure(Path(f["path"]), f["reason"]) for f in raw["failures"]]
+    counts = {k: int(raw[k]) for k in ("indexed", "unchanged", "moved", "removed", "failed")}
+    return RunSummary(**counts, failures=failures, interrupted=bool(raw["interrupted"]))

@@ -1,0 +1,148 @@
+"""`RemoteStore`: the embedded store as the CLI sees it while another process owns it.
+
+``indexer dedup``, ``cluster``, ``export`` and ``import`` run here, in the command's process, exactly as without
+an owner (the same code, the same output, file actions as this user), over the owner's store primitives
+(`indexer.api.control`, POST /control/store/...). Vectors travel as base64 float32; a scroll is paged through a
+cursor the owner keeps. Searching, the failure log and building indexes stay with the owner.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from indexer.daemon.client import OwnerClient
+from indexer.errors import ModelMismatchError, StoreError
+from indexer.records import Failure, Hit, SearchFilter, StoredPoint
+from indexer.settings import SEARCH_LIMIT
+from indexer.store.protocol import READ_BATCH, WRITE_BATCH, FailureRecord
+
+
+def _filter(flt: SearchFilter | None) -> dict[str, Any] | None:
+    if flt is None:
+        return None
+    return {f.name: (list(v) if isinstance(v := getattr(flt, f.name), tuple) else v) for f in dataclasses.fields(flt)}
+
+
+def _point(raw: dict[str, Any]) -> StoredPoint:
+    vector = raw.get("vector")
+    array = None if vector is None else np.frombuffer(base64.b64decode(vector), dtype="<f4").astype(np.float32)
+    return StoredPoint(raw["id"], raw["payload"], array)
+
+
+def _wire(point: StoredPoint) -> dict[str, Any]:
+    vector = None if point.vector is None else base64.b64encode(point.vector.astype("<f4").tobytes()).decode()
+    return {"id": point.id, "payload": point.payload, "vector": vector}
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+class RemoteStore:
+    """A VectorStore answered by the store's owner (the reads and writes the library commands make)."""
+
+    def __init__(self, owner: OwnerClient) -> None:
+        self.owner = owner
+        info = owner.ask("GET", "/store")
+        self.location: str = info["location"]
+        self._model: tuple[str, int] | None = (info["model"], int(info["dim"])) if info["model"] else None
+
+    def model_info(self) -> tuple[str, int] | None:
+        return self._model
+
+    def ensure_collection(self, model_id: str, dim: int) -> None:
+        """The owner made the collection (with its model): a match passes, another model is refused."""
+        if self._model is None:
+            raise StoreError(
+                f"the store at {self.location} has no collection yet: `indexer index PATH` through its owner"
+            )
+        if self._model != (model_id, dim):
+            raise ModelMismatchError(self._model[0], model_id, f"at {self.location}")
+
+    def upsert(self, points: Sequence[StoredPoint]) -> None:
+        for batch in _batches(points, WRITE_BATCH):
+            self.owner.ask("POST", "/store/upsert", {"points": [_wire(p) for p in batch]})
+
+    def delete(self, ids: Sequence[str]) -> None:
+        for batch in _batches(ids, WRITE_BATCH):
+            self.owner.ask("POST", "/store/delete", {"ids": batch})
+
+    def set_payload(self, ids: Sequence[str], payload: dict[str, Any]) -> None:
+        for batch in _batches(ids, WRITE_BATCH):
+            self.owner.ask("POST", "/store/set_payload", {"ids": batch, "payload": payload})
+
+    def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[StoredPoint]:
+        found: list[StoredPoint] = []
+        for batch in _batches(ids, READ_BATCH):
+            answer = self.owner.ask("POST", "/store/retrieve", {"ids": batch, "with_vectors": with_vectors})
+            found.extend(_point(p) for p in answer["points"])
+        return found
+
+    def scroll(
+        self, *, filter: SearchFilter | None = None, with_vectors: bool = False, batch_size: int = 1000
+    ) -> Iterator[StoredPoint]:
+        body: dict[str, Any] = {"filter": _filter(filter), "with_vectors": with_vectors, "batch_size": batch_size}
+        while True:
+            answer = self.owner.ask("POST", "/store/scroll", body)
+            yield from (_point(p) for p in answer["points"])
+            if answer["cursor"] is None:
+                return
+            body = {"cursor": answer["cursor"], "batch_size": batch_size}
+
+    def query(
+        self,
+        vector: npt.NDArray[np.float32],
+        *,
+        limit: int = SEARCH_LIMIT,
+        offset: int = 0,
+        threshold: float | None = None,
+        filter: SearchFilter | None = None,
+    ) -> list[Hit]:
+        raise StoreError("a search through the store's owner goes through `indexer search`")
+
+    def count(self, filter: SearchFilter | None = None) -> int:
+        return int(self.owner.ask("POST", "/store/count", {"filter": _filter(filter)}))
+
+    def find_by_sha256(self, sha256s: Sequence[str], with_vectors: bool = False) -> list[StoredPoint]:
+        found: list[StoredPoint] = []
+        for batch in _batches(sha256s, READ_BATCH):
+            answer = self.owner.ask("POST", "/store/find_by_sha256", {"sha256s": batch, "with_vectors": with_vectors})
+            found.extend(_point(p) for p in answer["points"])
+        return found
+
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        raise StoreError("the failure log is kept by the store's owner")
+
+    def clear_failures(self, paths: Sequence[str]) -> None:
+        raise StoreError("the failure log is kept by the store's owner")
+
+    def failures(self, limit: int = 20) -> list[FailureRecord]:
+        return [FailureRecord(f["path"], f["reason"], f["at"]) for f in self.owner.status(limit)["failures"]]
+
+    def failure_count(self) -> int:
+        return int(self.owner.status(0)["failed"])
+
+    def optimize(self) -> None:
+        """The owner builds its indexes itself."""
+
+    def flush(self) -> None:
+        self.owner.ask("POST", "/store/flush")
+
+    def close(self) -> None:
+        """Nothing to release: the owner keeps the store."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
