@@ -7,13 +7,16 @@ process's CPU time per image (time.process_time: every thread of the main proces
 threads — but not the decode worker processes) and, for `index`, the seconds spent in the store's optimize. Then the
 ratio index/embed of the rates. A second `index` of the same files (nothing changed) is timed as well.
 
-    python -m bench.bench_index [--count 800] [--workers 2] [--repeat 2] [--batch 64]
+    python -m bench.bench_index [--count 800] [--workers 2] [--repeat 2] [--batch 64] [--old TREE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +51,10 @@ class NoOpModel:
 
 
 class OptimizeClock:
-    """Times the store's optimize() calls (wraps the method on the class, restored on exit)."""
+    """Times the store's index upkeep at the end of a run: optimize() and, where the store has it,
+    ensure_payload_indexes() (methods wrapped on the class, restored on exit)."""
+
+    NAMES = ("optimize", "ensure_payload_indexes")
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -56,31 +62,41 @@ class OptimizeClock:
     def __enter__(self) -> OptimizeClock:
         from indexer.store.edge_store import EdgeStore
 
-        self._cls, self._real = EdgeStore, EdgeStore.optimize
-        real, clock = self._real, self
+        self._cls = EdgeStore
+        self._real = {name: getattr(EdgeStore, name) for name in self.NAMES if hasattr(EdgeStore, name)}
+        for name, real in self._real.items():
+            setattr(EdgeStore, name, self._timed(real))
+        return self
 
+    def _timed(self, real: Any) -> Any:
         def timed(store: Any) -> None:
             start = time.perf_counter()
             real(store)
-            clock.seconds += time.perf_counter() - start
+            self.seconds += time.perf_counter() - start
 
-        EdgeStore.optimize = timed  # type: ignore[method-assign]
-        return self
+        return timed
 
     def __exit__(self, *exc: object) -> None:
-        self._cls.optimize = self._real  # type: ignore[method-assign]
+        for name, real in self._real.items():
+            setattr(self._cls, name, real)
+
+
+OPTIMIZE_AFTER = 100  # so that a run of the small set already brings the store's indexes up to date
 
 
 def settings_for(store_dir: Path, workers: int, batch: int) -> Any:
     from indexer.settings import load_settings
 
-    overrides = {"store": {"dir": store_dir}, "decode": {"workers": workers, "gpu": "off"}}
+    overrides = {
+        "store": {"dir": store_dir, "optimize_after": OPTIMIZE_AFTER},
+        "decode": {"workers": workers, "gpu": "off"},
+    }
     overrides["model"] = {"name": str(TINY_MODEL / "config.json"), "device": "cpu", "batch_size": batch}
     return load_settings(None, overrides)
 
 
 def timed_index(folder: Path, workers: int, batch: int, again: bool) -> tuple[float, float, float, int]:
-    """(images/s, main CPU ms/image, optimize s, images) of `run_index` into a fresh store (``again``: the second
+    """(images/s, main CPU ms/image, index upkeep s, images) of `run_index` into a fresh store (``again``: the second
     run over an unchanged tree is the one timed)."""
     from indexer.ingest.pipeline import run_index
     from indexer.store.factory import open_store_from_settings
@@ -130,39 +146,67 @@ def folder_of(count: int) -> Path:
     return folder
 
 
+def one(kind: str, count: int, workers: int, batch: int) -> dict[str, float]:
+    """One measurement in this process, after a warm-up run of the same kind on 16 images (imports done)."""
+    run = {"embed": lambda f: (*timed_embed(f, workers, batch)[:2], 0.0),
+           "index": lambda f: timed_index(f, workers, batch, again=False)[:3],
+           "index, unchanged": lambda f: timed_index(f, workers, batch, again=True)[:3]}[kind]  # fmt: skip
+    run(folder_of(16))
+    rate, cpu, opt = run(folder_of(count))
+    return {"rate": rate, "cpu": cpu, "optimize": opt}
+
+
+def measure(tree: Path, kind: str, count: int, args: argparse.Namespace) -> dict[str, float]:
+    """`one` in a fresh process with the code of ``tree``."""
+    cmd = [sys.executable, "-m", "bench.bench_index", "--one", kind, "--count", str(count),
+           "--workers", str(args.workers), "--batch", str(args.batch)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=800, help="VGA JPEGs (a quarter of them are run too)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is shown")
+    parser.add_argument("--old", type=Path, help="another tree to run side by side (PYTHONPATH selects the code)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.count, args.workers, args.batch)))
+        return
     small, large = args.count // 4, args.count
-    folders = {n: folder_of(n) for n in (small, large)}
-    best: dict[tuple[str, int], list[float]] = {}
-
-    def keep(name: str, n: int, rate: float, cpu: float, extra: float = 0.0) -> None:
-        old = best.get((name, n), [0.0, float("inf"), float("inf")])
-        best[name, n] = [max(rate, old[0]), min(cpu, old[1]), min(extra, old[2])]
-
-    for _ in range(args.repeat):
-        for n, folder in folders.items():
-            rate, cpu, _ = timed_embed(folder, args.workers, args.batch)
-            keep("embed", n, rate, cpu)
-            rate, cpu, opt, _ = timed_index(folder, args.workers, args.batch, again=False)
-            keep("index", n, rate, cpu, opt)
-            rate, cpu, opt, _ = timed_index(folder, args.workers, args.batch, again=True)
-            keep("index, unchanged", n, rate, cpu, opt)
-    print(f"VGA JPEGs, no-op model, {args.workers} decode workers ({os.cpu_count()} CPUs), batch {args.batch}, "
-          f"best of {args.repeat}; main CPU per image: of the whole run, and the marginal cost (the slope between "
+    trees = {"new": ROOT, **({"old": args.old} if args.old else {})}
+    kinds = ("embed", "index", "index, unchanged")
+    best: dict[tuple[str, str, int], dict[str, float]] = {}
+    for _ in range(args.repeat):  # interleaved: a burst of load elsewhere hits every variant alike
+        for n in (small, large):
+            for kind in kinds:
+                for tree_name, tree in trees.items():
+                    got, old = measure(tree, kind, n, args), best.get((tree_name, kind, n))
+                    if old is not None:
+                        got = {"rate": max(got["rate"], old["rate"]), "cpu": min(got["cpu"], old["cpu"]),
+                               "optimize": min(got["optimize"], old["optimize"])}  # fmt: skip
+                    best[tree_name, kind, n] = got
+    print(f"VGA JPEGs, no-op model (768-d), {args.workers} decode workers ({os.cpu_count()} CPUs), batch "
+          f"{args.batch}, store.optimize_after {OPTIMIZE_AFTER}, best of {args.repeat}, each run in a fresh process "
+          f"after a warm-up; main CPU per image: of the whole run, and the marginal cost (the slope between "
           f"{small} and {large} images: the run's fixed costs left out)")  # fmt: skip
-    print(f"{'run':18} {'images':>6} {'images/s':>9} {'main CPU ms/img':>16} {'marginal':>9} {'optimize s':>11}")
-    for (name, n), (rate, cpu, opt) in best.items():
-        slope = (best[name, large][1] * large - best[name, small][1] * small) / (large - small)
-        marginal = f"{slope:9.3f}" if n == large else " " * 9
-        print(f"{name:18} {n:>6} {rate:>9.1f} {cpu:>16.3f} {marginal} {opt if name != 'embed' else 0:>11.3f}")
-    for n in (small, large):
-        print(f"index / embed, {n} images: {best['index', n][0] / best['embed', n][0]:.2f}x")
+    head = f"{'tree':5} {'run':17} {'images':>6} {'images/s':>9} {'main CPU ms/img':>16}"
+    print(f"{head} {'marginal':>9} {'upkeep s':>11}")
+    for tree_name in trees:
+        for kind in kinds:
+            for n in (small, large):
+                got = best[tree_name, kind, n]
+                slope = best[tree_name, kind, large]["cpu"] * large - best[tree_name, kind, small]["cpu"] * small
+                marginal = f"{slope / (large - small):9.3f}" if n == large else " " * 9
+                print(f"{tree_name:5} {kind:17} {n:>6} {got['rate']:>9.1f} {got['cpu']:>16.3f} {marginal} "
+                      f"{got['optimize']:>11.3f}")  # fmt: skip
+        for n in (small, large):
+            ratio = best[tree_name, "index", n]["rate"] / best[tree_name, "embed", n]["rate"]
+            print(f"{tree_name:5} index / embed, {n} images: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from indexer.model.lazy import LazyModel
 from indexer.records import Failure, RunSummary, SearchFilter, StoredPoint, point_id
 from indexer.settings import Settings
 from indexer.sources.shards import SHARD_PENDING
-from indexer.store.payload import payload_for
+from indexer.store.payload import FolderFields, payload_for
 from indexer.store.protocol import VectorStore
 from indexer.store.server import QdrantServerStore
 
@@ -206,13 +206,14 @@ class PartSink:
 
     def __init__(self, out_dir: Path, store: VectorStore | None, shard_columns: bool) -> None:
         self.out_dir, self.store, self.shard_columns = out_dir, store, shard_columns
+        self._folders = FolderFields()
 
     def write(self, batch: PartBatch) -> None:
         target, dim = self.out_dir / batch.part.file_name(), batch.vectors.shape[1]
         if self.store is None:
             write_embedding_part(batch.metas, batch.vectors, target, dim, batch.model_id, self.shard_columns)
             return
-        points = _points(batch)
+        points = _points(batch, self._folders)
         self.store.upsert(points)
         self.store.clear_failures([p.path for p in points])
         export_points(points, target, dim, batch.model_id)
@@ -221,13 +222,13 @@ class PartSink:
         return failure
 
 
-def _points(batch: PartBatch) -> list[StoredPoint]:
+def _points(batch: PartBatch, folders: FolderFields) -> list[StoredPoint]:
     now = time.time()
     # A part of a shard is not the whole shard: its points must not make the shard look unchanged.
     part = batch.part
     pending = {"shard_mtime_ns": SHARD_PENDING} if part.kind == "shard" and not part.whole_shard else {}
     return [
-        StoredPoint(point_id(meta.path), {**payload_for(meta, batch.model_id, now), **pending}, vector.copy())
+        StoredPoint(point_id(meta.path), {**payload_for(meta, batch.model_id, now, folders), **pending}, vector.copy())
         for meta, vector in zip(batch.metas, batch.vectors, strict=True)
     ]
 

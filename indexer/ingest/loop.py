@@ -35,6 +35,8 @@ B_contra = TypeVar("B_contra", bound=EmbeddedBatch, contravariant=True)
 
 Stop = Callable[[], bool]
 
+WRITE_QUEUE = 16  # embedded batches waiting for the sink
+
 
 def never() -> bool:
     """A `Stop` that never stops."""
@@ -134,8 +136,10 @@ def drain(
     on_batch: Callable[[B], None] | None = None,
 ) -> None:
     """Hand every embedded batch and failure to ``sink`` through the background writer (writes overlap the next
-    batch; during the loop the sink belongs to the writer thread)."""
-    with BackgroundWriter() as writer:
+    batch; during the loop the sink belongs to the writer thread). The queue holds up to `WRITE_QUEUE` batches:
+    vectors and metadata only (256 × 768-d: under 1 MB each), enough to keep decoding and embedding while the
+    sink stalls for a second (the store's payload indexes made at the first write)."""
+    with BackgroundWriter(depth=WRITE_QUEUE) as writer:
         for item in items:
             writer.submit(functools.partial(_take, item, sink, summary, progress, on_batch))
             if stop():

@@ -182,7 +182,7 @@ class Indexer:
             for old, entry in find_moves(plan):
                 move_point(self.store, old, entry)
                 summary.moved += 1
-            self._embed(plan, summary, stop, on_batch)
+            self._embed(plan, summary, stop, on_batch, index_payload=optimize)
             if remove:
                 self.remove(list(plan.gone.values()), summary)
                 plan.gone = {}
@@ -205,14 +205,16 @@ class Indexer:
                 to_embed.append(entry)
         return to_embed
 
-    def _embed(self, plan: Plan, summary: RunSummary, stop: Stop, on_batch: OnBatch | None) -> None:
+    def _embed(
+        self, plan: Plan, summary: RunSummary, stop: Stop, on_batch: OnBatch | None, *, index_payload: bool = False
+    ) -> None:
         """The plan's files through the ingest loop into the store; ``stop()`` is asked after every batch (what is
         left is not lost: it is still on disk for the next scan)."""
         if not plan.to_embed:
             return
         self.progress.start(len(plan.to_embed), "embedding")
         source = FileSource(plan.to_embed, self.decoders().for_files(len(plan.to_embed)))
-        sink = StoreSink(self.store, self.model.model_id, plan)
+        sink = StoreSink(self.store, self.model.model_id, plan, index_payload=index_payload)
         run_loop(source, self.model, sink, summary, self.progress, stop=stop, on_batch=on_batch)
 
     def decoders(self) -> Decoders:

@@ -27,17 +27,25 @@ log = logging.getLogger(__name__)
 
 class StoreSink:
     """Upserts each batch into the store (payload built here, folders resolved once per run) and clears the
-    failure log's entries of the files stored. A file that fails and was stored before (it changed into something
-    unreadable) loses its stale vector; its failure carries the size and mtime it was planned with, so that the
-    next run knows it unchanged."""
+    failure log's entries of the files stored; with ``index_payload``, first makes the payload indexes the store
+    lacks (an `indexer index` run: a no-op once they exist). A file that fails and was stored before (it changed
+    into something unreadable) loses its stale vector; its failure carries the size and mtime it was planned with,
+    so that the next run knows it unchanged."""
 
-    def __init__(self, store: VectorStore, model_id: str, plan: Plan | None = None) -> None:
+    def __init__(
+        self, store: VectorStore, model_id: str, plan: Plan | None = None, *, index_payload: bool = False
+    ) -> None:
         self.store, self.model_id = store, model_id
         self._plan = plan or Plan()
         self._entries: dict[str, FileEntry] | None = None  # by path, made at the first failure
         self._folders = FolderFields()
+        self._index_payload = index_payload
 
     def write(self, batch: EmbeddedBatch) -> None:
+        if self._index_payload:  # before the first upsert: the indexes then grow with the points, while the
+            self._index_payload = False  # next batches decode (made after 8,000 points: 4.3 s; empty: 2.1 s)
+            if (ensure := getattr(self.store, "ensure_payload_indexes", None)) is not None:
+                ensure()
         self.store.upsert(self.points(batch))
         self.store.clear_failures([str(m.path) for m in batch.metas])
 
