@@ -108,7 +108,8 @@ def model_only(model: Any, batch: int, size: int, iters: int) -> float:
 def in_process(folder: Path, args: argparse.Namespace, model_cfg: dict[str, Any], model: Any) -> dict[str, float]:
     """`embed` and `index` with decode.gpu auto and off, per-stage figures; returns the images/s of each run."""
     from bench.gpu_stages import Stages
-    from indexer.ingest.pipeline import run_embed, run_index, store_from_settings
+    from indexer.ingest.pipeline import run_embed, run_index
+    from indexer.store.factory import open_store_from_settings
 
     count = len(list(folder.glob("*.jpg")))
     rates: dict[str, float] = {}
@@ -121,7 +122,7 @@ def in_process(folder: Path, args: argparse.Namespace, model_cfg: dict[str, Any]
                     if what == "embed":
                         summary = run_embed([folder], Path(tmp) / "out.parquet", settings, model)
                     else:
-                        with store_from_settings(settings) as store:
+                        with open_store_from_settings(settings) as store:
                             summary = run_index([folder], settings, store, model)
                     wall = time.perf_counter() - start
                 n = summary.indexed

@@ -33,6 +33,12 @@ def default_store_dir() -> Path:
     return Path(base) / "indexer" / "store"
 
 
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/indexer`` (``~/.cache/indexer`` when unset): where the facts remembered between runs live
+    (open_clip configs, weights hashes, resolved models, the CPU dtype, thumbnails of a server store)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "indexer"
+
+
 class _Section(BaseModel):
     # No inf/nan anywhere: every number here is a size, a count or a time that must be finite.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.ingest.pipeline import store_from_settings
 from indexer.library.export import paths_line
 from indexer.records import NOT_UTF8, POINT_NAMESPACE, Failure, display_path, name_problem, point_id
 from indexer.sources.scan import scan
+from indexer.store.factory import open_store_from_settings
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import draw_shape, write_dataset
 from tests.support.clirun import INDEXER, MODEL, run
@@ -102,7 +102,7 @@ def kill_trial(proc: subprocess.Popen[bytes], mark: str) -> int:
 def store_vs_disk(store: Path, root: Path) -> dict[str, int]:
     """Files on disk against points stored: how many are lost (on disk, not stored) and duplicated."""
     on_disk = {str(p) for p in root.rglob("*.png")}
-    with store_from_settings(shapes_settings(store)) as opened:
+    with open_store_from_settings(shapes_settings(store)) as opened:
         paths = [p.path for p in opened.scroll()]
     return {
         "files": len(on_disk),
@@ -198,7 +198,7 @@ def test_hostile_names_are_indexed_and_the_bad_ones_skipped_with_a_reason(
     }
     for name, reason in skipped.items():
         assert f"skipping {root}/{name}: {reason}" in proc.stderr
-    with store_from_settings(shapes_settings(store)) as opened:
+    with open_store_from_settings(shapes_settings(store)) as opened:
         stored = {p.path for p in opened.scroll()}
         failures = {f.path: f.reason for f in opened.failures(limit=100)}
     assert stored == {str(root / name) for name in GOOD_NAMES}
@@ -230,7 +230,7 @@ def test_export_and_import_carry_the_hostile_names(
     out = tmp_path / "export.parquet"
     run("export", "--output", str(out), "--store", str(store))
     run("import", str(out), "--store", str(tmp_path / "copy"))
-    with store_from_settings(shapes_settings(tmp_path / "copy")) as opened:
+    with open_store_from_settings(shapes_settings(tmp_path / "copy")) as opened:
         assert {p.path for p in opened.scroll()} == {str(root / name) for name in GOOD_NAMES}
 
 

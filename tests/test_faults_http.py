@@ -32,10 +32,11 @@ from PIL import Image
 
 from indexer.api.routes import create_app
 from indexer.daemon.client import advertised
-from indexer.ingest.pipeline import run_index, store_from_settings
+from indexer.ingest.pipeline import run_index
 from indexer.model.lazy import LazyModel
 from indexer.records import point_id
 from indexer.settings import Settings
+from indexer.store.factory import open_store_from_settings
 from indexer.store.protocol import VectorStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
@@ -50,7 +51,7 @@ def _indexed(tmp_path: Path, roots: list[Path], **serve_options: Any) -> tuple[S
     options = {"roots": [], "thumbnail_dir": str(tmp_path / "th"), **serve_options}
     settings = shapes_settings(tmp_path / "store", serve=options)
     model = LazyModel(settings.model)
-    store = store_from_settings(settings)
+    store = open_store_from_settings(settings)
     run_index(roots, settings, store, model)
     return settings, store, model
 
@@ -211,7 +212,7 @@ def surfaces(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tup
     )
     settings = shapes_settings(base / "serve-store", serve={"roots": [str(photos)]})
     model = LazyModel(settings.model)
-    store = store_from_settings(settings)
+    store = open_store_from_settings(settings)
     run_index([photos], settings, store, model)
     try:
         deadline = time.monotonic() + 120

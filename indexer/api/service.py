@@ -22,7 +22,7 @@ from indexer.model.lazy import LazyModel
 from indexer.records import DecodeLimits, Hit, PreprocessSpec
 from indexer.search import Query as SearchQuery
 from indexer.search import Timings, check_store_model, timed_search, upload_pixels
-from indexer.settings import Settings
+from indexer.settings import Settings, cache_dir
 from indexer.sources.tarshard import SHARD_SUFFIX
 from indexer.store.protocol import VectorStore
 
@@ -273,5 +273,4 @@ def default_thumbnail_dir(settings: Settings) -> Path:
         return Path(settings.serve.thumbnail_dir).expanduser()
     if not settings.store.qdrant_url:
         return settings.store.dir.parent / "thumbnails"
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "indexer" / "thumbnails"
+    return cache_dir() / "thumbnails"

@@ -99,11 +99,12 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         summary = index_through(owner, roots, args)
         if summary is not None:
             return report_summary(summary, args)
-    from indexer.ingest.pipeline import run_index, store_from_settings
+    from indexer.ingest.pipeline import run_index
     from indexer.model.lazy import LazyModel
+    from indexer.store.factory import open_store_from_settings
 
     model = LazyModel(settings.model)
-    with store_from_settings(settings) as store, progress_bar(args) as progress:
+    with open_store_from_settings(settings) as store, progress_bar(args) as progress:
         summary = run_index(args.paths, settings, store, model, progress, retry_failed=args.retry_failed)
     return report_summary(summary, args)
 
@@ -121,9 +122,9 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    from indexer.ingest.pipeline import store_from_settings
     from indexer.model.lazy import LazyModel
     from indexer.search import Query, search
+    from indexer.store.factory import open_store_from_settings
 
     text = " ".join(args.text).strip()
     if not text and not args.image and not args.like:
@@ -149,7 +150,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         towers = [t for t, used in (("text", query.texts or query.negative_texts), ("visual", query.images)) if used]
         if towers or query.negative_images:
             model.start(*(towers or ["visual"]))  # the network loads while the store opens
-        with store_from_settings(settings, read_only=True) as store:
+        with open_store_from_settings(settings, read_only=True) as store:
             hits = search(store, model, query)
     if args.json:
         print(json.dumps([{"id": h.id, "score": h.score, **h.payload} for h in hits], indent=2))

@@ -52,9 +52,9 @@ def cmd_embed_ray(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_index_ray(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.distributed.engine import run_ray_index
-    from indexer.ingest.pipeline import store_from_settings
+    from indexer.store.factory import open_store_from_settings
 
     parts_dir = args.parts_dir or settings.store.dir / "ray-parts"
-    with store_from_settings(settings) as store, progress_bar(args) as progress:
+    with open_store_from_settings(settings) as store, progress_bar(args) as progress:
         summary = run_ray_index(args.paths, settings, store, _options(args), parts_dir, progress)
     return report_summary(summary, args)

@@ -105,13 +105,13 @@ def _run(settings: Settings) -> int:
     from indexer.daemon.client import ADVERT_FILE, advertise, remove_advert
     from indexer.daemon.http import owner_listener, owner_socket
     from indexer.daemon.sharedmodel import SharedModel
-    from indexer.ingest.pipeline import store_from_settings
+    from indexer.store.factory import open_store_from_settings
     from indexer.store.locked import LockedStore
 
     sock = owner_socket(settings, page=True)  # before anything slow: a taken port fails in a moment
     model = SharedModel(settings.model)
     advert = None if settings.store.qdrant_url else settings.store.dir / ADVERT_FILE
-    with LockedStore(lambda: store_from_settings(settings)) as store:
+    with LockedStore(lambda: open_store_from_settings(settings)) as store:
         owner = _ServeOwner(settings, store, model, "")
         listener = owner_listener(settings, store, model, owner, page=True, sock=sock)
         owner.url = listener.url

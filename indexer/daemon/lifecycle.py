@@ -31,12 +31,13 @@ from indexer.daemon.sharedmodel import SharedModel
 from indexer.daemon.worker import Resources, Worker
 from indexer.errors import EXIT_ERROR, EXIT_OK, StoreBusyError
 from indexer.formats import SUPPORTED_EXTENSIONS
-from indexer.ingest.pipeline import Indexer, run_index, store_from_settings
+from indexer.ingest.pipeline import Indexer, run_index
 from indexer.records import RunSummary
 from indexer.settings import Settings
 from indexer.sources.events import Coalescer, FsEvent, default_filter
 from indexer.sources.watch import Watcher, check_watch_roots
 from indexer.store.directory import STORE_FILE
+from indexer.store.factory import open_store_from_settings
 from indexer.store.locked import LockedStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ class Daemon:
         self.metrics.queue.set_function(coalescer.pending)
         self.roots = Roots(check_watch_roots(roots), Scheduler(self.cfg.rescan_interval), coalescer)
         self.worker = Worker(settings, self.roots, self.model, self.metrics, confirm_deletes)
-        self.store = LockedStore(lambda: store_from_settings(settings), location=str(settings.store.dir), opened=False)
+        self.store = LockedStore(
+            lambda: open_store_from_settings(settings), location=str(settings.store.dir), opened=False
+        )
         self.jobs = IndexJobs(self._index_job)
         self.listener: Any = None
         self._signals = 0

@@ -59,18 +59,13 @@ __all__ = [
     "decode_pool",
     "hnsw_pays",
     "move_point",
+    "open_store_from_settings",
     "payload_for",
     "run_embed",
     "run_index",
-    "store_from_settings",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def store_from_settings(settings: Settings, *, read_only: bool = False) -> VectorStore:
-    """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge."""
-    return open_store_from_settings(settings, read_only=read_only)
 
 
 # --- the write path ------------------------------------------------------------------------------------------

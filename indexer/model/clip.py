@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from indexer.model.weights import (
     resolve_source,
     tensor_reader,
 )
-from indexer.settings import ModelSettings
+from indexer.settings import ModelSettings, cache_dir
 
 __all__ = [
     "HF_WEIGHT_FILES",
@@ -357,8 +356,7 @@ def _image_size(net: Any) -> int:
 
 def dtype_cache_file() -> Path:
     """``$XDG_CACHE_HOME/indexer/cpu-dtype.json`` (``~/.cache/indexer/cpu-dtype.json`` when unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "indexer" / "cpu-dtype.json"
+    return cache_dir() / "cpu-dtype.json"
 
 
 def cpu_name() -> str:

@@ -18,7 +18,6 @@ given and does not match the store is refused when the store is opened, as befor
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, IndexerError
 from indexer.model import hfclip
 from indexer.model.weights import ModelSource, hash_cache_file, hf_cache_dir, packaged_config, resolve_source
-from indexer.settings import ModelSettings, Settings
+from indexer.settings import ModelSettings, Settings, cache_dir
 
 __all__ = [
     "CHOICE_FIELDS",
@@ -156,5 +155,4 @@ def remember_source(settings: ModelSettings, source: ModelSource) -> None:
 
 
 def models_cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "indexer" / "models.json"
+    return cache_dir() / "models.json"

@@ -27,7 +27,7 @@ from indexer.atomicio import read_json_cache, write_json_cache
 from indexer.errors import ConfigError, WeightsNotFoundError
 from indexer.model import hfclip as hfclip
 from indexer.records import PreprocessSpec
-from indexer.settings import ModelSettings
+from indexer.settings import ModelSettings, cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -173,8 +173,7 @@ def _open_clip_folder() -> Path | None:
 
 
 def config_cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "indexer" / "open_clip-configs.json"
+    return cache_dir() / "open_clip-configs.json"
 
 
 def _config_key(name: str, tag: str) -> str | None:
@@ -323,8 +322,7 @@ def model_id(label: str, weights: Path) -> str:
 
 
 def hash_cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "indexer" / "weights-sha256.json"
+    return cache_dir() / "weights-sha256.json"
 
 
 def weights_sha256(path: Path, cache: Path | None = None) -> str:

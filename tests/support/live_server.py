@@ -16,9 +16,10 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from indexer.ingest.pipeline import run_index, store_from_settings
+from indexer.ingest.pipeline import run_index
 from indexer.model.lazy import LazyModel
 from indexer.settings import Settings
+from indexer.store.factory import open_store_from_settings
 from indexer.store.protocol import VectorStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
@@ -64,7 +65,7 @@ def make_corpus(base: Path, shapes: int = 48, archive: int = 12, **serve: Any) -
     options = {"roots": [str(root)], "thumbnail_dir": str(base / "thumbs"), **serve}
     settings = shapes_settings(base / "store", serve=options)
     model = LazyModel(settings.model)
-    store = store_from_settings(settings)
+    store = open_store_from_settings(settings)
     summary = run_index([root], settings, store, model)
     assert (summary.indexed, summary.failed) == (shapes + archive, 0), summary.as_dict()
     return Corpus(root, root / "shapes", root / "archive", settings, store, model)
