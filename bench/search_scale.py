@@ -68,6 +68,7 @@ def build(n: int, directory: Path) -> dict[str, Any]:
         out["optimize_s"] = round(time.perf_counter() - start, 1)
         out["indexed"] = store.indexed_vectors_count()
     out["peak_rss_mb"] = round(status_mb("VmHWM"), 1)
+    out["rss_anon_mb"] = round(status_mb("RssAnon"), 1)  # the rest is mapped files (page cache, reclaimable)
     return out
 
 
@@ -88,6 +89,7 @@ def query(directory: Path, count: int) -> dict[str, Any]:
         got.append([int(h.payload["path"][-11:-4]) for h in hits])
     rss_after = status_mb("VmRSS")
     hwm = status_mb("VmHWM")
+    anon, file = status_mb("RssAnon"), status_mb("RssFile")  # file: mapped store files (page cache, reclaimable)
     store.close()
     recall = _recall(directory / "vectors.f32", n, queries, got)
     ms = sorted(t * 1000 for t in times)
@@ -101,6 +103,8 @@ def query(directory: Path, count: int) -> dict[str, Any]:
         "rss_start_mb": round(rss_start, 1),
         "rss_after_queries_mb": round(rss_after, 1),
         "peak_rss_mb": round(hwm, 1),
+        "rss_anon_mb": round(anon, 1),
+        "rss_file_mb": round(file, 1),
     }
 
 
