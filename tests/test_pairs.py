@@ -154,3 +154,30 @@ def test_cluster_passes_over_the_file_block_by_block_equal_the_whole_matrix(tmp_
     d = ((vectors[:, None, :] - refined[None, :, :]) ** 2).sum(axis=2)
     assert (labels == d.argmin(axis=1)).mean() > 0.999  # float32 ties aside
     assert np.allclose(distances, d.min(axis=1), atol=1e-4)
+
+
+def test_dedup_command_gives_the_same_groups_by_every_pass(tmp_path: Path) -> None:
+    import json
+
+    from indexer.records import StoredPoint, point_id
+    from indexer.store.edge_store import EdgeStore
+    from tests.support.clirun import run
+
+    vectors, planted = clip_like(1_200, seed=9)
+    with EdgeStore(tmp_path / "store") as store:
+        store.ensure_collection("m", vectors.shape[1])
+        store.upsert(
+            [
+                StoredPoint(point_id(f"/p/{i}.jpg"), {"path": f"/p/{i}.jpg", "sha256": f"{i:064x}"}, v)
+                for i, v in enumerate(vectors)
+            ]
+        )
+
+    def groups_of(*flags: str, env: dict[str, str] | None = None) -> list[list[str]]:
+        doc = json.loads(run("dedup", "--store", str(tmp_path / "store"), "--json", *flags, env=env).stdout)
+        return sorted(sorted([g["keeper"]["path"], *(m["path"] for m in g["members"])]) for g in doc["groups"])
+
+    exact = groups_of("--exact", "--device", "cpu")
+    assert len(exact) >= len(planted.groups)
+    assert groups_of("--device", "cpu", env={"INDEXER_DEDUP__EXACT_UP_TO": "100"}) == exact  # the cell pass
+    assert groups_of(env={"INDEXER_DEDUP__METHOD": "cells"}) == exact
