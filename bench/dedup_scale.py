@@ -65,6 +65,37 @@ def run_pass(directory: Path, name: str) -> dict[str, Any]:
     return {"pass": name, "seconds": round(seconds, 1), "peak_rss_mb": round(_hwm_mb(), 1), "pairs": len(left)}
 
 
+def sampled_cells(directory: Path, share: float, seed: int = 0) -> dict[str, Any]:
+    """The cell pass with every row placed but only a random ``share`` of the cells compared, the comparing time
+    extrapolated by the cells' work (rows x visitors): for a size whose whole pass outlasts the session."""
+    from indexer.library import pairs as cp
+
+    matrix = VectorFile(directory / "vectors.f32", DIM)
+    rows, n = cp.open_rows(matrix), len(matrix)
+    start = time.perf_counter()
+    count = cp.default_cells(n)
+    centres = cp.spherical_kmeans(cp._sample(rows, count * cp.SAMPLE_PER_CELL, seed), count, seed)
+    kmeans_s = time.perf_counter() - start
+    placed = cp.place(rows, centres, cp.DEFAULT_PROBES, cp.DEFAULT_REACH)
+    place_s = time.perf_counter() - start - kmeans_s
+    lists = list(cp._cell_lists(placed))
+    work = np.array([len(m) * (len(m) / 2 + len(v)) for m, v in lists])
+    pick = np.random.default_rng(seed).random(len(lists)) < share
+    verifier = cp.Verifier(matrix, THRESHOLD)
+    floor = THRESHOLD - cp.product_margin(DIM, cp.FP32_UNIT)
+    start = time.perf_counter()
+    for (members, visitors), chosen in zip(lists, pick, strict=True):
+        if chosen:
+            cp._pairs_of_cell(rows, members, visitors, floor, verifier)
+    compared_s = time.perf_counter() - start
+    total_compare_s = compared_s * work.sum() / max(1.0, work[pick].sum())
+    return {"n": n, "cells": count, "cells_per_row": round(float((placed.near >= 0).sum()) / n, 2),
+            "kmeans_s": round(kmeans_s, 1), "place_s": round(place_s, 1), "compared_share": round(float(
+            work[pick].sum() / work.sum()), 4), "compared_s": round(compared_s, 1),
+            "extrapolated_total_s": round(kmeans_s + place_s + total_compare_s, 1),
+            "peak_rss_mb": round(_hwm_mb(), 1), "dot_products": float(work.sum())}  # fmt: skip
+
+
 def _fresh(directory: Path, name: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.dedup_scale", "--phase", "pass", "--dir", str(directory), "--passes", name]
     out: dict[str, Any] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
@@ -98,7 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--passes", nargs="+", default=["exact", "cells"], help="exact, cells, cuda[:N], cpu-torch")
     parser.add_argument("--phase", choices=["all", "pass"], default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--sample-cells", type=float, metavar="SHARE", help="cells: compare only this share of cells")
     args = parser.parse_args(argv)
+    if args.sample_cells:
+        generate(args.n, args.dir)
+        print(json.dumps(sampled_cells(args.dir, args.sample_cells)))
+        return
     if args.phase == "pass":
         print(json.dumps(run_pass(args.dir, args.passes[0])))
         return
