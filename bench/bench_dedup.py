@@ -9,6 +9,11 @@ sampled points: exact one by one, exact in batches of 256 (Edge ``query_batch``)
 ``optimize()`` builds the HNSW index; each extrapolated to n queries.
 
     python -m bench.bench_dedup [--sizes 10000 100000] [--queries 500 [--hnsw]] [--block 4096]
+
+At scale, on CLIP-like vectors (bench/vectors.py), the pair passes alone (exact, cells, a GPU): ``--clip-like``
+hands the rest of the command line to `bench.dedup_scale`:
+
+    python -m bench.bench_dedup --clip-like --n 1000000 --dir /tmp/dedup-1m --passes cells
 """
 
 from __future__ import annotations
@@ -215,6 +220,12 @@ def run_size(n: int, block: int, queries: int, hnsw: bool, workdir: Path) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--clip-like"]:
+        from bench.dedup_scale import main as scale_main
+
+        scale_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--block", type=int, default=4096)

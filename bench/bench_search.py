@@ -10,6 +10,12 @@ all 77 positions (what the truncation saves); and the store query alone. Wall an
 each torch thread count; printed as a Markdown table.
 
     python -m bench.bench_search [--sizes 10000 100000] [--rounds 60] [--threads 1 2] [--dtype auto]
+
+At a million CLIP-like points, the store side alone (build time, query p50/p95, recall@10, resident memory):
+``--scale`` hands the rest of the command line to `bench.search_scale`:
+
+    python -m bench.bench_search --scale build --n 1000000 --dir bench/data/scale-1m
+    python -m bench.bench_search --scale query --dir bench/data/scale-1m
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,6 +143,12 @@ def bench_size(model: LazyModel, count: int, thread_counts: list[int], rounds: i
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--scale"]:
+        from bench.search_scale import main as scale_main
+
+        sys.argv = [sys.argv[0], *sys.argv[2:]]
+        scale_main()
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--rounds", type=int, default=60)

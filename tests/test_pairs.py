@@ -124,3 +124,60 @@ def test_dedup_imports_no_torch_without_a_gpu(tmp_path: Path) -> None:
     env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_spherical_kmeans_finds_separated_clusters_and_fills_empty_cells() -> None:
+    from indexer.library.pairs import spherical_kmeans
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 64)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rows = np.repeat(centres, 50, axis=0) + 0.02 * rng.standard_normal((200, 64)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    found = spherical_kmeans(rows, 4, seed=1)
+    labels = (rows @ found.T).argmax(axis=1)
+    assert all(len(set(labels[c * 50 : (c + 1) * 50].tolist())) == 1 for c in range(4))
+    assert len(set(labels.tolist())) == 4
+    few = spherical_kmeans(np.repeat(rows[:2], 5, axis=0), 4, seed=0)  # 2 distinct rows, 4 cells
+    assert np.isfinite(few).all() and np.allclose(np.linalg.norm(few, axis=1), 1, atol=1e-5)
+
+
+def test_cluster_passes_over_the_file_block_by_block_equal_the_whole_matrix(tmp_path: Path) -> None:
+    from indexer.library.cluster import assign, fit_centres, refine_centres
+
+    vectors, _ = clip_like(3_000, seed=8)
+    matrix = write(tmp_path, vectors)
+    centres = fit_centres(vectors[:500], 12, seed=0)
+    refined = refine_centres(matrix, centres, seed=0, block=256)
+    assert refined.shape == (12, vectors.shape[1]) and np.isfinite(refined).all()
+    labels, distances = assign(matrix, refined, block=97)
+    d = ((vectors[:, None, :] - refined[None, :, :]) ** 2).sum(axis=2)
+    assert (labels == d.argmin(axis=1)).mean() > 0.999  # float32 ties aside
+    assert np.allclose(distances, d.min(axis=1), atol=1e-4)
+
+
+def test_dedup_command_gives_the_same_groups_by_every_pass(tmp_path: Path) -> None:
+    import json
+
+    from indexer.records import StoredPoint, point_id
+    from indexer.store.edge_store import EdgeStore
+    from tests.support.clirun import run
+
+    vectors, planted = clip_like(1_200, seed=9)
+    with EdgeStore(tmp_path / "store") as store:
+        store.ensure_collection("m", vectors.shape[1])
+        store.upsert(
+            [
+                StoredPoint(point_id(f"/p/{i}.jpg"), {"path": f"/p/{i}.jpg", "sha256": f"{i:064x}"}, v)
+                for i, v in enumerate(vectors)
+            ]
+        )
+
+    def groups_of(*flags: str, env: dict[str, str] | None = None) -> list[list[str]]:
+        doc = json.loads(run("dedup", "--store", str(tmp_path / "store"), "--json", *flags, env=env).stdout)
+        return sorted(sorted([g["keeper"]["path"], *(m["path"] for m in g["members"])]) for g in doc["groups"])
+
+    exact = groups_of("--exact", "--device", "cpu")
+    assert len(exact) >= len(planted.groups)
+    assert groups_of("--device", "cpu", env={"INDEXER_DEDUP__EXACT_UP_TO": "100"}) == exact  # the cell pass
+    assert groups_of(env={"INDEXER_DEDUP__METHOD": "cells"}) == exact

@@ -50,12 +50,12 @@ _MB = 1024 * 1024
 # the float32 originals on disk (3 GB, read through the page cache) to rescore the best limit x OVERSAMPLING.
 QUANTIZE = True
 QUANTILE = 0.99
-OVERSAMPLING = 4.0
+OVERSAMPLING = 8.0
 # The graph of a new quantized store, and the search's candidate list: CLIP-like data (clustered, a shared direction)
 # need more links and candidates than Qdrant's defaults (m 16, ef_construct 100) for recall@10 >= 0.98.
 HNSW_M = 32
 HNSW_EF_CONSTRUCT = 256
-SEARCH_EF = 256
+SEARCH_EF = 512
 
 
 def _free_mb(directory: Path) -> float:
