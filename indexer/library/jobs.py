@@ -41,7 +41,7 @@ import numpy as np
 from indexer.errors import ConfigError, IndexerError, UnknownJobError
 from indexer.library.actions import Places, apply_plan, common_root, plan_actions
 from indexer.library.cluster import ClusterReport, cluster_store, resolve_k
-from indexer.library.dedup import DedupReport, Group, Tier, find_duplicates, rekeep, tier_threshold
+from indexer.library.dedup import DedupReport, Group, PairPlan, Tier, find_duplicates, rekeep, tier_threshold
 from indexer.library.folders import is_under, real_target
 from indexer.records import SearchFilter
 from indexer.settings import Settings
@@ -181,6 +181,7 @@ class Review:
                 threshold=cosine,
                 filter=flt,
                 block=self.settings.dedup.block_size,
+                plan=PairPlan.from_settings(self.settings.dedup),
                 on_rows=lambda done, total: job.progress("comparing", done, total),
             )
             job.root = Path(folder) if folder else common_root(report)
