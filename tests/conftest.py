@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from indexer.model.lazy import LazyModel
 from indexer.settings import Settings, load_settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -23,6 +24,12 @@ def shapes_settings(store: Path, **extra: Any) -> Settings:
     for section, values in extra.items():
         overrides.setdefault(section, {}).update(values)
     return load_settings(None, overrides)
+
+
+@pytest.fixture(scope="module")
+def model() -> LazyModel:
+    """The learned test model, built once per test module on first use (LazyModel imports no torch until then)."""
+    return LazyModel(shapes_settings(Path("/unused")).model)
 
 
 @pytest.fixture(scope="session")

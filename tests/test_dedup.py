@@ -118,11 +118,6 @@ def groups_by_name(doc: dict[str, Any], files: dict[str, Path]) -> dict[str, set
 
 
 @pytest.fixture(scope="module")
-def model() -> LazyModel:
-    return LazyModel(shapes_settings(Path("/unused")).model)
-
-
-@pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], Path]:
     """The library indexed once through the CLI: (files by name, store directory). Tests must not change it."""
     root = tmp_path_factory.mktemp("dedup")

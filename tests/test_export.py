@@ -32,11 +32,6 @@ from tests.fixtures.shapes import write_dataset
 from tests.support.clirun import MODEL, run, run_json
 
 
-@pytest.fixture(scope="module")
-def model() -> LazyModel:
-    return LazyModel(shapes_settings(Path("/unused")).model)
-
-
 def index(folder: Path, store_dir: Path, model: LazyModel) -> RunSummary:
     """`indexer index` in-process (the CLI lane is tests/test_cli.py); the store is closed afterwards."""
     with EdgeStore(store_dir) as store:

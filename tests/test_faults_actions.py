@@ -29,11 +29,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 T0 = 1_700_000_000
 
 
-@pytest.fixture(scope="module")
-def model() -> LazyModel:
-    return LazyModel(shapes_settings(Path("/unused")).model)
-
-
 def photos(tmp_path: Path, model: LazyModel, extra: int = 0) -> tuple[Path, Path]:
     """photos/orig (3 images, older) and photos/copies (their byte copies, newer), indexed: (photos, store)."""
     root = tmp_path / "photos"

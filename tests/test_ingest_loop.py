@@ -19,11 +19,6 @@ from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> LazyModel:
-    return LazyModel(shapes_settings(tmp_path_factory.mktemp("m")).model)
-
-
 class ListSink:
     """A sink that keeps what it is given."""
 

@@ -45,11 +45,6 @@ def settings(tmp_path: Path) -> Settings:
     return shapes_settings(tmp_path / "store", decode={"workers": 2})
 
 
-@pytest.fixture(scope="module")
-def model() -> LazyModel:
-    return LazyModel(shapes_settings(Path("/unused")).model)
-
-
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     folder = tmp_path / "photos"

@@ -29,11 +29,6 @@ from tests.test_dedup import EXACT, NEAR, snapshot, write_library
 Library = tuple[httpx.Client, dict[str, Path], EdgeStore]
 
 
-@pytest.fixture(scope="module")
-def model() -> LazyModel:
-    return LazyModel(shapes_settings(Path("/unused")).model)
-
-
 @contextmanager
 def library(
     tmp_path: Path, model: LazyModel, api_key: str = "", link: bool = False, **sections: dict[str, Any]

@@ -29,11 +29,6 @@ from tests.support.clirun import INDEXER, MODEL, run, run_json
 from tests.support.shardfiles import flat_png, shape_png, special, truncate, write_members, write_shard, write_shards
 
 
-@pytest.fixture(scope="module")
-def model() -> LazyModel:
-    return LazyModel(shapes_settings(Path("/unused")).model)
-
-
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return shapes_settings(tmp_path / "store")

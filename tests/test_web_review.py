@@ -26,11 +26,6 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's ch
 Site = tuple[Any, dict[str, Path], EdgeStore, Path]
 
 
-@pytest.fixture(scope="module")
-def model() -> LazyModel:
-    return LazyModel(shapes_settings(Path("/unused")).model)
-
-
 @pytest.fixture
 def site(tmp_path: Path, model: LazyModel, browser: Any) -> Iterator[Site]:  # noqa: F811
     """A library of its own per test (the tests move and delete files), served, and a page open on it."""
