@@ -33,7 +33,7 @@ from indexer.store.factory import open_store_from_settings
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import draw_shape, write_dataset
 from tests.support.clirun import INDEXER, MODEL, run
-from tests.test_daemon import Daemon, wait_for
+from tests.support.daemon import Daemon, wait_for
 
 pytestmark = pytest.mark.faults
 

@@ -23,8 +23,8 @@ from indexer.model.lazy import LazyModel
 from indexer.records import point_id
 from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
+from tests.support.library import EXACT, NEAR, snapshot, write_library
 from tests.support.live_server import serve
-from tests.test_dedup import EXACT, NEAR, snapshot, write_library
 
 Library = tuple[httpx.Client, dict[str, Path], EdgeStore]
 

@@ -15,8 +15,8 @@ from indexer.ingest.pipeline import run_index
 from indexer.model.lazy import LazyModel
 from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
+from tests.support.library import snapshot, write_library
 from tests.support.live_server import serve
-from tests.test_dedup import snapshot, write_library
 from tests.test_web import CHROMIUM, browser, guarded_page  # noqa: F401  (browser: a fixture)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
