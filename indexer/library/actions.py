@@ -328,10 +328,10 @@ def _same_file(item: Item, keeper: Item) -> bool:
 
 # --- carrying a plan out ---------------------------------------------------------------------------------------
 
-Progress = Callable[[Action, str | None], None]
+OnAction = Callable[[Action, str | None], None]  # called after each action with its error (None: done)
 
 
-def apply_plan(plan: ActionPlan, store: VectorStore, on_each: Progress | None = None) -> ActionPlan:
+def apply_plan(plan: ActionPlan, store: VectorStore, on_each: OnAction | None = None) -> ActionPlan:
     """Carry the plan out, file by file, re-checking each file first; the store follows every change.
 
     ``on_each(action, error)`` is called after each file (error None when it was done). A file that cannot be
