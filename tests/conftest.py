@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,10 @@ from indexer.settings import Settings, load_settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHAPES_MODEL = FIXTURES / "shapes-clip" / "config.json"
+
+# This process keeps the system temp folder (multiprocessing caches its pymp-* folder, and the forkserver's socket
+# in it, for the whole session); only the processes a test starts get the session's (see _isolated_env).
+tempfile.gettempdir()
 
 
 def shapes_settings(store: Path, **extra: Any) -> Settings:
@@ -39,9 +44,14 @@ def shapes_model_args() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test reads the developer's config, store or HF cache."""
     monkeypatch.delenv("INDEXER_CONFIG", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Temp files of the commands a test runs (forkserver folders pymp-*, read-only copies) go with the session's
+    # temp folder, even when the test kills them: nothing is left in /tmp.
+    commands_tmp = tmp_path_factory.getbasetemp() / "commands-tmp"
+    commands_tmp.mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(commands_tmp))

@@ -195,6 +195,81 @@ def test_compose_file_is_readable_by_docker_compose_v1(compose: dict[str, Any]) 
     assert all("file" in secret for secret in compose["secrets"].values())
 
 
+def _interpolated(node: Any, env: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {key: _interpolated(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_interpolated(item, env) for item in node]
+    return interpolate(node, env) if isinstance(node, str) else node
+
+
+def _volume_target(volume: Any) -> str:
+    return str(volume["target"]) if isinstance(volume, dict) else str(volume).split(":")[1]
+
+
+def _merged(base: Any, override: Any, key: str = "") -> Any:
+    """Compose's merge of an override file, for what these files hold: mappings merge key by key, a service's
+    volumes by container path, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: _merged(base[k], v, k) if k in base else v for k, v in {**base, **override}.items()}
+    if key == "volumes" and isinstance(base, list) and isinstance(override, list):
+        by_target = {_volume_target(v): v for v in base} | {_volume_target(v): v for v in override}
+        return list(by_target.values())
+    return override
+
+
+def compose_config(files: list[Path], env: dict[str, str]) -> dict[str, Any]:
+    """What `docker compose config` prints for ``files`` (the parts these tests read), without Docker: each file
+    interpolated with ``env`` (a missing ${VAR:?...} fails), then merged in order."""
+    merged: dict[str, Any] = {}
+    for file in files:
+        merged = _merged(merged, _interpolated(yaml.safe_load(file.read_text()), env))
+    return merged
+
+
+def _smoke_env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "key").write_text("k\n")
+    return {
+        **example_env(),
+        "PATH": os.environ["PATH"],
+        "INDEXER_API_KEY_FILE": str(tmp_path / "key"),
+        "SMOKE_MODEL_DIR": str(tmp_path),
+        "SMOKE_DATA_VOLUME": "smoke-data",
+    }
+
+
+def _check_smoke_stack(merged: dict[str, Any]) -> None:
+    assert {"qdrant", "watch", "serve"} <= set(merged["services"])
+    serve = merged["services"]["serve"]
+    assert serve["environment"]["INDEXER_STORE__QDRANT_URL"] == ""
+    assert any(
+        str(v).endswith("/photos:ro") or (isinstance(v, dict) and v.get("target") == "/photos")
+        for v in serve["volumes"]
+    )
+
+
+def test_the_stack_and_the_smoke_override_merge_as_compose_merges_them(tmp_path: Path) -> None:
+    """The checks of the real parser's test below, on any machine: interpolation, the override merged over the
+    stack, every named volume and secret a service uses declared, every service with an image."""
+    smoke = ROOT / "tests" / "docker-compose.smoke.yml"
+    env = _smoke_env(tmp_path)
+    stack = compose_config([COMPOSE], env)
+    merged = compose_config([COMPOSE, smoke], env)
+    for config in (stack, merged):
+        for name, service in config["services"].items():
+            assert "image" in service, f"service {name} has no image"
+            for volume in service.get("volumes", []):
+                source = str(volume).split(":")[0]
+                assert source.startswith(("/", ".")) or source in config["volumes"], f"{name}: volume {source}"
+            assert set(service.get("secrets", [])) <= set(config.get("secrets", {})), name
+    _check_smoke_stack(merged)
+    assert merged["services"]["serve"]["environment"]["INDEXER_STORE__DIR"] == "/data/store"
+    assert merged["volumes"]["smoke-data"] == {"external": True, "name": "smoke-data"}
+    assert stack["services"]["serve"]["environment"]["INDEXER_STORE__QDRANT_URL"] == "http://qdrant:6333"
+    with pytest.raises(AssertionError, match="set SMOKE_MODEL_DIR"):
+        compose_config([COMPOSE, smoke], {k: v for k, v in env.items() if k != "SMOKE_MODEL_DIR"})
+
+
 def test_docker_compose_config_accepts_the_stack_and_the_smoke_override(tmp_path: Path) -> None:
     """The real docker-compose (v1) or docker compose (v2) parser, when one is installed (no engine needed)."""
     docker = shutil.which("docker")
@@ -204,14 +279,7 @@ def test_docker_compose_config_accepts_the_stack_and_the_smoke_override(tmp_path
         command = ["docker-compose"]
     else:
         pytest.skip("neither docker compose (v2) nor docker-compose (v1) is installed")
-    env = {
-        **example_env(),
-        "PATH": os.environ["PATH"],
-        "INDEXER_API_KEY_FILE": str(tmp_path / "key"),
-        "SMOKE_MODEL_DIR": str(tmp_path),
-        "SMOKE_DATA_VOLUME": "smoke-data",
-    }
-    (tmp_path / "key").write_text("k\n")
+    env = _smoke_env(tmp_path)
     for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(ROOT / "tests" / "docker-compose.smoke.yml")]):
         proc = subprocess.run(
             [*command, "--project-directory", str(ROOT), *files, "config"],
@@ -223,9 +291,4 @@ def test_docker_compose_config_accepts_the_stack_and_the_smoke_override(tmp_path
         assert proc.returncode == 0, proc.stderr
         merged = yaml.safe_load(proc.stdout)
         assert {"qdrant", "watch", "serve"} <= set(merged["services"])
-    serve = merged["services"]["serve"]
-    assert serve["environment"]["INDEXER_STORE__QDRANT_URL"] == ""
-    assert any(
-        str(v).endswith("/photos:ro") or (isinstance(v, dict) and v.get("target") == "/photos")
-        for v in serve["volumes"]
-    )
+    _check_smoke_stack(merged)

@@ -212,7 +212,8 @@ def test_read_only_commands_work_on_a_read_only_store(
         assert len(json.loads(proc.stdout)) == 6
     if command[0] == "export":
         assert (tmp_path / "out.parquet").exists()
-    assert not list(Path(tempfile.gettempdir()).glob("indexer-readonly-*"))  # the copy is gone
+    temp = Path(os.environ.get("TMPDIR", tempfile.gettempdir()))  # the commands' temp folder (tests/conftest.py)
+    assert not list(temp.glob("indexer-readonly-*"))  # the copy is gone
 
 
 def test_a_write_to_a_read_only_store_is_one_clear_line(tmp_path: Path, read_only_store: Path) -> None:

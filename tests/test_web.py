@@ -1,6 +1,6 @@
 """The web page in a real headless Chromium (Debian's /usr/bin/chromium driven by playwright; no browser download),
 against the real service over a store of shapes indexed with the learned test model. Saves a screenshot to
-test-artifacts/web-search.png."""
+a temporary folder (docs/web-search.png with INDEXER_DOCS_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from indexer.api.routes import create_app
 from tests.fixtures.shapes import write_dataset
 from tests.support.live_server import Corpus, class_of, make_corpus, serve
+from tests.support.screens import screenshot_path
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -109,7 +109,7 @@ def search_for(page: Any, text: str, exclude: str = "") -> None:
     page.wait_for_function("() => !document.querySelector('#status').textContent.startsWith('Searching')")
 
 
-def test_typing_a_red_circle_shows_red_circles_first(page: Any) -> None:
+def test_typing_a_red_circle_shows_red_circles_first(page: Any, tmp_path: Path) -> None:
     search_for(page, "a red circle")
     hits = grid(page, 4)
     assert [class_of(h["path"]) for h in hits] == ["red-circle"] * 4
@@ -117,10 +117,10 @@ def test_typing_a_red_circle_shows_red_circles_first(page: Any) -> None:
     assert scores == sorted(scores, reverse=True)
     shown = page.inner_text("#grid li.hit:first-child .score")
     assert shown == f"{scores[0]:.3f}"
-    ARTIFACTS.mkdir(exist_ok=True)
     page.set_viewport_size({"width": 1200, "height": 800})
-    page.screenshot(path=str(ARTIFACTS / "web-search.png"), full_page=False)
-    assert (ARTIFACTS / "web-search.png").stat().st_size > 10_000
+    shot = screenshot_path("web-search.png", tmp_path)
+    page.screenshot(path=str(shot), full_page=False)
+    assert shot.stat().st_size > 10_000
 
 
 def test_clicking_a_result_shows_more_like_it(page: Any) -> None:

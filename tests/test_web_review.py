@@ -1,6 +1,6 @@
 """The Duplicates and Clusters views in a real headless Chromium (as tests/test_web.py), against the real service
 over the dedup tests' library of planted exact and near duplicates, indexed with the learned test model. Saves
-docs/web-duplicates.png and docs/web-clusters.png."""
+web-duplicates.png and web-clusters.png to a temporary folder (to docs/ with INDEXER_DOCS_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from indexer.store.edge_store import EdgeStore
 from tests.conftest import shapes_settings
 from tests.support.library import snapshot, write_library
 from tests.support.live_server import serve
+from tests.support.screens import screenshot_path
 from tests.test_web import CHROMIUM, browser, guarded_page  # noqa: F401  (browser: a fixture)
-
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 
@@ -67,8 +66,7 @@ def test_review_near_duplicates_change_the_keeper_and_move_the_others(site: Site
     red = group_selector(page, files["red-circle"])
     assert page.inner_text(f"{red} li.member.keeper .score") == "suggested keeper"
     page.set_viewport_size({"width": 1200, "height": 900})
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / "web-duplicates.png"))
+    page.screenshot(path=str(screenshot_path("web-duplicates.png", tmp)))
     page.set_viewport_size({"width": 390, "height": 800})  # a phone: nothing wider than the screen
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
 
@@ -124,7 +122,7 @@ def test_a_delete_without_the_confirmation_does_nothing(site: Site) -> None:
 
 
 def test_the_clusters_view_opens_a_cluster_search(site: Site) -> None:
-    page, _, store, _ = site
+    page, _, store, tmp = site
     page.click("#views button[data-view=clusters]")
     page.wait_for_function("() => document.querySelector('#cl-status').textContent.includes('No clusters yet')")
     page.fill("#cl-k", "4")
@@ -135,7 +133,7 @@ def test_the_clusters_view_opens_a_cluster_search(site: Site) -> None:
     )
     assert page.eval_on_selector_all("#cl-rows li.cluster", "els => els.length") == 4
     page.set_viewport_size({"width": 1200, "height": 900})
-    page.screenshot(path=str(DOCS / "web-clusters.png"))
+    page.screenshot(path=str(screenshot_path("web-clusters.png", tmp)))
     page.set_viewport_size({"width": 390, "height": 800})
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
 

@@ -8,18 +8,20 @@ and /search stop answering. Here every connection has a deadline for what the cl
     full headers                                   --body_timeout-->    full body
     response sent, nothing more                    --keep_alive-->      (uvicorn closes it)
 
-and the number of open connections is capped below the descriptor limit: a connection beyond the cap closes the
-oldest one that has no request in progress (a slow or idle client), so a new /healthz always gets in; when every
-connection is busy with a request, the newcomer gets 503.
+and the number of open connections is capped below the descriptor limit, at the listening socket: at the cap, the
+connection idle the longest (no request in progress: a slow or idle client) is closed before another is accepted,
+so a new /healthz always gets in; when every connection is busy with a request, a newcomer gets 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FD_HEADROOM = 64  # descriptors kept for the app itself (image files, thumbnails, the store) beyond its connections
+REFUSE_ROOM = 16  # connections accepted beyond the cap (out of the headroom) only to answer 503 when all are busy
 _REFUSED = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 1\r\n\r\n"
 
 
@@ -64,19 +67,62 @@ def connection_cap(wanted: int) -> int:
     return max(8, min(wanted, soft - in_use - FD_HEADROOM))
 
 
+class _Guard:
+    """The connections of one server: how many are open (accepted, not yet closed) and the protocols serving them."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.open = 0
+        self.protocols: set[_GuardedH11] = set()
+
+    def admit(self) -> bool:
+        """Whether the listening socket may accept one more now. At the cap the connection idle the longest is
+        closed (its descriptor is free on the next turn of the loop); when all are busy, a few more are accepted,
+        only to be refused with 503."""
+        if self.open < self.cap:
+            return True
+        idle = [p for p in self.protocols if p.idle() and not p.transport.is_closing()]
+        if idle:
+            oldest = min(idle, key=lambda p: p.waiting_since)
+            log.info("%d connections open (the cap): closing the one idle longest, from %s", self.cap, oldest.client)
+            oldest.transport.close()
+            return False
+        return self.open < self.cap + REFUSE_ROOM
+
+
+class _CappedSocket(socket.socket):
+    """The listening socket: accepts only what the guard admits. (asyncio accepts a whole burst before any
+    protocol sees its connection, so a cap applied later would come after the descriptors ran out.)"""
+
+    guard: _Guard
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if not self.guard.admit():
+            raise BlockingIOError(errno.EAGAIN, "at the connection cap")
+        accepted = super().accept()
+        self.guard.open += 1
+        return accepted
+
+
 class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on what the client owes, and the connection cap (class settings)."""
+    """uvicorn's h11 protocol with a deadline on what the client owes (class settings: limits, guard)."""
 
     limits: ClassVar[ServeLimits] = ServeLimits()
-    cap: ClassVar[int] = 1000
+    guard: ClassVar[_Guard] = _Guard(1000)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
         self._phase = ""
         self.waiting_since = time.monotonic()
         super().connection_made(transport)
+        self.guard.protocols.add(self)
+        if self.guard.open > self.guard.cap:  # accepted while every connection was busy: refuse it
+            log.warning("%d connections open (the cap), all busy: refusing one from %s", self.guard.cap, self.client)
+            with contextlib.suppress(OSError):
+                transport.write(_REFUSED)
+            transport.close()
+            return
         self._arm("headers", self.limits.header_timeout)
-        self._make_room()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -88,6 +134,9 @@ class _GuardedH11(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self in self.guard.protocols:
+            self.guard.protocols.discard(self)
+            self.guard.open -= 1
         super().connection_lost(exc)
 
     def idle(self) -> bool:
@@ -124,26 +173,21 @@ class _GuardedH11(H11Protocol):
             log.info("closing a connection from %s: its %s did not arrive within %g s", self.client, phase, seconds)
             self.transport.close()
 
-    def _make_room(self) -> None:
-        """Over the cap: close the connection idle the longest, or refuse this one when all are busy."""
-        if len(self.connections) <= self.cap:
-            return
-        idle = [c for c in self.connections if isinstance(c, _GuardedH11) and c is not self and c.idle()]
-        if idle:
-            oldest = min(idle, key=lambda c: c.waiting_since)
-            log.info("%d connections open (the cap): closing the one idle longest, from %s", self.cap, oldest.client)
-            oldest.transport.close()
-            return
-        log.warning("%d connections open (the cap), all busy: refusing one from %s", self.cap, self.client)
-        with contextlib.suppress(OSError):
-            self.transport.write(_REFUSED)
-        self.transport.close()
 
+class _GuardedServer(uvicorn.Server):
+    """uvicorn's server listening on a _CappedSocket of its guard."""
 
-def protocol_for(limits: ServeLimits) -> type[H11Protocol]:
-    """The protocol class to give uvicorn (``http=``) for these limits; the cap is fitted to the open-files limit."""
-    namespace = {"limits": limits, "cap": connection_cap(limits.max_connections)}
-    return type("GuardedH11Protocol", (_GuardedH11,), namespace)
+    def __init__(self, config: uvicorn.Config, guard: _Guard) -> None:
+        super().__init__(config)
+        self.guard = guard
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is None:
+            plain = self.config.bind_socket()
+            capped = _CappedSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
+            capped.guard = self.guard
+            sockets = [capped]
+        await super().serve(sockets=sockets)
 
 
 def build_server(
@@ -158,17 +202,19 @@ def build_server(
     """A uvicorn server for ``app`` on host:port with ``limits`` (call ``.run()``, or ``.serve()`` in a loop; it
     installs signal handlers only on the main thread)."""
     limits = limits or ServeLimits()
+    guard = _Guard(connection_cap(limits.max_connections))
+    protocol = type("GuardedH11Protocol", (_GuardedH11,), {"limits": limits, "guard": guard})
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=protocol_for(limits),
+        http=protocol,
         timeout_keep_alive=limits.keep_alive,
         log_level=log_level.lower(),
         access_log=access_log,
         server_header=False,
     )
-    return uvicorn.Server(config)
+    return _GuardedServer(config, guard)
 
 
 def serve_app(app: Any, host: str, port: int, *, limits: ServeLimits | None = None, log_level: str = "info") -> None:

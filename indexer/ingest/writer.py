@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Write = Callable[[], None]
 _STOP = None
+POLL_SECONDS = 0.2  # how soon a queued call whose wake-up was lost is seen
 
 
 class BackgroundWriter:
@@ -79,12 +80,22 @@ class BackgroundWriter:
             self._thread.join()
         self._raise_if_failed()
 
+    def _next(self) -> Write | None:
+        """The next queued call. Polled, not waited for: a Ctrl-C that lands inside the submitting thread's
+        ``Queue.put`` (between storing the item and notifying) loses the wake-up, and an untimed ``get`` then waits
+        for ever while ``close`` waits for this thread (``indexer index`` alive 60 s after SIGINT, 1 run in 35)."""
+        while True:
+            try:
+                return self._queue.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+
     def _raise_if_failed(self) -> None:
         if self._failed.is_set() and self._error is not None:
             raise self._error
 
     def _run(self) -> None:
-        while (write := self._queue.get()) is not _STOP:
+        while (write := self._next()) is not _STOP:
             try:
                 write()
             except BaseException as exc:  # handed to the submitting thread; nothing after it runs

@@ -182,13 +182,31 @@ def open_need_bytes(shard: Path) -> int:
     return total
 
 
-def data_bytes(shard: Path) -> int:
-    """The space the shard's segments take now (what an optimize, which writes merged copies, may add again)."""
+def optimize_need_bytes(shard: Path) -> int:
+    """What an optimize may write: the current size of the segments without an HNSW index (those Edge merges and
+    indexes into new copies; indexed segments stay as they are)."""
     total = 0
-    for folder, _, names in os.walk(shard / "segments"):
+    segments = shard / "segments"
+    for segment in segments.iterdir() if segments.is_dir() else ():
+        if segment.is_dir() and not _indexed_segment(segment):
+            total += _allocated(segment)
+    return total
+
+
+def _indexed_segment(segment: Path) -> bool:
+    try:
+        vectors = json.loads((segment / "segment.json").read_text(encoding="utf-8"))["config"]["vector_data"]
+        return all(v["index"]["type"] == "hnsw" for v in vectors.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # unknown: counted
+
+
+def _allocated(folder: Path) -> int:
+    total = 0
+    for parent, _, names in os.walk(folder):
         for name in names:
             with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
     return total
 
 

@@ -31,8 +31,8 @@ from indexer.store.directory import (
     _PointRecord,
     _read_meta,
     _StoreMeta,
-    data_bytes,
     open_need_bytes,
+    optimize_need_bytes,
     read_only_error,
 )
 from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
@@ -293,7 +293,7 @@ class EdgeStore(_StoreBase):
         (Each index costs an fsync'd WAL entry, so they are made here, not per ensure_collection.)"""
         shard = self._live_shard()
         if shard is not None:
-            self._check_space("optimize", data_bytes(self._shard_path) / _MB, plus_margin=True)
+            self._check_space("optimize", optimize_need_bytes(self._shard_path) / _MB, plus_margin=True)
             with self._errors("optimize"):
                 _create_edge_indexes(shard)
                 shard.optimize()
