@@ -1,8 +1,9 @@
 """Running the one HTTP app of the process that owns the store: uvicorn on a socket bound here first.
 
-`uvicorn_config` is the one place the server's options are chosen (the app of `indexer serve` and of
-`indexer watch` alike). The socket is bound before anything slow starts, so a taken port fails at once with a
-clear message and port 0 gets its real number for the advert (`indexer.daemon.client.advertise`).
+The server's options and limits (header and body deadlines, the connection cap) are `indexer.api.server`'s, for
+the app of `indexer serve` and of `indexer watch` alike. The socket is bound before anything slow starts, so a
+taken port fails at once with a clear message and port 0 gets its real number for the advert
+(`indexer.daemon.client.advertise`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from indexer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from indexer.api.server import ServeLimits
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +46,16 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def uvicorn_config(app: Any, log_level: str) -> Any:
-    """The server's options, in one place."""
-    import uvicorn
-
-    return uvicorn.Config(
-        app,
-        log_level=log_level.lower(),
-        access_log=log_level.upper() == "DEBUG",
-        server_header=False,
-        lifespan="on",
-        log_config=None,  # uvicorn logs through the process's own handlers (the daemon's JSON lines included)
-    )
-
-
 class Listener:
     """uvicorn serving ``app`` on a bound socket: `run` in this thread (``indexer serve``) or `start` in one of its
     own (the watch daemon); `stop` ends it gracefully."""
 
-    def __init__(self, app: Any, sock: socket.socket, log_level: str) -> None:
-        import uvicorn
+    def __init__(self, app: Any, sock: socket.socket, log_level: str, limits: ServeLimits | None = None) -> None:
+        from indexer.api.server import build_server
 
         self.app, self.sock = app, sock
         self.url = url_of(sock)
-        self.server = uvicorn.Server(uvicorn_config(app, log_level))
+        self.server = build_server(app, limits=limits, log_level=log_level, access_log=log_level.upper() == "DEBUG")
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:

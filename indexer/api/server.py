@@ -175,32 +175,34 @@ class _GuardedH11(H11Protocol):
 
 
 class _GuardedServer(uvicorn.Server):
-    """uvicorn's server listening on a _CappedSocket of its guard."""
+    """uvicorn's server listening on _CappedSockets of its guard (its own bound socket, or sockets bound earlier)."""
 
     def __init__(self, config: uvicorn.Config, guard: _Guard) -> None:
         super().__init__(config)
         self.guard = guard
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        if sockets is None:
-            plain = self.config.bind_socket()
-            capped = _CappedSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
-            capped.guard = self.guard
-            sockets = [capped]
-        await super().serve(sockets=sockets)
+        plain = sockets if sockets is not None else [self.config.bind_socket()]
+        await super().serve(sockets=[self._capped(sock) for sock in plain])
+
+    def _capped(self, plain: socket.socket) -> socket.socket:
+        capped = _CappedSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
+        capped.guard = self.guard
+        return capped
 
 
 def build_server(
     app: Any,
-    host: str,
-    port: int,
+    host: str = "127.0.0.1",
+    port: int = 0,
     *,
     limits: ServeLimits | None = None,
     log_level: str = "info",
     access_log: bool = False,
 ) -> uvicorn.Server:
     """A uvicorn server for ``app`` on host:port with ``limits`` (call ``.run()``, or ``.serve()`` in a loop; it
-    installs signal handlers only on the main thread)."""
+    installs signal handlers only on the main thread). Given sockets bound earlier (``run(sockets=[...])``), it
+    serves those instead of host:port, with the same limits."""
     limits = limits or ServeLimits()
     guard = _Guard(connection_cap(limits.max_connections))
     protocol = type("GuardedH11Protocol", (_GuardedH11,), {"limits": limits, "guard": guard})
@@ -213,6 +215,8 @@ def build_server(
         log_level=log_level.lower(),
         access_log=access_log,
         server_header=False,
+        lifespan="on",
+        log_config=None,  # uvicorn logs through the process's own handlers (the daemon's JSON lines included)
     )
     return _GuardedServer(config, guard)
 

@@ -41,10 +41,11 @@ def owner_listener(
     """The app (`indexer.api.routes.create_app` with ``owner``) on ``sock`` (default: `owner_socket`)."""
     from indexer.api.guards import resolve_api_key
     from indexer.api.routes import create_app
+    from indexer.api.server import limits_from
 
     sock = sock if sock is not None else owner_socket(settings, page=page)
     app = create_app(settings, store, model, api_key=resolve_api_key(settings.serve), owner=owner, page=page)
-    return Listener(app, sock, settings.log_level)
+    return Listener(app, sock, settings.log_level, limits_from(settings.serve))
 
 
 def start_owner_app(settings: Settings, store: VectorStore, model: LazyModel, owner: Any, *, page: bool) -> Listener:
