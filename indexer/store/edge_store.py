@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -17,9 +15,9 @@ from typing import Any, cast
 import qdrant_edge as edge
 
 from indexer.atomicio import create_json_exclusive
-from indexer.errors import IndexerError, StoreBusyError, StoreError, StoreFullError
+from indexer.errors import IndexerError, StoreBusyError, StoreError
 from indexer.records import Failure, Hit, StoredPoint
-from indexer.store.base import _as_vector, _check_model, _reason, _stamp, _StoreBase, _vector_list
+from indexer.store.base import _check_model, _reason, _stamp, _StoreBase, _vector_list
 from indexer.store.directory import (
     FAILURES_FILE,
     POINTS_FILE,
@@ -35,71 +33,18 @@ from indexer.store.directory import (
     optimize_need_bytes,
     read_only_error,
 )
-from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
+from indexer.store.edge_files import MB, check_space, copy_tree, edge_config, edge_error
+from indexer.store.edge_query import create_edge_indexes, edge_filter, edge_ids, edge_point, search_params
+from indexer.store.filters import _Cond
 from indexer.store.payload import normalise_payload
-from indexer.store.protocol import FLOAT_FIELDS, INTEGER_FIELDS, KEYWORD_FIELDS, FailureRecord, Vector
+from indexer.store.protocol import FailureRecord, Vector
 
 log = logging.getLogger(__name__)
 
 # The free space (MB) the store keeps on its filesystem by default (settings: store.min_free_mb).
 MIN_FREE_MB = 64.0
-# What opening a shard may write beyond filling its mapped files (its config, a replayed write-ahead log).
-OPEN_SLACK_MB = 4.0
-_MB = 1024 * 1024
-# Vectors of a new store (a million 768-d vectors, bench/README.md): int8 copies in memory for the search (0.77 GB),
-# the float32 originals on disk (3 GB, read through the page cache) to rescore the best limit x OVERSAMPLING.
+# New stores are quantized (int8 copies in memory, originals on disk; edge_files.edge_config, bench/README.md).
 QUANTIZE = True
-QUANTILE = 0.99
-OVERSAMPLING = 8.0
-# The graph of a new quantized store, and the search's candidate list: CLIP-like data (clustered, a shared direction)
-# need more links and candidates than Qdrant's defaults (m 16, ef_construct 100) for recall@10 >= 0.98.
-HNSW_M = 32
-HNSW_EF_CONSTRUCT = 256
-SEARCH_EF = 512
-
-
-def _free_mb(directory: Path) -> float:
-    """Free space (MB, for an unprivileged writer) on the filesystem of directory or of its nearest parent."""
-    path = directory
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize / _MB
-
-
-def _edge_error(exc: Exception, directory: Path, what: str) -> StoreError:
-    """Translate an Edge exception; the WAL lock held by another process becomes StoreBusyError."""
-    text = _reason(exc)
-    if "WouldBlock" in text or "Resource temporarily unavailable" in text:
-        return StoreBusyError(directory, "its write-ahead log is locked")
-    if "os error 30" in text or "Read-only file system" in text:
-        return read_only_error(directory, OSError(errno.EROFS, "Read-only file system"))
-    return StoreError(f"the store at {directory} failed to {what}: {text}")
-
-
-def _edge_filter(conds: list[_Cond]) -> edge.Filter | None:
-    if not conds:
-        return None
-    return edge.Filter(must=[_edge_condition(c) for c in conds])
-
-
-def _edge_condition(cond: _Cond) -> edge.FieldCondition | edge.Filter:
-    if isinstance(cond, _Match):
-        return edge.FieldCondition(cond.key, match=edge.MatchValue(cond.value))
-    if isinstance(cond, _AnyOf):
-        return edge.FieldCondition(cond.key, match=edge.MatchAny(list(cond.values)))
-    if isinstance(cond, _Range):
-        return edge.FieldCondition(cond.key, range=edge.RangeFloat(gte=cond.gte, lte=cond.lte))
-    return edge.Filter(should=[_edge_condition(c) for c in cond.options])
-
-
-def _edge_point(record: edge.Record, with_vectors: bool) -> StoredPoint:
-    vector = _as_vector(record.vector) if with_vectors else None
-    return StoredPoint(id=str(record.id), payload=dict(record.payload or {}), vector=vector)
-
-
-def _edge_ids(ids: Sequence[str]) -> list[edge.PointId]:
-    return list(ids)
 
 
 class EdgeStore(_StoreBase):
@@ -151,38 +96,8 @@ class EdgeStore(_StoreBase):
     def _shard_path(self) -> Path:
         return self.directory / SHARD_DIR
 
-    def _edge_config(self, dim: int) -> edge.EdgeConfig:
-        optimizers = None
-        if self._indexing_threshold_kb is not None:
-            optimizers = edge.EdgeOptimizersConfig(indexing_threshold=self._indexing_threshold_kb)
-        if not self._quantize:
-            vectors = edge.EdgeVectorParams(size=dim, distance=edge.Distance.Cosine)
-            return edge.EdgeConfig(vectors=vectors, optimizers=optimizers)
-        int8 = edge.ScalarQuantizationConfig(edge.ScalarType.Int8, quantile=QUANTILE, memory=edge.Memory.Pinned)
-        vectors = edge.EdgeVectorParams(
-            size=dim, distance=edge.Distance.Cosine, memory=edge.Memory.Cold, quantization_config=int8
-        )
-        hnsw = edge.HnswIndexConfig(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT, full_scan_threshold=10_000)
-        return edge.EdgeConfig(vectors=vectors, optimizers=optimizers, hnsw_config=hnsw)
-
-    def _check_space(self, what: str, fills_mb: float = 0.0, *, plus_margin: bool = False) -> None:
-        """Refuse to go on without the space this step takes: Edge maps its files, and a mapped page it cannot get
-        from a full filesystem is a SIGBUS that kills the process, not an error.
-
-        Writes need min_free_mb free. A step that fills ``fills_mb`` of files needs that much plus a little
-        (OPEN_SLACK_MB) and never less than min_free_mb; with ``plus_margin`` (an optimize, which goes on to write)
-        it needs the margin on top."""
-        margin = self._min_free_mb
-        needed = fills_mb + margin if plus_margin else max(fills_mb + OPEN_SLACK_MB if fills_mb else 0.0, margin)
-        free = _free_mb(self.directory)
-        if free >= needed or needed <= 0:
-            return
-        fills = f"{what} fills about {fills_mb:.1f} MB of its files; " if fills_mb >= 0.1 else ""
-        raise StoreFullError(
-            f"the store at {self.directory} cannot {what}: No space left on device ({free:.1f} MB free, "
-            f"{needed:.1f} MB needed: {fills}the store keeps at least {margin:g} MB free: store.min_free_mb); "
-            "free some space or move the store (--store DIR)"
-        )
+    def _space(self, what: str, fills_mb: float = 0.0, *, plus_margin: bool = False) -> None:
+        check_space(self.directory, what, self._min_free_mb, fills_mb, plus_margin=plus_margin)
 
     def _check_points(self) -> None:
         """Warn loudly when the shard holds fewer points than at its last flush (a damaged segment)."""
@@ -210,17 +125,17 @@ class EdgeStore(_StoreBase):
 
     def _open_shard(self, dim: int) -> edge.EdgeShard:
         """Load the shard, or create it if missing (a new store, or a crash right after store.json)."""
-        self._check_space("open", open_need_bytes(self._shard_path) / _MB)
+        self._space("open", open_need_bytes(self._shard_path) / MB)
         path = str(self._shard_path)
         if (self._shard_path / "edge_config.json").exists():
             try:
                 return edge.EdgeShard.load(path)
             except Exception as exc:
-                raise _edge_error(exc, self.directory, "open") from exc
+                raise edge_error(exc, self.directory, "open") from exc
         try:
-            return edge.EdgeShard.create(path, self._edge_config(dim))
+            return edge.EdgeShard.create(path, edge_config(dim, self._quantize, self._indexing_threshold_kb))
         except Exception as exc:
-            raise _edge_error(exc, self.directory, "create its shard") from exc
+            raise edge_error(exc, self.directory, "create its shard") from exc
 
     def model_info(self) -> tuple[str, int] | None:
         """(model_id, dim) from store.json, or None before ensure_collection."""
@@ -285,7 +200,7 @@ class EdgeStore(_StoreBase):
         except IndexerError:
             raise
         except Exception as exc:
-            raise _edge_error(exc, self.directory, what) from exc
+            raise edge_error(exc, self.directory, what) from exc
 
     def optimize(self) -> None:
         """Create the payload indexes if missing, then run Edge's optimizers (merge segments, build the
@@ -293,9 +208,9 @@ class EdgeStore(_StoreBase):
         (Each index costs an fsync'd WAL entry, so they are made here, not per ensure_collection.)"""
         shard = self._live_shard()
         if shard is not None:
-            self._check_space("optimize", optimize_need_bytes(self._shard_path) / _MB, plus_margin=True)
+            self._space("optimize", optimize_need_bytes(self._shard_path) / MB, plus_margin=True)
             with self._errors("optimize"):
-                _create_edge_indexes(shard)
+                create_edge_indexes(shard)
                 shard.optimize()
 
     def ensure_payload_indexes(self) -> None:
@@ -303,9 +218,9 @@ class EdgeStore(_StoreBase):
         tens of ms per query at 10,000 images); nothing to do, and no write, once they exist."""
         shard = self._live_shard()
         if shard is not None:
-            self._check_space("index its payload")
+            self._space("index its payload")
             with self._errors("index its payload"):
-                _create_edge_indexes(shard)
+                create_edge_indexes(shard)
 
     def indexed_vectors_count(self) -> int:
         """How many vectors are in HNSW-indexed segments (0 until optimize() builds an index)."""
@@ -342,7 +257,7 @@ class EdgeStore(_StoreBase):
     # -- primitives ------------------------------------------------------------------------------------
     def _upsert_batch(self, points: list[StoredPoint]) -> None:
         shard = self._writable_shard()
-        self._check_space("write")
+        self._space("write")
         with self._errors("upsert"):
             edge_points = [
                 edge.Point(p.id, _vector_list(cast(Vector, p.vector)), normalise_payload(p.payload)) for p in points
@@ -352,14 +267,14 @@ class EdgeStore(_StoreBase):
     def _delete_batch(self, ids: list[str]) -> None:
         shard = self._live_shard()
         if shard is not None:
-            self._check_space("write")
+            self._space("write")
             # Lower the recorded count first: a crash between the two leaves more points than recorded, never fewer.
             with self._errors("delete"):
-                existing = len(shard.retrieve(_edge_ids(ids), with_payload=False, with_vector=False))
+                existing = len(shard.retrieve(edge_ids(ids), with_payload=False, with_vector=False))
             if existing and self._points.points is not None:
                 self._points_after_delete(existing)
             with self._errors("delete"):
-                shard.update(edge.UpdateOperation.delete_points(_edge_ids(ids)))
+                shard.update(edge.UpdateOperation.delete_points(edge_ids(ids)))
 
     def _points_after_delete(self, existing: int) -> None:
         try:
@@ -371,8 +286,8 @@ class EdgeStore(_StoreBase):
         shard = self._live_shard()
         if shard is None:
             return
-        self._check_space("write")
-        by_id = edge.Filter(must=[edge.HasIdCondition(set(_edge_ids(ids)))])
+        self._space("write")
+        by_id = edge.Filter(must=[edge.HasIdCondition(set(edge_ids(ids)))])
         with self._errors("set payload"):
             shard.update(edge.UpdateOperation.set_payload_by_filter(by_id, payload))
 
@@ -381,11 +296,11 @@ class EdgeStore(_StoreBase):
         if shard is None:
             return []
         with self._errors("retrieve"):
-            records = shard.retrieve(_edge_ids(ids), with_payload=True, with_vector=with_vectors)
-        return [_edge_point(r, with_vectors) for r in records]
+            records = shard.retrieve(edge_ids(ids), with_payload=True, with_vector=with_vectors)
+        return [edge_point(r, with_vectors) for r in records]
 
     def _scroll(self, conds: list[_Cond], with_vectors: bool, batch_size: int) -> Iterator[StoredPoint]:
-        flt = _edge_filter(conds)
+        flt = edge_filter(conds)
         offset: edge.PointId | None = None
         while (shard := self._live_shard()) is not None:
             request = edge.ScrollRequest(
@@ -393,7 +308,7 @@ class EdgeStore(_StoreBase):
             )
             with self._errors("scroll"):
                 records, offset = shard.scroll(request)
-            yield from (_edge_point(r, with_vectors) for r in records)
+            yield from (edge_point(r, with_vectors) for r in records)
             if offset is None:
                 return
 
@@ -412,9 +327,9 @@ class EdgeStore(_StoreBase):
                 offset=offset,
                 query=edge.Query.Nearest(vector),
                 with_payload=True,
-                filter=_edge_filter(conds),
+                filter=edge_filter(conds),
                 score_threshold=threshold,
-                params=_search_params(exact),
+                params=search_params(exact),
             )
             found = shard.query(request)
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in found]
@@ -424,7 +339,7 @@ class EdgeStore(_StoreBase):
         if shard is None:
             return 0
         with self._errors("count"):
-            return shard.count(edge.CountRequest(exact=True, filter=_edge_filter(conds)))
+            return shard.count(edge.CountRequest(exact=True, filter=edge_filter(conds)))
 
     # -- failure log -----------------------------------------------------------------------------------
     def record_failures(self, failures: Sequence[Failure]) -> None:
@@ -449,41 +364,6 @@ class EdgeStore(_StoreBase):
         return len(self._failure_log)
 
 
-def _search_params(exact: bool) -> edge.SearchParams:
-    """Exact: the original vectors only. Else the graph and the int8 copies (where the shard has them), the best
-    limit x OVERSAMPLING rescored with the originals, so that scores are the originals' and the order nearly so."""
-    if exact:
-        return edge.SearchParams(exact=True, quantization=edge.QuantizationSearchParams(ignore=True))
-    return edge.SearchParams(
-        hnsw_ef=SEARCH_EF, quantization=edge.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING)
-    )
-
-
-def _create_edge_indexes(shard: edge.EdgeShard) -> None:
-    """Payload indexes for the filtered fields that lack one."""
-    kinds = [
-        *((f, edge.PayloadSchemaType.Keyword) for f in KEYWORD_FIELDS),
-        *((f, edge.PayloadSchemaType.Integer) for f in INTEGER_FIELDS),
-        *((f, edge.PayloadSchemaType.Float) for f in FLOAT_FIELDS),
-    ]
-    have = shard.info().payload_schema
-    for field, kind in kinds:
-        if field not in have:
-            shard.update(edge.UpdateOperation.create_field_index(field, kind))
-
-
-def writable(directory: Path) -> bool:
-    """False for an existing store directory on a read-only filesystem or without write permission."""
-    directory = Path(directory).expanduser()
-    if not directory.is_dir():
-        return True
-    try:
-        read_only_fs = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
-    except OSError:
-        return True
-    return not read_only_fs and os.access(directory, os.W_OK)
-
-
 class EdgeStoreCopy(EdgeStore):
     """A read-only store read from a temporary copy of its directory (sparse, like `cp -a --sparse=always`),
     deleted at close; `location` names the original. For commands that only read."""
@@ -494,7 +374,7 @@ class EdgeStoreCopy(EdgeStore):
         copy = self._copy_root / "store"
         log.warning("the store at %s is read-only: reading a temporary copy (%s)", original, copy)
         try:
-            _copy_tree(original, copy)
+            copy_tree(original, copy)
             super().__init__(copy, min_free_mb=0.0)
         except BaseException:
             shutil.rmtree(self._copy_root, ignore_errors=True)
@@ -506,14 +386,3 @@ class EdgeStoreCopy(EdgeStore):
             super().close()
         finally:
             shutil.rmtree(self._copy_root, ignore_errors=True)
-
-
-def _copy_tree(source: Path, target: Path) -> None:
-    """Copy a store directory keeping holes (Edge's files are mostly sparse); without GNU cp, shutil."""
-    cp = shutil.which("cp")
-    if cp is not None:
-        proc = subprocess.run([cp, "-a", "--sparse=always", str(source), str(target)], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return
-        shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("lock"))

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.errors import ConfigError
-from indexer.store.edge_store import MIN_FREE_MB, EdgeStore, EdgeStoreCopy, writable
+from indexer.store.edge_files import writable
+from indexer.store.edge_store import MIN_FREE_MB, EdgeStore, EdgeStoreCopy
 from indexer.store.protocol import VectorStore
 
 if TYPE_CHECKING:
