@@ -17,7 +17,7 @@ from indexer.atomicio import atomic_write_json, is_temp_name
 from indexer.errors import StoreBusyError, StoreError
 from indexer.records import Failure
 from indexer.store import protocol
-from indexer.store.base import _reason
+from indexer.store.base import _reason, _stamp
 from indexer.store.protocol import FailureRecord
 
 STORE_FORMAT = "indexer-store"
@@ -278,3 +278,33 @@ class _DirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class FailureLog:
+    """The failure-log methods of a store kept in a directory (`_failure_log`, a `_FailureFile`)."""
+
+    _failure_log: _FailureFile
+
+    def _check_open(self) -> None:
+        raise NotImplementedError
+
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        """Add or update entries (by path, stamped now); keeps the latest MAX_FAILURES."""
+        self._check_open()
+        if failures:
+            self._failure_log.record(failures, _stamp())
+
+    def clear_failures(self, paths: Sequence[str]) -> None:
+        """Drop the entries of these paths."""
+        self._check_open()
+        self._failure_log.clear(paths)
+
+    def failures(self, limit: int = 20) -> list[FailureRecord]:
+        """The newest entries, newest first."""
+        self._check_open()
+        return self._failure_log.newest(limit)
+
+    def failure_count(self) -> int:
+        """How many entries the failure log holds."""
+        self._check_open()
+        return len(self._failure_log)

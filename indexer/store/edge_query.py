@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 
 import qdrant_edge as edge
 
-from indexer.records import StoredPoint
+from indexer.records import Hit, StoredPoint
 from indexer.store.base import _as_vector
 from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
 from indexer.store.protocol import FLOAT_FIELDS, INTEGER_FIELDS, KEYWORD_FIELDS
@@ -63,3 +64,63 @@ def create_edge_indexes(shard: edge.EdgeShard) -> None:
     for field, kind in kinds:
         if field not in have:
             shard.update(edge.UpdateOperation.create_field_index(field, kind))
+
+
+class EdgeReads:
+    """The read primitives of `EdgeStore` over its live shard (`_live_shard`, `_errors` are the store's)."""
+
+    def _live_shard(self) -> edge.EdgeShard | None:
+        raise NotImplementedError
+
+    def _errors(self, what: str) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def _retrieve_batch(self, ids: list[str], with_vectors: bool) -> list[StoredPoint]:
+        shard = self._live_shard()
+        if shard is None:
+            return []
+        with self._errors("retrieve"):
+            records = shard.retrieve(edge_ids(ids), with_payload=True, with_vector=with_vectors)
+        return [edge_point(r, with_vectors) for r in records]
+
+    def _scroll(self, conds: list[_Cond], with_vectors: bool, batch_size: int) -> Iterator[StoredPoint]:
+        flt = edge_filter(conds)
+        offset: edge.PointId | None = None
+        while (shard := self._live_shard()) is not None:
+            request = edge.ScrollRequest(
+                offset=offset, limit=batch_size, filter=flt, with_payload=True, with_vector=with_vectors
+            )
+            with self._errors("scroll"):
+                records, offset = shard.scroll(request)
+            yield from (edge_point(r, with_vectors) for r in records)
+            if offset is None:
+                return
+
+    def _query(
+        self, vector: list[float], limit: int, offset: int, threshold: float | None, conds: list[_Cond]
+    ) -> list[Hit]:
+        shard = self._live_shard()
+        if shard is None:
+            return []
+        with self._errors("search"):
+            # Exact while nothing is HNSW-indexed; after optimize() the index serves the indexed segments
+            # and Edge still scans the small unindexed remainder exactly.
+            exact = shard.info().indexed_vectors_count == 0
+            request = edge.QueryRequest(
+                limit=limit,
+                offset=offset,
+                query=edge.Query.Nearest(vector),
+                with_payload=True,
+                filter=edge_filter(conds),
+                score_threshold=threshold,
+                params=search_params(exact),
+            )
+            found = shard.query(request)
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in found]
+
+    def _count(self, conds: list[_Cond]) -> int:
+        shard = self._live_shard()
+        if shard is None:
+            return 0
+        with self._errors("count"):
+            return shard.count(edge.CountRequest(exact=True, filter=edge_filter(conds)))

@@ -7,7 +7,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -16,13 +16,14 @@ import qdrant_edge as edge
 
 from indexer.atomicio import create_json_exclusive
 from indexer.errors import IndexerError, StoreBusyError, StoreError
-from indexer.records import Failure, Hit, StoredPoint
-from indexer.store.base import _check_model, _reason, _stamp, _StoreBase, _vector_list
+from indexer.records import StoredPoint
+from indexer.store.base import _check_model, _reason, _StoreBase, _vector_list
 from indexer.store.directory import (
     FAILURES_FILE,
     POINTS_FILE,
     SHARD_DIR,
     STORE_FILE,
+    FailureLog,
     _check_store_directory,
     _DirLock,
     _FailureFile,
@@ -34,10 +35,9 @@ from indexer.store.directory import (
     read_only_error,
 )
 from indexer.store.edge_files import MB, check_space, copy_tree, edge_config, edge_error
-from indexer.store.edge_query import create_edge_indexes, edge_filter, edge_ids, edge_point, search_params
-from indexer.store.filters import _Cond
+from indexer.store.edge_query import EdgeReads, create_edge_indexes, edge_ids
 from indexer.store.payload import normalise_payload
-from indexer.store.protocol import FailureRecord, Vector
+from indexer.store.protocol import Vector
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ MIN_FREE_MB = 64.0
 QUANTIZE = True
 
 
-class EdgeStore(_StoreBase):
+class EdgeStore(EdgeReads, FailureLog, _StoreBase):
     """The embedded store: a Qdrant Edge shard in `directory/shard`, model info in `directory/store.json`,
     the failure log in `directory/failures.json`. One process at a time may open a directory."""
 
@@ -290,78 +290,6 @@ class EdgeStore(_StoreBase):
         by_id = edge.Filter(must=[edge.HasIdCondition(set(edge_ids(ids)))])
         with self._errors("set payload"):
             shard.update(edge.UpdateOperation.set_payload_by_filter(by_id, payload))
-
-    def _retrieve_batch(self, ids: list[str], with_vectors: bool) -> list[StoredPoint]:
-        shard = self._live_shard()
-        if shard is None:
-            return []
-        with self._errors("retrieve"):
-            records = shard.retrieve(edge_ids(ids), with_payload=True, with_vector=with_vectors)
-        return [edge_point(r, with_vectors) for r in records]
-
-    def _scroll(self, conds: list[_Cond], with_vectors: bool, batch_size: int) -> Iterator[StoredPoint]:
-        flt = edge_filter(conds)
-        offset: edge.PointId | None = None
-        while (shard := self._live_shard()) is not None:
-            request = edge.ScrollRequest(
-                offset=offset, limit=batch_size, filter=flt, with_payload=True, with_vector=with_vectors
-            )
-            with self._errors("scroll"):
-                records, offset = shard.scroll(request)
-            yield from (edge_point(r, with_vectors) for r in records)
-            if offset is None:
-                return
-
-    def _query(
-        self, vector: list[float], limit: int, offset: int, threshold: float | None, conds: list[_Cond]
-    ) -> list[Hit]:
-        shard = self._live_shard()
-        if shard is None:
-            return []
-        with self._errors("search"):
-            # Exact while nothing is HNSW-indexed; after optimize() the index serves the indexed segments
-            # and Edge still scans the small unindexed remainder exactly.
-            exact = shard.info().indexed_vectors_count == 0
-            request = edge.QueryRequest(
-                limit=limit,
-                offset=offset,
-                query=edge.Query.Nearest(vector),
-                with_payload=True,
-                filter=edge_filter(conds),
-                score_threshold=threshold,
-                params=search_params(exact),
-            )
-            found = shard.query(request)
-        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in found]
-
-    def _count(self, conds: list[_Cond]) -> int:
-        shard = self._live_shard()
-        if shard is None:
-            return 0
-        with self._errors("count"):
-            return shard.count(edge.CountRequest(exact=True, filter=edge_filter(conds)))
-
-    # -- failure log -----------------------------------------------------------------------------------
-    def record_failures(self, failures: Sequence[Failure]) -> None:
-        """Add or update entries (by path, stamped now); keeps the latest MAX_FAILURES."""
-        self._check_open()
-        if failures:
-            self._failure_log.record(failures, _stamp())
-
-    def clear_failures(self, paths: Sequence[str]) -> None:
-        """Drop the entries of these paths."""
-        self._check_open()
-        self._failure_log.clear(paths)
-
-    def failures(self, limit: int = 20) -> list[FailureRecord]:
-        """The newest entries, newest first."""
-        self._check_open()
-        return self._failure_log.newest(limit)
-
-    def failure_count(self) -> int:
-        """How many entries the failure log holds."""
-        self._check_open()
-        return len(self._failure_log)
 
 
 class EdgeStoreCopy(EdgeStore):

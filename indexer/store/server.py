@@ -6,7 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, cast
 
 from qdrant_client import QdrantClient
@@ -84,7 +84,94 @@ def _vector_size(info: qm.CollectionInfo) -> int | None:
     return vectors.size if isinstance(vectors, qm.VectorParams) else None
 
 
-class QdrantServerStore(_StoreBase):
+class ServerFailureLog:
+    """The failure log of a `QdrantServerStore`: a second collection ``{collection}__failures`` (1-d vectors;
+    payload path, reason, at), made on first use."""
+
+    client: QdrantClient
+    failures_collection: str
+    _known: set[str]
+
+    def _exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _errors(self, what: str) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def _create_index(self, collection: str, field: str, kind: qm.PayloadSchemaType) -> None:
+        raise NotImplementedError
+
+    def _ensure_failures_collection(self) -> None:
+        if self._exists(self.failures_collection):
+            return
+        with self._errors("create the failure log"):
+            self.client.create_collection(
+                self.failures_collection, vectors_config=qm.VectorParams(size=1, distance=qm.Distance.DOT)
+            )
+        self._known.add(self.failures_collection)
+        self._create_index(self.failures_collection, "at", qm.PayloadSchemaType.FLOAT)
+
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        """Upsert entries (id = point_id(path), stamped now); keeps the latest MAX_FAILURES."""
+        if not failures:
+            return
+        self._ensure_failures_collection()
+        at = _stamp()
+        latest = {str(f.path): f for f in failures[-protocol.MAX_FAILURES :]}
+        structs = [
+            qm.PointStruct(id=point_id(path), vector=[1.0], payload=_failure_payload(f, at))
+            for path, f in latest.items()
+        ]
+        for batch in _batches(structs, WRITE_BATCH):
+            with self._errors("record failures"):
+                self.client.upsert(self.failures_collection, points=batch, wait=True)
+        self._prune_failures()
+
+    def _prune_failures(self) -> None:
+        excess = self.failure_count() - protocol.MAX_FAILURES
+        while excess > 0:
+            with self._errors("prune the failure log"):
+                oldest, _ = self.client.scroll(
+                    self.failures_collection,
+                    limit=min(excess, READ_BATCH),
+                    order_by=qm.OrderBy(key="at", direction=qm.Direction.ASC),
+                    with_payload=False,
+                )
+                self.client.delete(self.failures_collection, qm.PointIdsList(points=[r.id for r in oldest]), wait=True)
+            excess -= len(oldest)
+            if not oldest:
+                return
+
+    def clear_failures(self, paths: Sequence[str]) -> None:
+        """Drop the entries of these paths."""
+        if not paths or not self._exists(self.failures_collection):
+            return
+        for batch in _batches([point_id(str(p)) for p in paths], WRITE_BATCH):
+            with self._errors("clear failures"):
+                self.client.delete(self.failures_collection, qm.PointIdsList(points=_server_ids(batch)), wait=True)
+
+    def failures(self, limit: int = 20) -> list[FailureRecord]:
+        """The newest entries, newest first."""
+        if limit < 1 or not self._exists(self.failures_collection):
+            return []
+        with self._errors("read the failure log"):
+            records, _ = self.client.scroll(
+                self.failures_collection,
+                limit=limit,
+                order_by=qm.OrderBy(key="at", direction=qm.Direction.DESC),
+                with_payload=True,
+            )
+        return [_failure_record(r) for r in records]
+
+    def failure_count(self) -> int:
+        """How many entries the failure log holds."""
+        if not self._exists(self.failures_collection):
+            return 0
+        with self._errors("count failures"):
+            return self.client.count(self.failures_collection, exact=True).count
+
+
+class QdrantServerStore(ServerFailureLog, _StoreBase):
     """A collection on a Qdrant server: model id and dim in the collection's metadata, the failure log in
     a second collection `{collection}__failures` (1-d vectors; payload path, reason, at)."""
 
@@ -276,73 +363,3 @@ class QdrantServerStore(_StoreBase):
             return 0
         with self._errors("count points"):
             return self.client.count(self.collection, _server_filter(conds), exact=True).count
-
-    # -- failure log -----------------------------------------------------------------------------------
-    def _ensure_failures_collection(self) -> None:
-        if self._exists(self.failures_collection):
-            return
-        with self._errors("create the failure log"):
-            self.client.create_collection(
-                self.failures_collection, vectors_config=qm.VectorParams(size=1, distance=qm.Distance.DOT)
-            )
-        self._known.add(self.failures_collection)
-        self._create_index(self.failures_collection, "at", qm.PayloadSchemaType.FLOAT)
-
-    def record_failures(self, failures: Sequence[Failure]) -> None:
-        """Upsert entries (id = point_id(path), stamped now); keeps the latest MAX_FAILURES."""
-        if not failures:
-            return
-        self._ensure_failures_collection()
-        at = _stamp()
-        latest = {str(f.path): f for f in failures[-protocol.MAX_FAILURES :]}
-        structs = [
-            qm.PointStruct(id=point_id(path), vector=[1.0], payload=_failure_payload(f, at))
-            for path, f in latest.items()
-        ]
-        for batch in _batches(structs, WRITE_BATCH):
-            with self._errors("record failures"):
-                self.client.upsert(self.failures_collection, points=batch, wait=True)
-        self._prune_failures()
-
-    def _prune_failures(self) -> None:
-        excess = self.failure_count() - protocol.MAX_FAILURES
-        while excess > 0:
-            with self._errors("prune the failure log"):
-                oldest, _ = self.client.scroll(
-                    self.failures_collection,
-                    limit=min(excess, READ_BATCH),
-                    order_by=qm.OrderBy(key="at", direction=qm.Direction.ASC),
-                    with_payload=False,
-                )
-                self.client.delete(self.failures_collection, qm.PointIdsList(points=[r.id for r in oldest]), wait=True)
-            excess -= len(oldest)
-            if not oldest:
-                return
-
-    def clear_failures(self, paths: Sequence[str]) -> None:
-        """Drop the entries of these paths."""
-        if not paths or not self._exists(self.failures_collection):
-            return
-        for batch in _batches([point_id(str(p)) for p in paths], WRITE_BATCH):
-            with self._errors("clear failures"):
-                self.client.delete(self.failures_collection, qm.PointIdsList(points=_server_ids(batch)), wait=True)
-
-    def failures(self, limit: int = 20) -> list[FailureRecord]:
-        """The newest entries, newest first."""
-        if limit < 1 or not self._exists(self.failures_collection):
-            return []
-        with self._errors("read the failure log"):
-            records, _ = self.client.scroll(
-                self.failures_collection,
-                limit=limit,
-                order_by=qm.OrderBy(key="at", direction=qm.Direction.DESC),
-                with_payload=True,
-            )
-        return [_failure_record(r) for r in records]
-
-    def failure_count(self) -> int:
-        """How many entries the failure log holds."""
-        if not self._exists(self.failures_collection):
-            return 0
-        with self._errors("count failures"):
-            return self.client.count(self.failures_collection, exact=True).count
