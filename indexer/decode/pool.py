@@ -309,16 +309,6 @@ class DecodePool:
             future.set_exception(exc)
             return future
 
-    @staticmethod
-    def _collect(path: Path, future: Future[Result]) -> Result | None:
-        """The future's result; None when its worker process died (or a pool rebuild cancelled it)."""
-        try:
-            return future.result()
-        except (BrokenProcessPool, CancelledError):
-            return None
-        except Exception as exc:  # e.g. a result that could not be pickled
-            return Failure(path, f"decoder failed: {type(exc).__name__}: {exc}")
-
     def _fill(self, pending: deque[_Pending], source: Iterator[Path | None]) -> bool:
         paths, ended = _take(source, self.lookahead - len(pending))
         for path in paths:
@@ -336,7 +326,7 @@ class DecodePool:
                     time.sleep(_PAUSED)  # paused with nothing in flight: ask again
                     continue
                 path, future = pending.popleft()
-                result = self._collect(path, future)
+                result = _collect(path, future)
                 if result is None:
                     suspects = [(path, future), *pending]
                     pending.clear()
@@ -359,12 +349,12 @@ class DecodePool:
     def _decode_alone(self, path: Path) -> Result:
         if self.transport == "shm":
             chunk = self._submit_chunk([path])
-            rows = self._collect_chunk(chunk)
-            result = None if rows is None else self._results(chunk, rows)[0]
+            rows = _collect_chunk(chunk)
+            result = None if rows is None else _results(chunk, rows)[0]
             if rows is None:
                 self._ring_discard(chunk.slot)
         else:
-            result = self._collect(path, self._submit(path))
+            result = _collect(path, self._submit(path))
         if result is not None:
             self._crashes_in_a_row = 0
             return result
@@ -397,24 +387,6 @@ class DecodePool:
             future.set_exception(exc)
         return _Chunk(paths, slot, future)
 
-    @staticmethod
-    def _collect_chunk(chunk: _Chunk) -> list[Row] | None:
-        """The chunk's rows; None when its worker process died (or a pool rebuild cancelled it)."""
-        try:
-            return chunk.future.result()
-        except (BrokenProcessPool, CancelledError):
-            return None
-        except Exception as exc:  # e.g. a task that could not be pickled
-            return [f"decoder failed: {type(exc).__name__}: {exc}" for _ in chunk.paths]
-
-    @staticmethod
-    def _results(chunk: _Chunk, rows: list[Row]) -> list[Result]:
-        """Decoded records viewing the slot's rows (no copy); the slot is reusable once they are all dropped."""
-        pixels = chunk.slot.array
-        out = [_row_result(path, row, pixels[i]) for i, (path, row) in enumerate(zip(chunk.paths, rows, strict=True))]
-        chunk.slot.leased = False
-        return out
-
     def _fill_chunks(self, pending: deque[_Chunk], source: Iterator[Path | None]) -> bool:
         room = self.lookahead - sum(len(c.paths) for c in pending)
         paths, ended = _take(source, room)
@@ -436,14 +408,14 @@ class DecodePool:
                     time.sleep(_PAUSED)  # paused with nothing in flight: ask again
                     continue
                 chunk = pending.popleft()
-                rows = self._collect_chunk(chunk)
+                rows = _collect_chunk(chunk)
                 if rows is None:
                     suspects = [chunk, *pending]
                     pending.clear()
                     yield from self._recover_chunks(suspects)
                 else:
                     self._crashes_in_a_row = 0
-                    yield from self._results(chunk, rows)
+                    yield from _results(chunk, rows)
         finally:
             for chunk in pending:
                 if chunk.future.cancel():
@@ -458,8 +430,36 @@ class DecodePool:
         for chunk in suspects:
             future = chunk.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                yield from self._results(chunk, future.result())
+                yield from _results(chunk, future.result())
                 continue
             self._ring_discard(chunk.slot)
             for path in chunk.paths:
                 yield self._decode_alone(path)
+
+
+def _collect(path: Path, future: Future[Result]) -> Result | None:
+    """The future's result; None when its worker process died (or a pool rebuild cancelled it)."""
+    try:
+        return future.result()
+    except (BrokenProcessPool, CancelledError):
+        return None
+    except Exception as exc:  # e.g. a result that could not be pickled
+        return Failure(path, f"decoder failed: {type(exc).__name__}: {exc}")
+
+
+def _collect_chunk(chunk: _Chunk) -> list[Row] | None:
+    """The chunk's rows; None when its worker process died (or a pool rebuild cancelled it)."""
+    try:
+        return chunk.future.result()
+    except (BrokenProcessPool, CancelledError):
+        return None
+    except Exception as exc:  # e.g. a task that could not be pickled
+        return [f"decoder failed: {type(exc).__name__}: {exc}" for _ in chunk.paths]
+
+
+def _results(chunk: _Chunk, rows: list[Row]) -> list[Result]:
+    """Decoded records viewing the slot's rows (no copy); the slot is reusable once they are all dropped."""
+    pixels = chunk.slot.array
+    out = [_row_result(path, row, pixels[i]) for i, (path, row) in enumerate(zip(chunk.paths, rows, strict=True))]
+    chunk.slot.leased = False
+    return out
