@@ -75,6 +75,17 @@ def test_rule_measures_from_the_first_wait_and_keeps_nvjpeg_when_faster(caplog: 
     assert policy.state == "on"
 
 
+def test_rule_does_not_count_waits_while_the_decoders_start() -> None:
+    clock = Clock()
+    policy = GpuPolicy("auto", window=10, skip=100, warmup=20, clock=clock)
+    _feed(policy, clock, 20, model_s=0.01, wait_s=0.05)  # the workers starting: the model waits, not counted
+    _feed(policy, clock, 10, model_s=0.01, wait_s=0.0)
+    assert policy.state == "measure"  # no wait since: the window has not started
+    _feed(policy, clock, 70, model_s=0.01, wait_s=0.0)
+    _feed(policy, clock, 10, model_s=0.01, wait_s=0.0)
+    assert policy.state == "off" and "waited on decoding 0%" in policy.decision
+
+
 @pytest.mark.parametrize(("trial_s", "state"), [(0.0185, "off"), (0.0175, "on")])  # CPU alone: 10 in 0.19 s
 def test_rule_drops_nvjpeg_unless_five_percent_faster(trial_s: float, state: str) -> None:
     clock = Clock()
@@ -169,7 +180,7 @@ def test_auto_takes_nvjpeg_where_decoding_is_the_bottleneck_and_it_helps(
     paths = _jpegs(tmp_path, 120)
     with (
         caplog.at_level(logging.INFO, logger="indexer.decode.gpu_policy"),
-        MixedDecoder(NvJpegDecoder(SPEC, LIMITS, device="cpu"), SlowPool(0.02), 16, 4, mode="auto") as mixed,
+        MixedDecoder(NvJpegDecoder(SPEC, LIMITS, device="cpu"), SlowPool(0.05), 16, 4, mode="auto") as mixed,
     ):
         assert _consume(mixed, paths, model_s=0.0) == 120
     assert mixed.decision.startswith("nvJPEG on: "), mixed.decision

@@ -245,7 +245,7 @@ def build_clip(source: ModelSource, settings: ModelSettings) -> ClipModel:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"bf16", "fp32", "fp16" (the names the settings use)."""
+    """ "bf16", "fp32", "fp16" (the names the settings use)."""
     return next((name for name, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
 
 
