@@ -199,9 +199,8 @@ def test_auto_drops_nvjpeg_that_slows_the_model_down(tmp_path: Path) -> None:
 
 
 def test_decoder_for_leaves_torch_and_cuda_to_the_nvjpeg_thread(tmp_path: Path) -> None:
-    """With the model on CUDA and ``auto``, making the decoder imports neither torch nor torchvision (the CUDA
-    check and nvJPEG's start happen on the nvJPEG thread); without a GPU that thread finds no nvJPEG, says so, and
-    the CPU decodes everything."""
+    """With the model on CUDA and ``auto``, making the decoder imports neither torch nor torchvision; a short run
+    that never measured a reason for nvJPEG never starts it (no torch, no CUDA context), and the CPU decodes all."""
     paths = _jpegs(tmp_path / "photos", 12)
     script = f"""
 import json, sys
@@ -211,16 +210,34 @@ from indexer.records import DecodeLimits, PreprocessSpec
 from indexer.settings import load_settings
 settings = load_settings(None, {{"model": {{"device": "cuda"}}, "store": {{"dir": {str(tmp_path / "s")!r}}}}})
 decoder = decoder_for(settings, PreprocessSpec(image_size=64), DecodeLimits(), 1, 8)
-heavy = sorted(m for m in ("torch", "torchvision") if m in sys.modules)
+made = sorted(m for m in ("torch", "torchvision") if m in sys.modules)
 with decoder:
     results = list(decoder.imap(sorted(Path({str(tmp_path / "photos")!r}).glob("*.jpg"))))
-print(json.dumps({{"mixed": isinstance(decoder, MixedDecoder), "heavy": heavy, "n": len(results),
+ran = sorted(m for m in ("torch", "torchvision") if m in sys.modules)
+print(json.dumps({{"mixed": isinstance(decoder, MixedDecoder), "made": made, "ran": ran, "n": len(results),
                   "cpu": decoder.cpu_files, "gpu": decoder.gpu_files, "decision": decoder.decision}}))
 """
-    if torch.cuda.is_available():
-        pytest.skip("checks the machine without CUDA")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(out.stdout.splitlines()[-1])
-    assert got["mixed"] and got["heavy"] == []
-    assert (got["n"], got["cpu"], got["gpu"]) == (len(paths), len(paths), 0)
-    assert got["decision"] == "nvJPEG off: no CUDA device with torchvision's nvJPEG here"
+    assert got["mixed"] and got["made"] == [] and got["ran"] == []
+    assert (got["n"], got["cpu"], got["gpu"]) == (len(paths), len(paths), 0) and got["decision"] == ""
+
+
+def test_nvjpeg_unavailable_when_wanted_leaves_the_run_to_the_cpu(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = _jpegs(tmp_path, 60)
+    opened: list[float] = []
+
+    def opener() -> str:
+        opened.append(time.perf_counter())
+        return "no CUDA device with torchvision's nvJPEG here"
+
+    with (
+        caplog.at_level(logging.INFO, logger="indexer.decode.gpu_policy"),
+        MixedDecoder(opener, SlowPool(0.02), lookahead=16, gpu_chunk=4, mode="auto") as mixed,
+    ):
+        assert _consume(mixed, paths, model_s=0.0) == 60
+    assert len(opened) == 1 and (mixed.gpu_files, mixed.cpu_files) == (0, 60)
+    assert mixed.decision == "nvJPEG off: no CUDA device with torchvision's nvJPEG here"
+    assert "trying nvJPEG" in caplog.text  # it was wanted (decoding was the bottleneck) before it was looked for

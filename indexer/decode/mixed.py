@@ -354,17 +354,7 @@ class _Run:
 
     def _gpu_loop(self) -> None:
         owner = self.owner
-        if owner.open_gpu() is None:
-            self.policy.unavailable(owner.unavailable)
-            owner.decision = self.policy.decision
-            return
-        while True:
-            with self.cond:
-                while not self._gpu_done() and not self._gpu_wanted():
-                    self.cond.wait()
-                if not self._gpu_wanted():  # stopped, off, or the input ended and no JPEG is left
-                    return
-                chunk = [self.jpegs.popleft() for _ in range(min(owner.gpu_chunk, len(self.jpegs)))]
+        while (chunk := self._next_chunk()) is not None:
             paths = [path for _, path in chunk]
             try:
                 results = owner.decode_on_gpu(paths)
@@ -375,6 +365,34 @@ class _Run:
             owner.gpu_files += len(chunk)
             self.policy.gpu_chunk_done()
             self._put([seq for seq, _ in chunk], results)
+
+    def _next_chunk(self) -> list[tuple[int, Path]] | None:
+        """The next chunk of JPEGs for nvJPEG, once it is wanted (None: nothing more in this run). nvJPEG is
+        started (torch, the CUDA context) only then: a run where the model is the bottleneck never starts it."""
+        while True:
+            with self.cond:
+                while not self._gpu_done() and not self._gpu_wanted():
+                    self.cond.wait()
+                if not self._gpu_wanted():  # stopped, off, or the input ended and no JPEG is left
+                    return None
+                if self.owner.gpu is not None:
+                    return [self.jpegs.popleft() for _ in range(min(self.owner.gpu_chunk, len(self.jpegs)))]
+            if self._open() is None:  # outside the lock: the CPU side goes on meanwhile
+                return None
+
+    def _open(self) -> object | None:
+        try:
+            gpu = self.owner.open_gpu()
+        except Exception as exc:  # a broken CUDA or torchvision install: the CPU decodes, with a warning
+            log.warning("nvJPEG could not start, the CPU decodes: %s", exc)
+            self.owner._unavailable = f"nvJPEG could not start: {exc}"
+            gpu = None
+        if gpu is None:
+            self.policy.unavailable(self.owner.unavailable)
+            self.owner.decision = self.policy.decision
+            with self.cond:
+                self.cond.notify_all()
+        return gpu
 
     def _cpu_loop(self) -> None:
         """One `DecodePool.imap` over the queues for the whole run (see `_cpu_source`)."""
