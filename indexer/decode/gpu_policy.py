@@ -7,9 +7,10 @@ slower (measured on an H200: 1,678 against 2,079 images/s). So under ``auto`` th
 alone and measures:
 
 1. **Does the model wait on decoding?** Over a window of ``window`` results (from the first time the consumer — the
-   model's loop — had to wait once ``warmup`` results are in, so that the decode workers' start is not counted; or
-   after the look-ahead filled while the model loaded was eaten), the share of the consumer's time spent waiting
-   for the next decoded image. Below ``min_wait`` (10%) the CPU keeps up: nvJPEG stays
+   model's loop — had to wait once ``warmup`` results are in, so that neither the decode workers' start nor the
+   batches gathered while the network still loads are counted; or after the look-ahead filled while the model
+   loaded was eaten), the share of the consumer's time spent waiting for the next decoded image. A run shorter than
+   that never uses nvJPEG under "auto". Below ``min_wait`` (10%) the CPU keeps up: nvJPEG stays
    off for the run.
 2. **Is nvJPEG faster?** Otherwise nvJPEG is tried for another window (counted from its first decoded chunk, so its
    start-up is not held against it), and kept only if the consumer's rate is at least ``min_gain`` (1.05x) the

@@ -262,7 +262,10 @@ class _Run:
         self.error: BaseException | None = None
         self.refill = max(1, min(32, owner.lookahead // 4))  # take input in small batches, not one file a time
         window = max(2 * owner.gpu_chunk, min(256, owner.lookahead))
-        self.policy = GpuPolicy(owner.mode, window=window, skip=owner.lookahead, warmup=window)
+        # Waits among the first half look-ahead + 1 are not the model's: the workers start, and the pipeline gathers
+        # its first two batches while the network may still be loading (the third is taken once the model ran).
+        warmup = max(window, owner.lookahead // 2 + 1)
+        self.policy = GpuPolicy(owner.mode, window=window, skip=owner.lookahead, warmup=warmup)
         self.threads = [
             threading.Thread(target=self._guard, args=(self._gpu_loop,), name="nvjpeg", daemon=True),
             threading.Thread(target=self._guard, args=(self._cpu_loop,), name="decode-pool-feed", daemon=True),
