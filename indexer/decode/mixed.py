@@ -178,7 +178,12 @@ class MixedDecoder:
 
     @property
     def unavailable(self) -> str:
+        """Why nvJPEG does not run here ("" while it may)."""
         return self._unavailable
+
+    def give_up(self, reason: str) -> None:
+        """nvJPEG is not to be tried again by this decoder."""
+        self._unavailable = reason
 
     def __enter__(self) -> Self:
         return self
@@ -388,7 +393,7 @@ class _Run:
             gpu = self.owner.open_gpu()
         except Exception as exc:  # a broken CUDA or torchvision install: the CPU decodes, with a warning
             log.warning("nvJPEG could not start, the CPU decodes: %s", exc)
-            self.owner._unavailable = f"nvJPEG could not start: {exc}"
+            self.owner.give_up(f"nvJPEG could not start: {exc}")
             gpu = None
         if gpu is None:
             self.policy.unavailable(self.owner.unavailable)
