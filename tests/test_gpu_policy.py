@@ -75,6 +75,17 @@ def test_rule_measures_from_the_first_wait_and_keeps_nvjpeg_when_faster(caplog: 
     assert policy.state == "on"
 
 
+def test_rule_does_not_count_waits_while_the_decoders_start() -> None:
+    clock = Clock()
+    policy = GpuPolicy("auto", window=10, skip=100, warmup=20, clock=clock)
+    _feed(policy, clock, 20, model_s=0.01, wait_s=0.05)  # the workers starting: the model waits, not counted
+    _feed(policy, clock, 10, model_s=0.01, wait_s=0.0)
+    assert policy.state == "measure"  # no wait since: the window has not started
+    _feed(policy, clock, 70, model_s=0.01, wait_s=0.0)
+    _feed(policy, clock, 10, model_s=0.01, wait_s=0.0)
+    assert policy.state == "off" and "waited on decoding 0%" in policy.decision
+
+
 @pytest.mark.parametrize(("trial_s", "state"), [(0.0185, "off"), (0.0175, "on")])  # CPU alone: 10 in 0.19 s
 def test_rule_drops_nvjpeg_unless_five_percent_faster(trial_s: float, state: str) -> None:
     clock = Clock()
@@ -169,7 +180,7 @@ def test_auto_takes_nvjpeg_where_decoding_is_the_bottleneck_and_it_helps(
     paths = _jpegs(tmp_path, 120)
     with (
         caplog.at_level(logging.INFO, logger="indexer.decode.gpu_policy"),
-        MixedDecoder(NvJpegDecoder(SPEC, LIMITS, device="cpu"), SlowPool(0.02), 16, 4, mode="auto") as mixed,
+        MixedDecoder(NvJpegDecoder(SPEC, LIMITS, device="cpu"), SlowPool(0.05), 16, 4, mode="auto") as mixed,
     ):
         assert _consume(mixed, paths, model_s=0.0) == 120
     assert mixed.decision.startswith("nvJPEG on: "), mixed.decision
@@ -188,9 +199,8 @@ def test_auto_drops_nvjpeg_that_slows_the_model_down(tmp_path: Path) -> None:
 
 
 def test_decoder_for_leaves_torch_and_cuda_to_the_nvjpeg_thread(tmp_path: Path) -> None:
-    """With the model on CUDA and ``auto``, making the decoder imports neither torch nor torchvision (the CUDA
-    check and nvJPEG's start happen on the nvJPEG thread); without a GPU that thread finds no nvJPEG, says so, and
-    the CPU decodes everything."""
+    """With the model on CUDA and ``auto``, making the decoder imports neither torch nor torchvision; a short run
+    that never measured a reason for nvJPEG never starts it (no torch, no CUDA context), and the CPU decodes all."""
     paths = _jpegs(tmp_path / "photos", 12)
     script = f"""
 import json, sys
@@ -200,16 +210,34 @@ from indexer.records import DecodeLimits, PreprocessSpec
 from indexer.settings import load_settings
 settings = load_settings(None, {{"model": {{"device": "cuda"}}, "store": {{"dir": {str(tmp_path / "s")!r}}}}})
 decoder = decoder_for(settings, PreprocessSpec(image_size=64), DecodeLimits(), 1, 8)
-heavy = sorted(m for m in ("torch", "torchvision") if m in sys.modules)
+made = sorted(m for m in ("torch", "torchvision") if m in sys.modules)
 with decoder:
     results = list(decoder.imap(sorted(Path({str(tmp_path / "photos")!r}).glob("*.jpg"))))
-print(json.dumps({{"mixed": isinstance(decoder, MixedDecoder), "heavy": heavy, "n": len(results),
+ran = sorted(m for m in ("torch", "torchvision") if m in sys.modules)
+print(json.dumps({{"mixed": isinstance(decoder, MixedDecoder), "made": made, "ran": ran, "n": len(results),
                   "cpu": decoder.cpu_files, "gpu": decoder.gpu_files, "decision": decoder.decision}}))
 """
-    if torch.cuda.is_available():
-        pytest.skip("checks the machine without CUDA")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(out.stdout.splitlines()[-1])
-    assert got["mixed"] and got["heavy"] == []
-    assert (got["n"], got["cpu"], got["gpu"]) == (len(paths), len(paths), 0)
-    assert got["decision"] == "nvJPEG off: no CUDA device with torchvision's nvJPEG here"
+    assert got["mixed"] and got["made"] == [] and got["ran"] == []
+    assert (got["n"], got["cpu"], got["gpu"]) == (len(paths), len(paths), 0) and got["decision"] == ""
+
+
+def test_nvjpeg_unavailable_when_wanted_leaves_the_run_to_the_cpu(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = _jpegs(tmp_path, 60)
+    opened: list[float] = []
+
+    def opener() -> str:
+        opened.append(time.perf_counter())
+        return "no CUDA device with torchvision's nvJPEG here"
+
+    with (
+        caplog.at_level(logging.INFO, logger="indexer.decode.gpu_policy"),
+        MixedDecoder(opener, SlowPool(0.02), lookahead=16, gpu_chunk=4, mode="auto") as mixed,
+    ):
+        assert _consume(mixed, paths, model_s=0.0) == 60
+    assert len(opened) == 1 and (mixed.gpu_files, mixed.cpu_files) == (0, 60)
+    assert mixed.decision == "nvJPEG off: no CUDA device with torchvision's nvJPEG here"
+    assert "trying nvJPEG" in caplog.text  # it was wanted (decoding was the bottleneck) before it was looked for

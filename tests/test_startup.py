@@ -208,3 +208,25 @@ def test_embed_decodes_while_the_network_loads(tmp_path: Path, monkeypatch: pyte
     run_embed([folder], plain, settings, model)
     assert np.allclose(np.load(out), np.load(plain), atol=1e-6)
     assert out.with_name("out.paths.txt").read_text() == plain.with_name("plain.paths.txt").read_text()
+
+
+def test_no_import_cycle_among_the_model_modules() -> None:
+    """indexer.model's modules import each other one way only (model.py ↔ lazymodel.py was a cycle): every import of
+    an ``indexer.model`` module, at any level of a function, counted."""
+    import ast
+
+    folder = Path(__file__).parent.parent / "indexer" / "model"
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        graph[path.stem] = {n.split(".")[2] for n in names if n.startswith("indexer.model.")} - {path.stem}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    assert not [m for m in graph if reaches(m, m, {m})], graph

@@ -7,8 +7,10 @@ slower (measured on an H200: 1,678 against 2,079 images/s). So under ``auto`` th
 alone and measures:
 
 1. **Does the model wait on decoding?** Over a window of ``window`` results (from the first time the consumer — the
-   model's loop — had to wait, or after the look-ahead filled while the model loaded was eaten), the share of the
-   consumer's time spent waiting for the next decoded image. Below ``min_wait`` (10%) the CPU keeps up: nvJPEG stays
+   model's loop — had to wait once ``warmup`` results are in, so that neither the decode workers' start nor the
+   batches gathered while the network still loads are counted; or after the look-ahead filled while the model
+   loaded was eaten), the share of the consumer's time spent waiting for the next decoded image. A run shorter than
+   that never uses nvJPEG under "auto". Below ``min_wait`` (10%) the CPU keeps up: nvJPEG stays
    off for the run.
 2. **Is nvJPEG faster?** Otherwise nvJPEG is tried for another window (counted from its first decoded chunk, so its
    start-up is not held against it), and kept only if the consumer's rate is at least ``min_gain`` (1.05x) the
@@ -55,12 +57,15 @@ class GpuPolicy:
     (`gpu_ready`, `gpu_chunk_done`, `unavailable`). States: "measure" → "off" or "trial" → "on" or "off"; mode
     "on" starts (and stays) "on". Thread-safe."""
 
-    def __init__(self, mode: str, window: int, skip: int, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, mode: str, window: int, skip: int, warmup: int = 0, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         if mode not in ("auto", "on"):
             raise ValueError(f"GpuPolicy mode must be 'auto' or 'on', not {mode!r}")
         self.mode = mode
         self.state = "on" if mode == "on" else "measure"
         self.window, self.skip, self.clock = max(1, window), max(0, skip), clock
+        self.warmup = min(max(0, warmup), self.skip)  # waits among the first results are the pool starting up
         self.decision = "nvJPEG on (decode.gpu = on)" if mode == "on" else ""
         self._seen = 0
         self._cpu: Window | None = None
@@ -102,8 +107,8 @@ class GpuPolicy:
 
     def _measure(self, waited: float, now: float) -> None:
         if self._cpu is None:
-            if waited <= 0 and self._seen <= self.skip:
-                return  # still eating what was decoded while the model loaded
+            if self._seen <= self.warmup or (waited <= 0 and self._seen <= self.skip):
+                return  # the decode workers starting, or the model eating what was decoded while it loaded
             self._cpu = Window(now - waited)
         self._cpu.results += 1
         self._cpu.waited += waited

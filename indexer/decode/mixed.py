@@ -178,7 +178,12 @@ class MixedDecoder:
 
     @property
     def unavailable(self) -> str:
+        """Why nvJPEG does not run here ("" while it may)."""
         return self._unavailable
+
+    def give_up(self, reason: str) -> None:
+        """nvJPEG is not to be tried again by this decoder."""
+        self._unavailable = reason
 
     def __enter__(self) -> Self:
         return self
@@ -262,7 +267,10 @@ class _Run:
         self.error: BaseException | None = None
         self.refill = max(1, min(32, owner.lookahead // 4))  # take input in small batches, not one file a time
         window = max(2 * owner.gpu_chunk, min(256, owner.lookahead))
-        self.policy = GpuPolicy(owner.mode, window=window, skip=owner.lookahead)
+        # Waits among the first half look-ahead + 1 are not the model's: the workers start, and the pipeline gathers
+        # its first two batches while the network may still be loading (the third is taken once the model ran).
+        warmup = max(window, owner.lookahead // 2 + 1)
+        self.policy = GpuPolicy(owner.mode, window=window, skip=owner.lookahead, warmup=warmup)
         self.threads = [
             threading.Thread(target=self._guard, args=(self._gpu_loop,), name="nvjpeg", daemon=True),
             threading.Thread(target=self._guard, args=(self._cpu_loop,), name="decode-pool-feed", daemon=True),
@@ -354,17 +362,7 @@ class _Run:
 
     def _gpu_loop(self) -> None:
         owner = self.owner
-        if owner.open_gpu() is None:
-            self.policy.unavailable(owner.unavailable)
-            owner.decision = self.policy.decision
-            return
-        while True:
-            with self.cond:
-                while not self._gpu_done() and not self._gpu_wanted():
-                    self.cond.wait()
-                if not self._gpu_wanted():  # stopped, off, or the input ended and no JPEG is left
-                    return
-                chunk = [self.jpegs.popleft() for _ in range(min(owner.gpu_chunk, len(self.jpegs)))]
+        while (chunk := self._next_chunk()) is not None:
             paths = [path for _, path in chunk]
             try:
                 results = owner.decode_on_gpu(paths)
@@ -375,6 +373,34 @@ class _Run:
             owner.gpu_files += len(chunk)
             self.policy.gpu_chunk_done()
             self._put([seq for seq, _ in chunk], results)
+
+    def _next_chunk(self) -> list[tuple[int, Path]] | None:
+        """The next chunk of JPEGs for nvJPEG, once it is wanted (None: nothing more in this run). nvJPEG is
+        started (torch, the CUDA context) only then: a run where the model is the bottleneck never starts it."""
+        while True:
+            with self.cond:
+                while not self._gpu_done() and not self._gpu_wanted():
+                    self.cond.wait()
+                if not self._gpu_wanted():  # stopped, off, or the input ended and no JPEG is left
+                    return None
+                if self.owner.gpu is not None:
+                    return [self.jpegs.popleft() for _ in range(min(self.owner.gpu_chunk, len(self.jpegs)))]
+            if self._open() is None:  # outside the lock: the CPU side goes on meanwhile
+                return None
+
+    def _open(self) -> object | None:
+        try:
+            gpu = self.owner.open_gpu()
+        except Exception as exc:  # a broken CUDA or torchvision install: the CPU decodes, with a warning
+            log.warning("nvJPEG could not start, the CPU decodes: %s", exc)
+            self.owner.give_up(f"nvJPEG could not start: {exc}")
+            gpu = None
+        if gpu is None:
+            self.policy.unavailable(self.owner.unavailable)
+            self.owner.decision = self.policy.decision
+            with self.cond:
+                self.cond.notify_all()
+        return gpu
 
     def _cpu_loop(self) -> None:
         """One `DecodePool.imap` over the queues for the whole run (see `_cpu_source`)."""
