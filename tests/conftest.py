@@ -55,3 +55,5 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tmp_path_fact
     commands_tmp = tmp_path_factory.getbasetemp() / "commands-tmp"
     commands_tmp.mkdir(exist_ok=True)
     monkeypatch.setenv("TMPDIR", str(commands_tmp))
+    # Ray puts its sockets under its temp dir, and an AF_UNIX path may not exceed 107 bytes: Ray keeps its own.
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp")

@@ -325,7 +325,9 @@ def test_control_refuses_a_body_not_declared_as_json(live: Live) -> None:
 
 @pytest.mark.parametrize("length", ["abc", "-1", "1e11", " "])
 def test_control_refuses_a_content_length_that_is_not_a_number(live: Live, length: str) -> None:
-    status, answer, seconds = _request(live, "POST", "/control/search", QUERY, [JSON, ("Content-Length", length)])
+    # No body after the malformed header: the server answers and closes at once, and a body it never read could
+    # make the close a reset before the answer is read.
+    status, answer, seconds = _request(live, "POST", "/control/search", b"", [JSON, ("Content-Length", length)])
     assert status == 400
     if answer is not None:  # uvicorn answers some malformed headers itself, in text (as for `indexer serve`)
         assert answer["error"] == "ConfigError" and answer["setting"] == "Content-Length"
