@@ -106,6 +106,8 @@ def test_a_delete_without_the_confirmation_does_nothing(site: Site) -> None:
     assert page.is_disabled("#plan-apply")  # until "Yes, delete these files for good" is ticked
     page.keyboard.press("Escape")
     page.wait_for_function("() => !document.querySelector('#plan-dialog').open")
+    # The dialog's close event sets the status a moment after the dialog closes.
+    page.wait_for_function("() => document.querySelector('#dup-status').textContent === 'Nothing was changed.'")
     assert page.inner_text("#dup-status") == "Nothing was changed."
     page.click(f"{green} .group-delete")
     page.wait_for_selector("#plan-dialog[open]")
