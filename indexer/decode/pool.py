@@ -262,9 +262,12 @@ class DecodePool:
     # -- internals ---------------------------------------------------------------------------------
 
     def _shutdown(self, wait: bool) -> None:
+        if not wait:  # a broken pool (a worker died): end its other workers too, or Python 3.11's exit waits on them
+            self._stop_now()
+            return
         executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=True)
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def _stop_now(self) -> None:
         """An interrupted run's shutdown: cancel the waiting files, end the workers now (they ignore Ctrl-C and would
