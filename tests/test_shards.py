@@ -157,6 +157,35 @@ def test_an_unchanged_shard_is_not_read_again(
         assert opened == []
 
 
+def test_index_reads_the_stored_points_once_for_files_and_shards_alike(
+    tmp_path: Path, settings: Settings, model: LazyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One scroll of the store per directory root serves both diffs (a million stored points are read once per
+    run, not twice); a root that is one shard file still finds that shard's points."""
+    folder = tmp_path / "shards"
+    first, second = write_shards(folder, 2, 4)
+    with EdgeStore(settings.store.dir) as store:
+        run_index([folder], settings, store, model)
+        scrolls: list[object] = []
+        real = EdgeStore.scroll
+
+        def counted(self: EdgeStore, *args: Any, **kwargs: Any) -> Any:
+            scrolls.append(kwargs.get("filter"))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(EdgeStore, "scroll", counted)
+        again = run_index([folder], settings, store, model)
+        assert (again.indexed, again.unchanged, again.removed) == (0, 8, 0)
+        assert len(scrolls) == 1
+        second.unlink()  # a vanished shard is still seen through the plan's points
+        gone = run_index([folder], settings, store, model)
+        assert (gone.removed, gone.unchanged) == (4, 4)
+        scrolls.clear()
+        only = run_index([first], settings, store, model)  # the shard file itself as the root
+        assert (only.indexed, only.unchanged) == (0, 4)
+        assert len(scrolls) == 2  # the file's own diff, and its folder's for the shard's points
+
+
 def test_a_changed_shard_is_reread_and_a_vanished_one_leaves(
     tmp_path: Path, settings: Settings, model: LazyModel
 ) -> None:

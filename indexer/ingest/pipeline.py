@@ -182,7 +182,8 @@ class Indexer:
                 self.remove(list(plan.gone.values()), summary)
                 plan.gone = {}
             if shard_roots:
-                index_shards(shard_roots, self.settings, self.store, self.model, summary, self.progress)
+                index_shards(shard_roots, self.settings, self.store, self.model, summary, self.progress,
+                             plan.shard_points)  # fmt: skip
         finally:
             self._record(summary, optimize)
 

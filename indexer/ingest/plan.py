@@ -27,11 +27,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class Plan:
     """What a write has to do. ``to_embed``: files to decode and embed; ``gone``: stored points whose files left the
-    disk; ``stored_paths``: paths the store held when planned (a failing one loses its stale vector)."""
+    disk; ``stored_paths``: paths the store held when planned (a failing one loses its stale vector);
+    ``shard_points``: the stored points of tar shards under the directory roots, by shard file, met by the same
+    scroll of the store (so that the shards' diff does not scroll every point again)."""
 
     to_embed: list[FileEntry] = field(default_factory=list)
     gone: dict[str, StoredPoint] = field(default_factory=dict)
     stored_paths: set[str] = field(default_factory=set)
+    shard_points: dict[str, list[StoredPoint]] = field(default_factory=dict)
 
 
 def check_roots(paths: Sequence[str | Path]) -> list[Path]:
@@ -70,11 +73,14 @@ def plan_roots(
     that is in ``known_failures`` with its size and mtime unchanged is not read again (it would fail again)."""
     known = known_failures or {}
     stored: dict[str, StoredPoint] = {}
+    shard_points: dict[str, list[StoredPoint]] = {}
     for root in roots:
         for point in store.scroll(filter=SearchFilter(path_prefix=str(root))):
-            if not is_shard_point(point):  # shards have their own diff (Indexer._index_shards)
+            if is_shard_point(point):  # shards have their own diff (`indexer.ingest.shard_index`)
+                shard_points.setdefault(str(point.payload["shard"]), []).append(point)
+            else:
                 stored[point.path] = point
-    plan = Plan(stored_paths=set(stored))
+    plan = Plan(stored_paths=set(stored), shard_points=shard_points)
     for entry in scan_entries(roots, settings, summary.add_failure):
         old = stored.pop(str(entry.path), None)
         if old is not None and unchanged(entry, old):

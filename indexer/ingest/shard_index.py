@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from indexer.decode.limits import decode_limits, decode_workers
@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 def index_shards(
     roots: Sequence[Path], settings: Settings, store: VectorStore, model: Model, summary: RunSummary,
-    progress: Progress,
+    progress: Progress, stored_under_dirs: Mapping[str, list[StoredPoint]] | None = None,
 ) -> None:  # fmt: skip
-    """Bring the store up to date with the tar shards under ``roots``."""
-    stored = _stored_shard_points(roots, store)
+    """Bring the store up to date with the tar shards under ``roots``. ``stored_under_dirs``: the stored shard
+    points under the roots that are directories, where the caller's plan has them already (`Plan.shard_points`)."""
+    stored = _stored_shard_points(roots, store, stored_under_dirs)
     todo: list[tuple[FileEntry, list[StoredPoint]]] = []
     for shard in find_shards(roots, settings.index.include_hidden):
         points = stored.pop(str(shard.path), [])
@@ -65,10 +66,17 @@ def _embed_shard(
         store.set_payload(sink.ids, {"shard_mtime_ns": shard.mtime_ns})
 
 
-def _stored_shard_points(roots: Sequence[Path], store: VectorStore) -> dict[str, list[StoredPoint]]:
+def _stored_shard_points(
+    roots: Sequence[Path], store: VectorStore, under_dirs: Mapping[str, list[StoredPoint]] | None
+) -> dict[str, list[StoredPoint]]:
+    """The stored points of the shards under ``roots`` (a root may be one shard file), by shard file."""
     by_shard: dict[str, list[StoredPoint]] = {}
+    if under_dirs is not None:
+        by_shard = {shard: list(points) for shard, points in under_dirs.items()}
     for root in roots:
         only = str(root) if root.is_file() else None
+        if only is None and under_dirs is not None:
+            continue
         for point in store.scroll(filter=SearchFilter(path_prefix=str(root.parent if only else root))):
             shard = str(point.payload.get("shard", ""))
             if shard and (only is None or shard == only):
