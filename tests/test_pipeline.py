@@ -227,3 +227,21 @@ def test_text_and_image_search_rank_the_right_class(
     hits = search(store, model, Query(images=(probe,), limit=2))
     assert hits[0].path == str(probe) and hits[0].score > 0.99
     assert Path(hits[1].path).name.startswith("blue-square")
+
+
+def test_the_daemons_scan_does_not_read_an_unchanged_failed_file_again(
+    store: VectorStore, settings: Settings, model: LazyModel, photos: Path
+) -> None:
+    from indexer.ingest.pipeline import Indexer
+
+    broken = photos / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    with Indexer(settings, store, model) as indexer:
+        first = indexer.sync([photos]).summary
+        assert (first.indexed, first.failed, first.known_failures) == (24, 1, 0)
+        again = indexer.sync([photos]).summary
+        assert (again.unchanged, again.failed, again.known_failures) == (24, 0, 1)
+        stat = broken.stat()  # changed (a new mtime): read again
+        os.utime(broken, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        touched = indexer.sync([photos]).summary
+        assert (touched.failed, touched.known_failures) == (1, 0)

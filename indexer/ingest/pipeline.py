@@ -119,9 +119,11 @@ class Indexer:
         self, roots: Sequence[Path], *, fresh_seconds: float = 0.0, stop: Stop = never, on_batch: OnBatch | None = None
     ) -> SyncResult:
         """The daemon's reconciliation: `index`'s diff of existing ``roots``, moves and embeddings applied,
-        deletions returned. Files modified less than ``fresh_seconds`` ago are deferred, not read."""
+        deletions returned. Files modified less than ``fresh_seconds`` ago are deferred, not read; files that failed
+        and are unchanged since are not read again (as `index` without ``--retry-failed``)."""
         summary = self._start()
-        plan = plan_roots(roots, self.settings, self.store, summary)
+        known = {f.path: f for f in self.store.failures(MAX_FAILURES)}
+        plan = plan_roots(roots, self.settings, self.store, summary, known)
         deferred = defer_fresh(plan, fresh_seconds)
         self._run(plan, summary, stop=stop, on_batch=on_batch)
         return SyncResult(summary, plan.gone, deferred)
