@@ -163,22 +163,21 @@ def _assign_pass(blocks: Blocks, c: torch.Tensor, labels: torch.Tensor, dtype: t
     cw = c.to(dtype)
     norms = (cw.float() ** 2).sum(dim=1)
     sums = torch.zeros((k, dim), dtype=torch.float64, device=dev)
-    counts = torch.zeros(k, dtype=torch.float64, device=dev)
+    counts = torch.zeros(k, dtype=torch.int64, device=dev)
     far_d = torch.empty(0, dtype=torch.float32, device=dev)
     far_i = torch.empty(0, dtype=torch.int64, device=dev)
     changed = torch.zeros((), dtype=torch.int64, device=dev)
     for start, rows in blocks():
-        d = norms[None, :] - 2.0 * (rows @ cw.T).float()  # + |row|², the same for every centre
+        d = (rows @ cw.T).float().mul_(-2.0).add_(norms)  # + |row|², the same for every centre
         dmin, best = d.min(dim=1)
         stop = start + len(rows)
         changed += (labels[start:stop] != best).sum()
         labels[start:stop] = best
-        flat = rows.float()
-        onehot = torch.nn.functional.one_hot(best, k).to(torch.float32)
-        sums += (onehot.T @ flat).double()
-        counts += onehot.sum(dim=0).double()
+        onehot = torch.zeros((len(rows), k), dtype=torch.float32, device=dev).scatter_(1, best[:, None], 1.0)
+        sums += (onehot.T @ rows.float()).double()
+        counts += torch.bincount(best, minlength=k)
         # Squared distance of each row to its centre; keep the k farthest rows seen so far.
-        dist = dmin + (flat * flat).sum(dim=1)
+        dist = dmin.add_(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square_())
         top_d, top_i = torch.topk(dist, min(k, len(dist)))
         far_d, order = torch.topk(torch.cat([far_d, top_d]), min(k, len(far_d) + len(top_d)))
         far_i = torch.cat([far_i, top_i + start])[order]
@@ -191,7 +190,7 @@ def _update(matrix: VectorFile, c: torch.Tensor, step: _Pass, dev: torch.device)
     import torch
 
     filled = step.counts > 0
-    means = (step.sums / step.counts.clamp(min=1)[:, None]).to(torch.float32)
+    means = (step.sums / step.counts.clamp(min=1).double()[:, None]).to(torch.float32)
     new = torch.where(filled[:, None], means, c)
     empty = torch.nonzero(~filled).flatten().cpu().tolist()
     if empty:
