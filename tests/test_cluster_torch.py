@@ -13,7 +13,6 @@ import numpy.typing as npt
 import pytest
 
 from bench.vectors import ClipLike
-from indexer.cli.main import main
 from indexer.errors import ConfigError
 from indexer.library import cluster
 from indexer.library.cluster import _sample, assign, cluster_store, fit_centres, refine_centres, torch_device
@@ -22,6 +21,7 @@ from indexer.library.kmeans_torch import lloyd
 from indexer.records import StoredPoint, point_id
 from indexer.settings import ClusterSettings, load_settings
 from indexer.store.edge_store import EdgeStore
+from tests.support.clirun import run
 
 pytest.importorskip("torch")
 
@@ -143,14 +143,11 @@ def test_cluster_store_runs_lloyd_where_the_device_says(
         assert "MiniBatchKMeans pass over 300 vectors on the CPU" in caplog.text and "Lloyd" not in caplog.text
 
 
-def test_a_bad_device_is_a_config_error_naming_the_setting(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_bad_device_is_a_config_error_naming_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INDEXER_CLUSTER__DEVICE", raising=False)
     with pytest.raises(ConfigError, match=r"cluster\.device.*auto, cpu, cuda or cuda:N"):
         load_settings(overrides={"cluster": {"device": "gpu"}})
     assert load_settings(overrides={"cluster": {"device": "cuda:1"}}).cluster.device == "cuda:1"
     assert load_settings().cluster.device == "auto"
-    assert main(["cluster", "--device", "gpu", "--k", "2", "--store", str(tmp_path / "store")]) == 2
-    err = capsys.readouterr().err
-    assert "cluster.device" in err and "gpu" in err and "Traceback" not in err
+    err = run("cluster", "--device", "gpu", "--k", "2", "--store", str(tmp_path / "store"), check=2).stderr
+    assert "cluster.device" in err and "'gpu'" in err and "Traceback" not in err
