@@ -39,6 +39,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "indexer"
 
 
+def check_device(value: str) -> str:
+    """A device setting: auto, cpu, cuda or cuda:N (else ValueError, which names the setting in a ConfigError)."""
+    ok = value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+    if not ok:
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return value
+
+
 class _Section(BaseModel):
     # No inf/nan anywhere: every number here is a size, a count or a time that must be finite.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -78,10 +86,7 @@ class ModelSettings(_Section):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        ok = value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
-        if not ok:
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return value
+        return check_device(value)
 
 
 class DecodeSettings(_Section):
@@ -192,6 +197,14 @@ class ClusterSettings(_Section):
     seed: int = 0
     max_k: int = Field(default=50, ge=2)
     sample: int = Field(default=10_000, ge=2)
+    # Where the centres are refined (indexer.library.cluster): auto = Lloyd's k-means on a GPU when CUDA is present,
+    # else the CPU's MiniBatchKMeans pass; cpu; cuda or cuda:N.
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        return check_device(value)
 
 
 class Settings(BaseSettings):

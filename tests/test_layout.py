@@ -134,6 +134,8 @@ def imported_by(module: str) -> list[str]:
         "indexer.store.factory",
         "indexer.store.status",
         "indexer.library.dedup",
+        "indexer.library.cluster",
+        "indexer.library.kmeans_torch",
         "indexer.library.export",
         "indexer.model.lazy",
         "indexer.decode.pool",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 TIER_CHOICES = ("exact", "near", "similar")
 
-FLAGS: dict[str, str] = {}  # flag → setting, applied by main(): none here beyond the common ones
+FLAGS: dict[str, str] = {"cluster_device": "cluster.device"}  # flag → setting, applied by main()
 
 
 def register(sub: Any) -> None:
@@ -81,6 +81,13 @@ def _add_cluster(sub: Any) -> None:
     how.add_argument("--k", type=int, metavar="N", help="number of clusters (default: cluster.k, 0 = --auto)")
     how.add_argument("--auto", action="store_true", help="choose the number of clusters by silhouette")
     p.add_argument("--html", type=Path, metavar="FILE", help="also write an overview page with thumbnails")
+    p.add_argument(
+        "--device",
+        dest="cluster_device",
+        metavar="DEV",
+        help="where the centres are refined: auto (Lloyd's k-means on a GPU when CUDA is present, else the CPU), "
+        "cpu (one MiniBatchKMeans pass), cuda[:N] (default: cluster.device)",
+    )
     common_options(p)
     p.set_defaults(handler=cmd_cluster)
 

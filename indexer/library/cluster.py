@@ -3,8 +3,9 @@
 Memory stays bounded whatever the store's size: the vectors are copied into a temporary file
 (`export.dump_vectors`) and read a block at a time. The centres come from scikit-learn's KMeans on a random sample
 (every point when the store holds at most ``cluster.sample``); on bigger stores MiniBatchKMeans then refines them
-with one pass over all the blocks. ``auto`` picks k by the silhouette (cosine) of the sample's clustering, trying
-every k from 2 to 20, then geometric steps up to ``cluster.max_k``.
+with one pass over all the blocks, or, on a GPU (``cluster.device``: auto when CUDA is present, or cuda[:N]),
+Lloyd's full iterations over every row start from them (`kmeans_torch`). ``auto`` picks k by the silhouette
+(cosine) of the sample's clustering, trying every k from 2 to 20, then geometric steps up to ``cluster.max_k``.
 
 Clusters are numbered by size, largest first (0, 1, ...); their representatives are the images nearest the centre.
 Points indexed after a clustering run have no cluster until the next run.
@@ -109,7 +110,9 @@ def cluster_store(
             k, silhouette = choose_k(sample, settings)
         centres = fit_centres(sample, k, settings.seed)
         if n > len(sample):
-            centres = refine_centres(dump.matrix, centres, settings.seed, block)
+            centres = _refine(dump.matrix, centres, settings, block)
+        else:
+            log.info("k-means on all %d vectors (the sample holds them all) on the CPU", n)
         labels, distances = assign(dump.matrix, centres, block)
     labels = _by_size(labels, k)
     _write_labels(store, dump.ids, labels)
@@ -175,6 +178,29 @@ def _kmeans(sample: Matrix, k: int, seed: int) -> Any:
 def fit_centres(sample: Matrix, k: int, seed: int) -> Matrix:
     """k-means centres of the sample."""
     return np.asarray(_kmeans(sample, k, seed).cluster_centers_, dtype=np.float32)
+
+
+def torch_device(device: str) -> str | None:
+    """The torch device Lloyd's pass runs on for a ``cluster.device`` value, or None for the CPU's MiniBatchKMeans
+    pass ("auto": a GPU when CUDA is present, else the CPU)."""
+    if device == "auto":
+        from indexer.library.pairs_torch import cuda_present
+
+        return "cuda" if cuda_present() else None
+    return None if device == "cpu" else device
+
+
+def _refine(matrix: VectorFile, centres: Matrix, settings: ClusterSettings, block: int) -> Matrix:
+    """The sample's centres refined over every row: Lloyd's iterations on a torch device, or one MiniBatchKMeans
+    pass on the CPU (`torch_device`)."""
+    device = torch_device(settings.device)
+    if device is None:
+        log.info("k-means: one MiniBatchKMeans pass over %d vectors on the CPU", len(matrix))
+        return refine_centres(matrix, centres, settings.seed, block)
+    from indexer.library.kmeans_torch import lloyd
+
+    log.info("k-means: Lloyd's iterations over %d vectors on %s", len(matrix), device)
+    return lloyd(matrix, centres, device).centres
 
 
 def refine_centres(matrix: VectorFile, centres: Matrix, seed: int, block: int) -> Matrix:
