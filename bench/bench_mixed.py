@@ -63,10 +63,10 @@ def main() -> None:
 
         cpu = 0.0
 
-        def decode(self, chunk: list[Path]) -> Any:
+        def decode_reads(self, chunk: list[Path], read: Any) -> Any:
             start = time.thread_time()
             try:
-                return super().decode(chunk)
+                return super().decode_reads(chunk, read)
             finally:
                 TimedNvJpeg.cpu += time.thread_time() - start
 
