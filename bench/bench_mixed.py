@@ -1,8 +1,9 @@
 """The mixed decode stage's own cost on the host: `MixedDecoder` vs the bare `DecodePool`, model a no-op (here only).
 
 Both feed `embed.embed_batches` with a no-op encoder on the same JPEGs. The GPU side is `NvJpegDecoder(device=
-"cpu")` (torchvision's libjpeg on the nvJPEG thread, the stand-in where there is no GPU): its own CPU time (measured
-on that thread) is taken out of the main process's, so what is left is the mixed stage's plumbing (queues, the
+"cpu")` (torchvision's libjpeg on the nvJPEG thread, the stand-in where there is no GPU): its own CPU time (its
+decode step, `decode_reads`, measured on that thread; the files are read on its reader threads, the next chunk's
+while one decodes) is taken out of the main process's, so what is left is the mixed stage's plumbing (queues, the
 feeder thread, ordering) plus what the bare pool costs (torch runs on one thread here, so that the stand-in's work
 is all on its own thread). Prints images/s, main-process CPU ms per image and the
 split. Figures for nvJPEG itself need a GPU (bench/gpu_check.sh).
@@ -63,10 +64,10 @@ def main() -> None:
 
         cpu = 0.0
 
-        def decode(self, chunk: list[Path]) -> Any:
+        def decode_reads(self, chunk: list[Path], read: Any) -> Any:
             start = time.thread_time()
             try:
-                return super().decode(chunk)
+                return super().decode_reads(chunk, read)
             finally:
                 TimedNvJpeg.cpu += time.thread_time() - start
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from indexer.decode.gpu_policy import GpuPolicy
 from indexer.decode.mixed import MixedDecoder
-from indexer.decode.nvjpeg import NvJpegDecoder
+from indexer.decode.nvjpeg import FileRead, NvJpegDecoder
 from indexer.decode.pool import DecodePool
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 
@@ -132,10 +132,10 @@ class BusyGpu(NvJpegDecoder):
         super().__init__(SPEC, LIMITS, device="cpu")
         self.lock, self.delay = gpu, delay
 
-    def decode(self, paths: list[Path]) -> tuple[list[Decoded | Failure], torch.Tensor]:
+    def decode_reads(self, paths: list[Path], read: list[FileRead]) -> tuple[list[Decoded | Failure], torch.Tensor]:
         with self.lock:
             time.sleep(self.delay * len(paths))
-            return super().decode(paths)
+            return super().decode_reads(paths, read)
 
 
 def _jpegs(folder: Path, count: int) -> list[Path]:

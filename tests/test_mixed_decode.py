@@ -20,7 +20,7 @@ from indexer.decode import mixed as mixed_decode
 from indexer.decode import shm as shm
 from indexer.decode.image import decode_file
 from indexer.decode.mixed import MixedDecoder, decoder_for, gpu_decode_device
-from indexer.decode.nvjpeg import NvJpegDecoder
+from indexer.decode.nvjpeg import FileRead, NvJpegDecoder
 from indexer.decode.pool import DecodePool
 from indexer.errors import ConfigError
 from indexer.ingest.pipeline import decode_pool, run_embed
@@ -42,9 +42,9 @@ class RecordingNvJpeg(NvJpegDecoder):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.seen: list[Path] = []
 
-    def decode(self, paths: list[Path]) -> tuple[list[Decoded | Failure], torch.Tensor]:
+    def decode_reads(self, paths: list[Path], read: list[FileRead]) -> tuple[list[Decoded | Failure], torch.Tensor]:
         self.seen.extend(paths)
-        return super().decode(paths)
+        return super().decode_reads(paths, read)
 
 
 def _photo(path: Path, size: tuple[int, int], seed: int) -> Path:
@@ -146,7 +146,7 @@ def test_a_failing_gpu_side_hands_the_run_to_the_cpu(tmp_path: Path, caplog: pyt
     class Broken(NvJpegDecoder):
         calls = 0
 
-        def decode(self, paths: list[Path]) -> tuple[list[Decoded | Failure], torch.Tensor]:
+        def decode_reads(self, paths: list[Path], read: list[FileRead]) -> tuple[list[Decoded | Failure], torch.Tensor]:
             Broken.calls += 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
@@ -164,7 +164,7 @@ def test_a_failing_gpu_side_hands_the_run_to_the_cpu(tmp_path: Path, caplog: pyt
 
 def test_an_error_in_a_decode_thread_reaches_the_consumer(tmp_path: Path) -> None:
     class Buggy(NvJpegDecoder):
-        def decode(self, paths: list[Path]) -> tuple[list[Decoded | Failure], torch.Tensor]:
+        def decode_reads(self, paths: list[Path], read: list[FileRead]) -> tuple[list[Decoded | Failure], torch.Tensor]:
             raise ValueError("a bug")
 
     paths = _corpus(tmp_path, jpegs=10)

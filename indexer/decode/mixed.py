@@ -8,15 +8,19 @@ the front of them (oldest first), so the split follows their speeds (work steali
   bounds how much it holds). It is the first choice: the GPU's time belongs to the model.
 - the GPU thread takes the JPEGs the CPU leaves: a chunk of ``gpu_chunk`` once that many wait (the CPU workers are
   all busy), or fewer when the oldest waiting file is the next one to yield or the input has ended. It decodes them
-  with `NvJpegDecoder` on its own CUDA stream (a file nvJPEG refuses is decoded by the CPU path there). If nvJPEG
-  fails as a whole (a RuntimeError: CUDA out of memory, a device error), that chunk is decoded by the CPU path,
-  a warning is logged, and the pool decodes the rest of the run.
+  with `NvJpegDecoder` on its own CUDA stream (a file nvJPEG refuses is decoded by the CPU path there). Reading
+  overlaps decoding: once it has taken chunk N, and before decoding it, the GPU thread takes chunk N+1 too if the
+  rule above still wants it (never more than one chunk ahead) and submits its files to the decoder's reader
+  threads (`NvJpegDecoder.read_ahead`: read, stat, sha256, header check), so they are read while chunk N decodes
+  on the GPU. If nvJPEG fails as a whole (a RuntimeError: CUDA out of memory, a device error), that chunk and the
+  one read ahead are decoded by the CPU path, a warning is logged, and the pool decodes the rest of the run.
 
 So where the CPU workers keep up with the model (VGA photos on 16 cores), nvJPEG stays idle; where they do not
 (12 MP photos), it takes what they cannot.
 
 Results come back one `Decoded` or `Failure` per input file, in input order; closing the generator early stops both
-threads and cancels what the pool had submitted. The pool is only used from the CPU thread, one `imap` at a time.
+threads (the GPU thread finishes the chunk it decodes and waits for the reads of the one ahead, whose results are
+dropped) and cancels what the pool had submitted. The pool is only used from the CPU thread, one `imap` at a time.
 
 GPU-decoded pixels come back as host arrays (one device→host copy per chunk, on the GPU thread), so the consumers
 (`embed.embed_batches` and its pinned batch buffers) are the same for both sides. The round trip it costs: 150 kB
@@ -49,7 +53,7 @@ from indexer.settings import Settings
 if TYPE_CHECKING:
     import torch
 
-    from indexer.decode.nvjpeg import NvJpegDecoder
+    from indexer.decode.nvjpeg import NvJpegDecoder, Reads
 
 # torch (and gpu_decode, which imports it) only where nvJPEG may run: a CPU-only start never imports them here.
 
@@ -61,6 +65,7 @@ GPU_MODES = ("auto", "on", "off")
 GPU_CHUNK = 64  # JPEGs per nvJPEG call: one batched decode (VGA: ~9 ms at 7,000/s on an H200)
 Result = Decoded | Failure
 GpuOpener = Callable[[], "NvJpegDecoder | str"]  # the decoder, or why there is none; run on the nvJPEG thread
+_Taken = tuple[list[tuple[int, Path]], "Reads"]  # a chunk taken by the GPU side (sequence numbers, paths), its reads
 _JPEG_SUFFIXES = frozenset(ext for ext, name in EXTENSIONS.items() if name == "JPEG")
 
 
@@ -216,18 +221,26 @@ class MixedDecoder:
         finally:
             run.stop()
 
-    def decode_on_gpu(self, paths: list[Path]) -> list[Result]:
-        """One chunk through nvJPEG (on this decoder's CUDA stream); pixels copied back to host arrays."""
+    def read_for_gpu(self, paths: list[Path]) -> Reads:
+        """A chunk's reads submitted to the nvJPEG decoder's reader threads (returns at once)."""
+        gpu = self.open_gpu()
+        assert gpu is not None, "read_for_gpu without an nvJPEG decoder"
+        return gpu.read_ahead(paths)
+
+    def decode_on_gpu(self, paths: list[Path], reads: Reads | None = None) -> list[Result]:
+        """One chunk through nvJPEG (on this decoder's CUDA stream), its files read now or already (``reads``, from
+        `read_for_gpu`); pixels copied back to host arrays."""
         gpu = self.open_gpu()
         assert gpu is not None, "decode_on_gpu without an nvJPEG decoder"
+        read = gpu.read(paths) if reads is None else reads.result()
         if self._stream is None:
-            results, stacked = gpu.decode(paths)
+            results, stacked = gpu.decode_reads(paths, read)
             host = stacked.numpy()
         else:
             import torch
 
             with torch.cuda.stream(self._stream):
-                results, stacked = gpu.decode(paths)
+                results, stacked = gpu.decode_reads(paths, read)
                 host = stacked.cpu().numpy()  # waits for this stream only
         out: list[Result] = []
         row = 0
@@ -361,25 +374,55 @@ class _Run:
         return self.stopped or self.policy.state == "off" or (self.exhausted and not self.jpegs)
 
     def _gpu_loop(self) -> None:
-        owner = self.owner
-        while (chunk := self._next_chunk()) is not None:
-            paths = [path for _, path in chunk]
-            try:
-                results = owner.decode_on_gpu(paths)
-            except RuntimeError as exc:  # CUDA out of memory, a device error: the CPU decodes the rest of this run
-                log.warning("nvJPEG decoding failed, the CPU decodes the rest of this run: %s", exc)
-                self._put([seq for seq, _ in chunk], [decode_file(path, owner.spec, owner.limits) for path in paths])
-                return
-            owner.gpu_files += len(chunk)
-            self.policy.gpu_chunk_done()
-            self._put([seq for seq, _ in chunk], results)
+        """Chunk after chunk through nvJPEG, the next one's files read while the current one decodes."""
+        held: deque[_Taken] = deque()  # taken, reads submitted, not yet decoded: the current chunk, one ahead at most
+        try:
+            while not self.stopped:
+                if not held and (taken := self._take(wait=True)) is not None:
+                    held.append(taken)
+                if not held:
+                    return
+                if (ahead := self._take(wait=False)) is not None:  # read while held[0] decodes
+                    held.append(ahead)
+                if not self._decode(held[0][0], held[0][1]):
+                    self._fall_back(held)
+                    return
+                held.popleft()
+        finally:
+            for _, reads in held:  # stopped or failed: no read goes on after the run (results dropped)
+                reads.result()
 
-    def _next_chunk(self) -> list[tuple[int, Path]] | None:
-        """The next chunk of JPEGs for nvJPEG, once it is wanted (None: nothing more in this run). nvJPEG is
-        started (torch, the CUDA context) only then: a run where the model is the bottleneck never starts it."""
+    def _take(self, wait: bool) -> _Taken | None:
+        chunk = self._next_chunk(wait)
+        return None if chunk is None else (chunk, self.owner.read_for_gpu([path for _, path in chunk]))
+
+    def _decode(self, chunk: list[tuple[int, Path]], reads: Reads) -> bool:
+        """One chunk through nvJPEG, its results put; False where nvJPEG failed as a whole (nothing put)."""
+        try:
+            results = self.owner.decode_on_gpu([path for _, path in chunk], reads)
+        except RuntimeError as exc:  # CUDA out of memory, a device error: the CPU decodes the rest of this run
+            log.warning("nvJPEG decoding failed, the CPU decodes the rest of this run: %s", exc)
+            return False
+        self.owner.gpu_files += len(chunk)
+        self.policy.gpu_chunk_done()
+        self._put([seq for seq, _ in chunk], results)
+        return True
+
+    def _fall_back(self, held: deque[_Taken]) -> None:
+        """The chunks nvJPEG holds (the failed one, the one read ahead) decoded by the CPU path, in order."""
+        owner = self.owner
+        while held:
+            chunk, _ = held[0]
+            self._put([seq for seq, _ in chunk], [decode_file(path, owner.spec, owner.limits) for _, path in chunk])
+            held.popleft()[1].result()
+
+    def _next_chunk(self, wait: bool = True) -> list[tuple[int, Path]] | None:
+        """The next chunk of JPEGs for nvJPEG, once it is wanted (None: nothing more in this run; without ``wait``,
+        None also where it is not wanted now). nvJPEG is started (torch, the CUDA context) only then: a run where the
+        model is the bottleneck never starts it."""
         while True:
             with self.cond:
-                while not self._gpu_done() and not self._gpu_wanted():
+                while wait and not self._gpu_done() and not self._gpu_wanted():
                     self.cond.wait()
                 if not self._gpu_wanted():  # stopped, off, or the input ended and no JPEG is left
                     return None

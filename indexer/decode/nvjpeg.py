@@ -9,6 +9,11 @@ tested on the CPU against the PIL path.
 `NvJpegDecoder` reads files (the same limits, stat checks and sha256 as the CPU path), decodes the JPEGs among them
 in one batched ``torchvision.io.decode_jpeg(..., device="cuda")`` call and resizes on the GPU; a file nvJPEG cannot
 decode (CMYK, progressive oddities, corrupt data) is handed to the CPU path, which decodes it or says why not.
+The two steps are apart: `read` (or `read_ahead`, which submits a chunk's reads to the reader threads and returns
+at once, a `Reads` to wait on) and `decode_reads`; `decode` is the one after the other. A caller that decodes chunk
+after chunk (`indexer.decode.mixed`) submits the next chunk's reads before decoding the current one, so the file
+reads, sha256 and header checks of chunk N+1 (reader threads, the GIL released) overlap chunk N's GPU decode and
+resize; it holds one chunk's bytes more in host memory for it.
 Without CUDA, `available()` is False and the pipeline never builds one. (It also runs with ``device="cpu"``,
 where torchvision decodes with libjpeg: that is how the tests check it without a GPU.)
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from indexer.decode.image import _check_pixels, _open, _read, _reason, check_spec, decode_file
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
-__all__ = ["NvJpegDecoder", "available", "resize_crop", "resize_crop_many", "target_geometry"]
+__all__ = ["FileRead", "NvJpegDecoder", "Reads", "available", "resize_crop", "resize_crop_many", "target_geometry"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _GROUP_PIXELS = 1 << 25  # pixels per batched resize (as float: 400 MB of device memory for 3 channels)
 _MODES = {"bicubic": "bicubic", "bilinear": "bilinear"}
 _Read = tuple[torch.Tensor | None, tuple[int, int, str]]  # a file read: its bytes (JPEGs only), size, mtime, sha256
+FileRead = _Read | Failure  # what reading one file gives: its read, or why it cannot be decoded
 
 
 def available() -> bool:
@@ -115,21 +121,36 @@ class NvJpegDecoder:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def _read_all(self, paths: list[Path]) -> list[_Read | Failure]:
-        """Each file read, hashed and its header checked, on the reader threads (file reads and sha256 release the
-        GIL: a chunk of 64 12 MP files is read on several cores instead of one after another)."""
-        if len(paths) < 2 or self.readers < 2:
-            return [self._read(path) for path in paths]
+    def _readers(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="nvjpeg-read")
-        return list(self._pool.map(self._read, paths))
+        return self._pool
+
+    def read(self, paths: list[Path]) -> list[FileRead]:
+        """Each file read, hashed and its header checked, on the reader threads (file reads and sha256 release the
+        GIL: a chunk of 64 12 MP files is read on several cores instead of one after another); in input order."""
+        if len(paths) < 2 or self.readers < 2:
+            return [self._read(path) for path in paths]
+        return list(self._readers().map(self._read, paths))
+
+    def read_ahead(self, paths: list[Path]) -> Reads:
+        """`read`, submitted to the reader threads (one at least) and returned at once: the reads run while the
+        caller decodes something else; `Reads.result()` waits for them."""
+        pool = self._readers()
+        return Reads(paths, [pool.submit(self._read, path) for path in paths])
 
     def decode(self, paths: list[Path]) -> tuple[list[Decoded | Failure], torch.Tensor]:
-        """Results in input order, and the pixels of the Decoded ones stacked on the device (row i ↔ the i-th
-        Decoded). The Decoded records' own ``pixels`` are the host copies only for files the CPU decoded."""
+        """Read and decode `paths` (`read`, then `decode_reads`)."""
+        return self.decode_reads(paths, self.read(paths))
+
+    def decode_reads(self, paths: list[Path], read: list[FileRead]) -> tuple[list[Decoded | Failure], torch.Tensor]:
+        """The decode step of `paths`, whose reads (`read`, or a `read_ahead`'s result) are ``read``: results in input
+        order, and the pixels of the Decoded ones stacked on the device (row i ↔ the i-th Decoded). The Decoded
+        records' own ``pixels`` are the host copies only for files the CPU decoded."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        read = self._read_all(paths)
+        if len(read) != len(paths):
+            raise ValueError(f"{len(read)} reads for {len(paths)} paths")
         jpegs = [i for i, r in enumerate(read) if isinstance(r, tuple) and r[0] is not None]
         on_gpu = self._batch(decode_jpeg, ImageReadMode.RGB, [read[i] for i in jpegs])
         decoded = [(i, t) for i, t in zip(jpegs, on_gpu, strict=True) if t is not None]
@@ -186,6 +207,22 @@ class NvJpegDecoder:
             log.debug("nvJPEG refused a file, the CPU decodes it: %s", exc)
             return None
         return result
+
+
+class Reads:
+    """One chunk's reads submitted to the reader threads (`NvJpegDecoder.read_ahead`)."""
+
+    def __init__(self, paths: list[Path], futures: list[Future[FileRead]]) -> None:
+        self.paths = paths
+        self._futures = futures
+
+    def done(self) -> bool:
+        """Whether every file of the chunk has been read."""
+        return all(future.done() for future in self._futures)
+
+    def result(self) -> list[FileRead]:
+        """The reads in input order, once all are done (waits for them)."""
+        return [future.result() for future in self._futures]
 
 
 _EMPTY: Any = torch.empty(0, dtype=torch.uint8).numpy()  # pixels of a GPU-decoded file live on the device
