@@ -10,7 +10,7 @@ Phases, each its own process so that each resident-memory figure is that phase's
             after the timed queries), VmRSS/VmHWM of the process before and after.
 
     python -m bench.search_scale build --n 1000000 --dir bench/data/scale-1m
-    python -m bench.search_scale query --dir bench/data/scale-1m [--queries 200] [--kind text|image]
+    python -m bench.search_scale query --dir bench/data/scale-1m [--queries 200] [--kind text|image|offlib]
 """
 
 from __future__ import annotations
@@ -72,15 +72,22 @@ def build(n: int, directory: Path) -> dict[str, Any]:
     return out
 
 
-def query(directory: Path, count: int, kind: str) -> dict[str, Any]:
-    """``kind`` image: held-out rows of the same library; text: rows of another library (another shared direction,
-    so that their best hits score ≈ 0.3-0.4, as CLIP text queries score against images)."""
+def query(directory: Path, count: int, kind: str, hnsw_ef: int = 0) -> dict[str, Any]:
+    """``kind`` image: held-out rows of the same library; text: CLIP-like text queries naming the library's topics
+    (`ClipLike.text_queries`: a modality gap, best hits ≈ 0.4-0.5); offlib: rows of another library (another shared
+    direction, best hits ≈ 0.3-0.35: a query for something the library does not hold, the hardest case for the
+    graph). ``hnsw_ef``: search.hnsw_ef (0: the store's default)."""
     rss_start = status_mb("VmRSS")
     start = time.perf_counter()
     store = EdgeStore(directory / "store")
+    store.hnsw_ef = hnsw_ef
     open_s = time.perf_counter() - start
     n = store.count()
-    queries = ClipLike(n).chunk(n, n + count)[0] if kind == "image" else ClipLike(n, seed=7).chunk(0, count)[0]
+    queries = {
+        "image": lambda: ClipLike(n).chunk(n, n + count)[0],
+        "text": lambda: ClipLike(n).text_queries(count),
+        "offlib": lambda: ClipLike(n, seed=7).chunk(0, count)[0],
+    }[kind]()
     for q in queries[:10]:
         store.query(q, limit=10)  # warm-up
     times, got = [], []
@@ -98,6 +105,7 @@ def query(directory: Path, count: int, kind: str) -> dict[str, Any]:
     return {
         "n": n,
         "queries": f"{count} {kind}-like",
+        "hnsw_ef": hnsw_ef or "default",
         "open_s": round(open_s, 2),
         "p50_ms": round(statistics.median(ms), 2),
         "p95_ms": round(ms[round(0.95 * (len(ms) - 1))], 2),
@@ -135,13 +143,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--kind", choices=["image", "text"], default="text")
+    parser.add_argument("--kind", choices=["image", "text", "offlib"], default="text")
+    parser.add_argument("--hnsw-ef", type=int, default=0, help="search.hnsw_ef (0: the store's default)")
     args = parser.parse_args()
     if args.phase == "build":
         out = build(args.n, args.dir)
         (args.dir / "build.json").write_text(json.dumps(out))
     else:
-        out = query(args.dir, args.queries, args.kind)
+        out = query(args.dir, args.queries, args.kind, args.hnsw_ef)
     print(json.dumps(out), flush=True)
 
 

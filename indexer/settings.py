@@ -119,6 +119,9 @@ class SearchSettings(_Section):
 
     limit: int = Field(default=SEARCH_LIMIT, ge=1, le=SEARCH_LIMIT_MAX)
     threshold: float | None = Field(default=SEARCH_THRESHOLD, ge=-1.0, le=1.0)
+    # How far a search walks the HNSW graph (Qdrant's hnsw_ef): higher finds more of the true nearest at more cost.
+    # 0: the store's default (the embedded store: 1024, bench/README.md "Search"; a server: its collection's).
+    hnsw_ef: int = Field(default=0, ge=0, le=65_536)
 
     def resolve(self, limit: int | None, threshold: float | None) -> tuple[int, float | None]:
         """A query's limit and threshold: the ones asked, else these defaults (a bad one is refused by the query)."""

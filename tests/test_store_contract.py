@@ -702,6 +702,46 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
         assert isinstance(s, QdrantServerStore) and s.location == ":memory: collection c"
 
 
+@pytest.mark.filterwarnings("ignore:Local mode performs exact")
+def test_search_hnsw_ef_reaches_each_backends_query(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from indexer.settings import load_settings
+    from indexer.store import edge_query
+    from indexer.store.factory import open_store_from_settings
+
+    seen: list[int] = []
+    real = edge_query.search_params
+
+    def spy(exact: bool, ef: int = 0) -> Any:
+        seen.append(ef)
+        return real(exact, ef)
+
+    monkeypatch.setattr(edge_query, "search_params", spy)
+    vector = np.ones(4, np.float32)
+    settings = load_settings(None, {"store": {"dir": tmp_path / "s"}, "search": {"hnsw_ef": 2048}})
+    with open_store_from_settings(settings) as store:
+        store.ensure_collection("m", 4)
+        store.upsert([StoredPoint(point_id("/a.jpg"), {"path": "/a.jpg"}, vector)])
+        assert [h.payload["path"] for h in store.query(vector, limit=1)] == ["/a.jpg"]
+    assert seen == [2048]
+    assert real(False).hnsw_ef == edge_query.SEARCH_EF and real(False, 2048).hnsw_ef == 2048
+
+    server = load_settings(None, {"store": {"qdrant_url": ":memory:"}, "search": {"hnsw_ef": 300}})
+    with open_store_from_settings(server) as store:
+        assert isinstance(store, QdrantServerStore)
+        store.ensure_collection("m", 4)
+        store.upsert([StoredPoint(point_id("/a.jpg"), {"path": "/a.jpg"}, vector)])
+        asked: list[Any] = []
+        query_points = store.client.query_points
+
+        def spy_points(*args: Any, **kwargs: Any) -> Any:
+            asked.append(kwargs.get("search_params"))
+            return query_points(*args, **kwargs)
+
+        monkeypatch.setattr(store.client, "query_points", spy_points)
+        assert len(store.query(vector, limit=1)) == 1
+    assert [p.hnsw_ef for p in asked] == [300]
+
+
 def test_a_refused_second_open_does_not_damage_the_holder(tmp_path: Path) -> None:
     """Edge's WAL lock refuses a second opener, but the attempt used to break the holder's next flush."""
     holder = EdgeStore(tmp_path / "held")

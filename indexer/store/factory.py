@@ -23,16 +23,21 @@ def open_store(
     api_key: str | None,
     collection: str,
     min_free_mb: float = MIN_FREE_MB,
+    hnsw_ef: int = 0,
 ) -> VectorStore:
     """The one factory: a Qdrant server when qdrant_url is given, else the embedded store in store_dir
-    (which keeps min_free_mb free on its filesystem)."""
+    (which keeps min_free_mb free on its filesystem). ``hnsw_ef``: the searches' graph walk (0: the store's own)."""
     if qdrant_url:
         from indexer.store.server import QdrantServerStore  # qdrant-client only when a server is asked for
 
-        return QdrantServerStore.connect(qdrant_url, api_key, collection)
+        server = QdrantServerStore.connect(qdrant_url, api_key, collection)
+        server.hnsw_ef = hnsw_ef
+        return server
     if store_dir is None:
         raise ConfigError("store.dir", "give a store directory or a Qdrant URL")
-    return EdgeStore(store_dir, min_free_mb=min_free_mb)
+    store = EdgeStore(store_dir, min_free_mb=min_free_mb)
+    store.hnsw_ef = hnsw_ef
+    return store
 
 
 def open_store_from_settings(settings: Settings, *, read_only: bool = False) -> VectorStore:
@@ -42,11 +47,14 @@ def open_store_from_settings(settings: Settings, *, read_only: bool = False) -> 
     is then read from a temporary copy (Qdrant Edge cannot open a shard it may not write), removed at close."""
     s = settings.store
     if read_only and not s.qdrant_url and not writable(s.dir):
-        return EdgeStoreCopy(s.dir)
+        copy = EdgeStoreCopy(s.dir)
+        copy.hnsw_ef = settings.search.hnsw_ef
+        return copy
     return open_store(
         store_dir=s.dir,
         qdrant_url=s.qdrant_url or None,
         api_key=s.api_key or None,
         collection=s.collection,
         min_free_mb=s.min_free_mb,
+        hnsw_ef=settings.search.hnsw_ef,
     )

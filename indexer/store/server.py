@@ -192,6 +192,7 @@ class QdrantServerStore(ServerFailureLog, _StoreBase):
         self._owns_client = owns_client
         self._closed = False
         self._known: set[str] = set()  # collections known to exist
+        self.hnsw_ef = 0  # the graph walk's breadth (search.hnsw_ef); 0: the collection's own
 
     @classmethod
     def connect(cls, url: str, api_key: str | None, collection: str, timeout: float = 30) -> QdrantServerStore:
@@ -355,6 +356,7 @@ class QdrantServerStore(ServerFailureLog, _StoreBase):
                 offset=offset,
                 score_threshold=threshold,
                 with_payload=True,
+                search_params=qm.SearchParams(hnsw_ef=self.hnsw_ef) if self.hnsw_ef else None,
             ).points
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in found]
 
