@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from bench.vectors import DIM, ClipLike
-from indexer.records import StoredPoint, point_id
+from indexer.records import SearchFilter, StoredPoint, point_id
 from indexer.store.edge_store import EdgeStore
 
 BATCH = 2_000
@@ -40,8 +40,11 @@ def status_mb(field: str) -> float:
 
 
 def payload(i: int) -> dict[str, Any]:
-    path = f"/photos/{2015 + i % 10}/{i % 97:02d}/IMG_{i:07d}.jpg"
-    return {"path": path, "sha256": f"{i:064x}", "width": 4000, "height": 3000, "format": "JPEG", "mtime": 1.5e9 + i}
+    """A photo's payload: ten year folders (10% of the points each) of 97 folders (≈ 0.1% each)."""
+    year = f"/photos/{2015 + i % 10}"
+    path = f"{year}/{i % 97:02d}/IMG_{i:07d}.jpg"
+    return {"path": path, "dirs": ["/photos", year, f"{year}/{i % 97:02d}"], "sha256": f"{i:064x}", "width": 4000,
+            "height": 3000, "format": "JPEG", "mtime": 1.5e9 + i}  # fmt: skip
 
 
 def build(n: int, directory: Path) -> dict[str, Any]:
@@ -72,11 +75,12 @@ def build(n: int, directory: Path) -> dict[str, Any]:
     return out
 
 
-def query(directory: Path, count: int, kind: str, hnsw_ef: int = 0) -> dict[str, Any]:
+def query(directory: Path, count: int, kind: str, hnsw_ef: int = 0, folder: str | None = None) -> dict[str, Any]:
     """``kind`` image: held-out rows of the same library; text: CLIP-like text queries naming the library's topics
     (`ClipLike.text_queries`: a modality gap, best hits ≈ 0.4-0.5); offlib: rows of another library (another shared
     direction, best hits ≈ 0.3-0.35: a query for something the library does not hold, the hardest case for the
-    graph). ``hnsw_ef``: search.hnsw_ef (0: the store's default)."""
+    graph). ``hnsw_ef``: search.hnsw_ef (0: the store's default). ``folder``: a folder filter (e.g. /photos/2015,
+    10% of the points; recall is then against the exact top 10 of that folder)."""
     rss_start = status_mb("VmRSS")
     start = time.perf_counter()
     store = EdgeStore(directory / "store")
@@ -88,23 +92,25 @@ def query(directory: Path, count: int, kind: str, hnsw_ef: int = 0) -> dict[str,
         "text": lambda: ClipLike(n).text_queries(count),
         "offlib": lambda: ClipLike(n, seed=7).chunk(0, count)[0],
     }[kind]()
+    flt = None if folder is None else SearchFilter(path_prefix=folder)
     for q in queries[:10]:
-        store.query(q, limit=10)  # warm-up
+        store.query(q, limit=10, filter=flt)  # warm-up
     times, got = [], []
     for q in queries:
         t = time.perf_counter()
-        hits = store.query(q, limit=10)
+        hits = store.query(q, limit=10, filter=flt)
         times.append(time.perf_counter() - t)
         got.append([int(h.payload["path"][-11:-4]) for h in hits])
     rss_after = status_mb("VmRSS")
     hwm = status_mb("VmHWM")
     anon, file = status_mb("RssAnon"), status_mb("RssFile")  # file: mapped store files (page cache, reclaimable)
     store.close()
-    recall = _recall(directory / "vectors.f32", n, queries, got)
+    keep = None if folder is None else np.array([payload(i)["path"].startswith(folder + "/") for i in range(n)])
+    recall = _recall(directory / "vectors.f32", n, queries, got, keep)
     ms = sorted(t * 1000 for t in times)
     return {
         "n": n,
-        "queries": f"{count} {kind}-like",
+        "queries": f"{count} {kind}-like" + ("" if folder is None else f", in {folder}"),
         "hnsw_ef": hnsw_ef or "default",
         "open_s": round(open_s, 2),
         "p50_ms": round(statistics.median(ms), 2),
@@ -118,12 +124,15 @@ def query(directory: Path, count: int, kind: str, hnsw_ef: int = 0) -> dict[str,
     }
 
 
-def _recall(path: Path, n: int, queries: np.ndarray, got: list[list[int]]) -> float:
+def _recall(path: Path, n: int, queries: np.ndarray, got: list[list[int]], keep: np.ndarray | None = None) -> float:
+    """recall@10 against the exact top 10 (of the rows ``keep`` marks, where given)."""
     rows = np.memmap(path, np.float32, "r", shape=(n, DIM))
     best = np.full((len(queries), 10), -np.inf, np.float32)
     ids = np.zeros((len(queries), 10), np.int64)
     for first in range(0, n, 65_536):
         s = queries @ np.asarray(rows[first : first + 65_536]).T
+        if keep is not None:
+            s[:, ~keep[first : first + s.shape[1]]] = -np.inf
         cand_s = np.concatenate([best, s], axis=1)
         cand_i = np.concatenate([ids, np.arange(first, first + s.shape[1])[None, :].repeat(len(queries), 0)], axis=1)
         top = np.argpartition(-cand_s, 9, axis=1)[:, :10]
@@ -145,12 +154,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--kind", choices=["image", "text", "offlib"], default="text")
     parser.add_argument("--hnsw-ef", type=int, default=0, help="search.hnsw_ef (0: the store's default)")
+    parser.add_argument("--folder", help="a folder filter, e.g. /photos/2015 (10%% of the points)")
     args = parser.parse_args()
     if args.phase == "build":
         out = build(args.n, args.dir)
         (args.dir / "build.json").write_text(json.dumps(out))
     else:
-        out = query(args.dir, args.queries, args.kind, args.hnsw_ef)
+        out = query(args.dir, args.queries, args.kind, args.hnsw_ef, args.folder)
     print(json.dumps(out), flush=True)
 
 

@@ -58,6 +58,31 @@ def test_quantized_store_round_trips_and_rescored_search_equals_exact(tmp_path: 
             assert {int(h.payload["path"][3:8]) for h in hits} <= set(np.flatnonzero(scores >= best[-1] - 1e-6))
 
 
+def test_payload_indexes_are_on_disk_without_graph_links_and_filtered_search_is_exact(tmp_path: Path) -> None:
+    """The payload indexes of a new store carry no graph links of their own (they tripled the graph's build) and
+    live on disk; a filtered search on the quantized graph still returns the exact best of the points it keeps."""
+    from indexer.records import SearchFilter
+
+    vectors, _ = clip_like(2_000, seed=5)
+    store = EdgeStore(tmp_path / "f", indexing_threshold_kb=64)
+    store.ensure_collection("m", vectors.shape[1])
+    store.upsert([
+        StoredPoint(point_id(path := f"/p/{i % 4}/{i:05d}.jpg"), {"path": path, "dirs": ["/p", f"/p/{i % 4}"]}, v)
+        for i, v in enumerate(vectors)
+    ])  # fmt: skip
+    store.optimize()
+    with store:
+        assert store.indexed_vectors_count() == len(vectors)
+        kept = np.arange(len(vectors)) % 4 == 1
+        for q in ClipLike(2_000, seed=5).chunk(2_000, 2_010)[0]:
+            hits = store.query(q, limit=10, filter=SearchFilter(path_prefix="/p/1"))
+            scores = np.where(kept, vectors @ q, -np.inf)
+            assert np.allclose([h.score for h in hits], np.sort(scores)[::-1][:10], atol=1e-5)
+    configs = [json.loads(f.read_text()) for f in (tmp_path / "f/shard").rglob("payload_index/config.json")]
+    fields = [field for config in configs for field in config["indexed_fields"].values()]
+    assert configs and fields and all(f["enable_hnsw"] is False and f["memory"] == "cold" for f in fields)
+
+
 def test_plain_store_is_still_available(tmp_path: Path) -> None:
     vectors, _ = clip_like(500, seed=4)
     with filled(tmp_path / "plain", vectors, quantize=False) as store:

@@ -711,9 +711,9 @@ def test_search_hnsw_ef_reaches_each_backends_query(tmp_path: Path, monkeypatch:
     seen: list[int] = []
     real = edge_query.search_params
 
-    def spy(exact: bool, ef: int = 0) -> Any:
+    def spy(exact: bool, ef: int = 0, filtered: bool = False) -> Any:
         seen.append(ef)
-        return real(exact, ef)
+        return real(exact, ef, filtered)
 
     monkeypatch.setattr(edge_query, "search_params", spy)
     vector = np.ones(4, np.float32)
