@@ -13,7 +13,7 @@ from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
 from indexer.store.protocol import FLOAT_FIELDS, INTEGER_FIELDS, KEYWORD_FIELDS
 
 # The search's candidate list and rescoring of a quantized shard (bench/README.md "Search": at 1M CLIP-like points,
-# text-like queries reach recall@10 0.97 at ef 512 and 0.99 at 1024, p50 2.3 ms; search.hnsw_ef overrides it).
+# text-like queries reach recall@10 0.97 at ef 512 and 0.99 at 1024, p50 ≈ 3 ms; search.hnsw_ef overrides it).
 SEARCH_EF = 1024
 # A filtered search's walk (ACORN looks at neighbours' neighbours, so each step costs more): text queries in a folder
 # holding 10% of 1M points, recall@10 0.973 in 43 ms at ef 256, 0.993 in 79 ms at 512, 0.9985 in 121 ms at 1024
