@@ -11,8 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 from collections.abc import Iterator, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,7 +20,7 @@ from indexer.daemon.client import OwnerClient
 from indexer.errors import ModelMismatchError, StoreError
 from indexer.records import Failure, Hit, SearchFilter, StoredPoint
 from indexer.settings import SEARCH_LIMIT
-from indexer.store.protocol import READ_BATCH, WRITE_BATCH, FailureRecord
+from indexer.store.protocol import READ_BATCH, WRITE_BATCH, ClosedOnExit, FailureRecord, batches
 
 
 def _filter(flt: SearchFilter | None) -> dict[str, Any] | None:
@@ -41,12 +40,7 @@ def _wire(point: StoredPoint) -> dict[str, Any]:
     return {"id": point.id, "payload": point.payload, "vector": vector}
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
-
-
-class RemoteStore:
+class RemoteStore(ClosedOnExit):
     """A VectorStore answered by the store's owner (the reads and writes the library commands make)."""
 
     def __init__(self, owner: OwnerClient) -> None:
@@ -68,20 +62,20 @@ class RemoteStore:
             raise ModelMismatchError(self._model[0], model_id, f"at {self.location}")
 
     def upsert(self, points: Sequence[StoredPoint]) -> None:
-        for batch in _batches(points, WRITE_BATCH):
+        for batch in batches(points, WRITE_BATCH):
             self.owner.ask("POST", "/store/upsert", {"points": [_wire(p) for p in batch]})
 
     def delete(self, ids: Sequence[str]) -> None:
-        for batch in _batches(ids, WRITE_BATCH):
+        for batch in batches(ids, WRITE_BATCH):
             self.owner.ask("POST", "/store/delete", {"ids": batch})
 
     def set_payload(self, ids: Sequence[str], payload: dict[str, Any]) -> None:
-        for batch in _batches(ids, WRITE_BATCH):
+        for batch in batches(ids, WRITE_BATCH):
             self.owner.ask("POST", "/store/set_payload", {"ids": batch, "payload": payload})
 
     def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[StoredPoint]:
         found: list[StoredPoint] = []
-        for batch in _batches(ids, READ_BATCH):
+        for batch in batches(ids, READ_BATCH):
             answer = self.owner.ask("POST", "/store/retrieve", {"ids": batch, "with_vectors": with_vectors})
             found.extend(_point(p) for p in answer["points"])
         return found
@@ -113,7 +107,7 @@ class RemoteStore:
 
     def find_by_sha256(self, sha256s: Sequence[str], with_vectors: bool = False) -> list[StoredPoint]:
         found: list[StoredPoint] = []
-        for batch in _batches(sha256s, READ_BATCH):
+        for batch in batches(sha256s, READ_BATCH):
             answer = self.owner.ask("POST", "/store/find_by_sha256", {"sha256s": batch, "with_vectors": with_vectors})
             found.extend(_point(p) for p in answer["points"])
         return found
@@ -138,11 +132,3 @@ class RemoteStore:
 
     def close(self) -> None:
         """Nothing to release: the owner keeps the store."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,14 +16,7 @@ from indexer.records import Hit, SearchFilter, StoredPoint
 from indexer.settings import SEARCH_LIMIT
 from indexer.store.filters import _AnyOf, _Cond, filter_conditions
 from indexer.store.payload import normalise_payload
-from indexer.store.protocol import READ_BATCH, WRITE_BATCH, Vector
-
-T = TypeVar("T")
-
-
-def _batches(items: Sequence[T], size: int) -> Iterator[list[T]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+from indexer.store.protocol import READ_BATCH, WRITE_BATCH, ClosedOnExit, Vector, batches
 
 
 def _vector_list(vector: npt.ArrayLike) -> list[float]:
@@ -73,7 +65,7 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-class _StoreBase(ABC):
+class _StoreBase(ClosedOnExit, ABC):
     """The VectorStore methods that only batch, translate or combine backend primitives."""
 
     location: str
@@ -109,24 +101,24 @@ class _StoreBase(ABC):
     def upsert(self, points: Sequence[StoredPoint]) -> None:
         """Insert or replace points (vectors required), WRITE_BATCH at a time; idempotent by id."""
         _require_vectors(points)
-        for batch in _batches(points, WRITE_BATCH):
+        for batch in batches(points, WRITE_BATCH):
             self._upsert_batch(batch)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete points; missing ids are ignored."""
-        for batch in _batches(ids, WRITE_BATCH):
+        for batch in batches(ids, WRITE_BATCH):
             self._delete_batch(batch)
 
     def set_payload(self, ids: Sequence[str], payload: dict[str, Any]) -> None:
         """Merge keys into the payload of existing points; missing ids are ignored."""
         payload = normalise_payload(payload)
-        for batch in _batches(ids, WRITE_BATCH):
+        for batch in batches(ids, WRITE_BATCH):
             self._set_payload_batch(batch, payload)
 
     def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[StoredPoint]:
         """The points with these ids, in the order asked; missing ids are skipped."""
         found: list[StoredPoint] = []
-        for batch in _batches(ids, READ_BATCH):
+        for batch in batches(ids, READ_BATCH):
             found.extend(self._retrieve_batch(batch, with_vectors))
         return _in_order(found, ids)
 
@@ -159,14 +151,6 @@ class _StoreBase(ABC):
     def find_by_sha256(self, sha256s: Sequence[str], with_vectors: bool = False) -> list[StoredPoint]:
         """Every point whose payload sha256 is one of these."""
         found: list[StoredPoint] = []
-        for batch in _batches(list(dict.fromkeys(sha256s)), READ_BATCH):
+        for batch in batches(list(dict.fromkeys(sha256s)), READ_BATCH):
             found.extend(self._scroll([_AnyOf("sha256", tuple(batch))], with_vectors, READ_BATCH))
         return found
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +17,7 @@ import numpy.typing as npt
 from indexer.errors import ModelMismatchError, StoreBusyError, StoreError, StoreFullError
 from indexer.records import Failure, Hit, SearchFilter, StoredPoint
 from indexer.settings import SEARCH_LIMIT
-from indexer.store.protocol import FailureRecord, VectorStore
+from indexer.store.protocol import ClosedOnExit, FailureRecord, VectorStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -26,7 +25,7 @@ T = TypeVar("T")
 OPEN_WAIT = 60.0  # seconds a call made before the store is open waits for it
 
 
-class LockedStore:
+class LockedStore(ClosedOnExit):
     """A VectorStore shared by the owner's threads: every call holds one lock.
 
     ``opened=False`` defers opening to `open()`: the owner's HTTP app can start (and its advert go out) first, and
@@ -156,11 +155,3 @@ class LockedStore:
         with self.lock:
             if self._inner is not None:
                 self._inner.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -15,7 +15,7 @@ from qdrant_client import models as qm
 from indexer.errors import IndexerError, ModelMismatchError, StoreError
 from indexer.records import Failure, Hit, StoredPoint, point_id
 from indexer.store import protocol
-from indexer.store.base import _as_vector, _batches, _check_model, _reason, _stamp, _StoreBase, _vector_list
+from indexer.store.base import _as_vector, _check_model, _reason, _stamp, _StoreBase, _vector_list
 from indexer.store.directory import STORE_VERSION
 from indexer.store.filters import _AnyOf, _Cond, _Match, _Range
 from indexer.store.payload import normalise_payload
@@ -27,6 +27,7 @@ from indexer.store.protocol import (
     WRITE_BATCH,
     FailureRecord,
     Vector,
+    batches,
 )
 
 
@@ -122,7 +123,7 @@ class ServerFailureLog:
             qm.PointStruct(id=point_id(path), vector=[1.0], payload=_failure_payload(f, at))
             for path, f in latest.items()
         ]
-        for batch in _batches(structs, WRITE_BATCH):
+        for batch in batches(structs, WRITE_BATCH):
             with self._errors("record failures"):
                 self.client.upsert(self.failures_collection, points=batch, wait=True)
         self._prune_failures()
@@ -146,7 +147,7 @@ class ServerFailureLog:
         """Drop the entries of these paths."""
         if not paths or not self._exists(self.failures_collection):
             return
-        for batch in _batches([point_id(str(p)) for p in paths], WRITE_BATCH):
+        for batch in batches([point_id(str(p)) for p in paths], WRITE_BATCH):
             with self._errors("clear failures"):
                 self.client.delete(self.failures_collection, qm.PointIdsList(points=_server_ids(batch)), wait=True)
 
