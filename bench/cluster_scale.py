@@ -17,17 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.procstat import hwm_mb
 from bench.vectors import DIM
 from indexer.library.cluster import DEFAULT_BLOCK, _sample, assign, fit_centres, refine_centres
 from indexer.library.export import VectorFile
 from indexer.settings import ClusterSettings
-
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:
@@ -67,7 +61,7 @@ def main() -> None:
         "lloyd": lloyd_pass,
         **{k: round(v, 1) for k, v in times.items()},
     }
-    out |= extra | {"peak_rss_mb": round(_hwm_mb(), 1), "largest": int(sizes.max()), "smallest": int(sizes.min())}
+    out |= extra | {"peak_rss_mb": round(hwm_mb(), 1), "largest": int(sizes.max()), "smallest": int(sizes.min())}
     out |= {"mean_sq_distance": round(float(distances.astype(np.float64).mean()), 5)}
     print(json.dumps(out))
 

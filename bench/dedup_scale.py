@@ -22,19 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.procstat import hwm_mb
 from bench.vectors import DIM, ClipLike
 from indexer.library.dedup import PairPlan, UnionFind, pair_lists
 from indexer.library.export import VectorFile
 from indexer.library.pairs import unique_pairs
 
 THRESHOLD = 0.95
-
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def generate(n: int, directory: Path) -> list[list[int]]:
@@ -62,7 +56,7 @@ def run_pass(directory: Path, name: str) -> dict[str, Any]:
     left, right = run()
     seconds = time.perf_counter() - start
     np.save(directory / f"pairs-{name}.npy", np.stack([left, right]))
-    return {"pass": name, "seconds": round(seconds, 1), "peak_rss_mb": round(_hwm_mb(), 1), "pairs": len(left)}
+    return {"pass": name, "seconds": round(seconds, 1), "peak_rss_mb": round(hwm_mb(), 1), "pairs": len(left)}
 
 
 def sampled_cells(directory: Path, share: float, seed: int = 0) -> dict[str, Any]:
@@ -93,7 +87,7 @@ def sampled_cells(directory: Path, share: float, seed: int = 0) -> dict[str, Any
             "kmeans_s": round(kmeans_s, 1), "place_s": round(place_s, 1), "compared_share": round(float(
             work[pick].sum() / work.sum()), 4), "compared_s": round(compared_s, 1),
             "extrapolated_total_s": round(kmeans_s + place_s + total_compare_s, 1),
-            "peak_rss_mb": round(_hwm_mb(), 1), "dot_products": float(work.sum())}  # fmt: skip
+            "peak_rss_mb": round(hwm_mb(), 1), "dot_products": float(work.sum())}  # fmt: skip
 
 
 def _fresh(directory: Path, name: str) -> dict[str, Any]:

@@ -15,18 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.procstat import hwm_mb
 from bench.vectors import DIM, ClipLike
 from indexer.library.export import _export_schema, _vector_column, import_file
 from indexer.store.edge_store import EdgeStore
 
 ROW_GROUP = 10_000
-
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def write_export(n: int, path: Path) -> None:
@@ -68,7 +62,7 @@ def main() -> None:
     rate = np.diff([0.0, *(t for _, t in marks)])
     print(json.dumps({"n": summary.imported, "load_s": round(loaded_s, 1), "rows_per_s": round(summary.imported /
           max(loaded_s, 1e-9)), "slowest_batch_s": round(float(rate.max()), 2), "total_s": round(total_s, 1),
-          "optimized": args.optimize, "peak_rss_mb": round(_hwm_mb(), 1)}))  # fmt: skip
+          "optimized": args.optimize, "peak_rss_mb": round(hwm_mb(), 1)}))  # fmt: skip
 
 
 if __name__ == "__main__":

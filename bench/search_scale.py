@@ -24,19 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.procstat import status_mb
 from bench.vectors import DIM, ClipLike
 from indexer.records import SearchFilter, StoredPoint, point_id
 from indexer.store.edge_store import EdgeStore
 
 BATCH = 2_000
 MODEL = "bench-clip-like"
-
-
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def payload(i: int) -> dict[str, Any]:
