@@ -12,8 +12,9 @@ the front of them (oldest first), so the split follows their speeds (work steali
   overlaps decoding: once it has taken chunk N, and before decoding it, the GPU thread takes chunk N+1 too if the
   rule above still wants it (never more than one chunk ahead) and submits its files to the decoder's reader
   threads (`NvJpegDecoder.read_ahead`: read, stat, sha256, header check), so they are read while chunk N decodes
-  on the GPU. If nvJPEG fails as a whole (a RuntimeError: CUDA out of memory, a device error), that chunk and the
-  one read ahead are decoded by the CPU path, a warning is logged, and the pool decodes the rest of the run.
+  on the GPU (once nvJPEG is on for the run: not during ``auto``'s trial, whose cost stays its own chunks). If
+  nvJPEG fails as a whole (a RuntimeError: CUDA out of memory, a device error), that chunk and the one read ahead
+  are decoded by the CPU path, a warning is logged, and the pool decodes the rest of the run.
 
 So where the CPU workers keep up with the model (VGA photos on 16 cores), nvJPEG stays idle; where they do not
 (12 MP photos), it takes what they cannot.
@@ -382,7 +383,9 @@ class _Run:
                     held.append(taken)
                 if not held:
                     return
-                if (ahead := self._take(wait=False)) is not None:  # read while held[0] decodes
+                # Read the next chunk while held[0] decodes, once nvJPEG is on for the run: during auto's trial a
+                # chunk taken ahead is one the CPU workers cannot take, so the trial would cost the run more.
+                if self.policy.state == "on" and (ahead := self._take(wait=False)) is not None:
                     held.append(ahead)
                 if not self._decode(held[0][0], held[0][1]):
                     self._fall_back(held)
