@@ -79,12 +79,13 @@ def test_a_full_disk_is_one_clear_error_and_the_store_survives(tmp_path: Path, s
 
     filler = _fill(small_disk, leave_mb=24)  # below the default margin (store.min_free_mb = 64)
     write_dataset(photos / "b", 8, seed=2, size=64)
-    for args in (("index", str(photos), *MODEL, "--workers", "1"), ("status",)):
+    # index needs the margin; status needs no margin but, on tmpfs, the pages its open fills (the 32 MB chunk)
+    for args, why in ((("index", str(photos), *MODEL, "--workers", "1"), "store.min_free_mb"), (("status",), "fills")):
         proc = run(*args, "--store", str(store), check=2)
         _no_crash(proc)
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith("indexer: error: ") and "No space left on device" in lines[-1], proc.stderr
-        assert "store.min_free_mb" in lines[-1]
+        assert why in lines[-1], lines[-1]
 
     filler.unlink()  # space again: nothing stored was lost, and the store takes writes
     assert run_json("status", "--store", str(store))["images"] == 16
@@ -97,9 +98,54 @@ def test_the_free_space_margin_is_a_setting(tmp_path: Path, small_disk: Path) ->
     write_dataset(photos, 4, seed=3, size=64)
     run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
     _fill(small_disk, leave_mb=80)
-    assert run_json("status", "--store", str(store))["images"] == 4  # 80 MB free: above the default 64
-    proc = run("status", "--store", str(store), env={"INDEXER_STORE__MIN_FREE_MB": "100"}, check=2)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")  # 80 MB free: above the default 64
+    margin = {"INDEXER_STORE__MIN_FREE_MB": "100"}
+    proc = run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1", env=margin, check=2)
     assert "No space left on device" in proc.stderr and "at least 100 MB" in proc.stderr
+    assert run_json("status", "--store", str(store))["images"] == 4  # a read needs no margin
+
+
+@pytest.fixture
+def ext4_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 200 MB ext4 filesystem in a file (loop mount): a disk, where reading a hole of a mapped file allocates
+    nothing (unlike tmpfs); unmounted at teardown."""
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mke2fs")
+    if mkfs is None:
+        pytest.skip("no mkfs.ext4")
+    image, disk = tmp_path / "ext4.img", tmp_path / "ext4"
+    with image.open("wb") as out:
+        out.truncate(200 * MB)
+    proc = subprocess.run([mkfs, "-q", "-F", "-t", "ext4", str(image)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot make an ext4 filesystem here ({proc.stderr.strip()})")
+    _mount(disk, "-o", "loop", str(image))
+    try:
+        yield disk
+    finally:
+        _umount(disk)
+
+
+def test_a_full_disk_still_lets_the_library_be_read(tmp_path: Path, ext4_disk: Path) -> None:
+    """With not a byte free on the store's disk, the commands that only read answer (they need no margin, and on a
+    disk filesystem Edge's open allocates nothing); index is refused with the margin; nothing is lost."""
+    photos, store = tmp_path / "photos", ext4_disk / "store"
+    write_dataset(photos, 12, seed=4, size=64)
+    run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1")
+    filler = _fill(ext4_disk, leave_mb=0)
+    assert os.statvfs(ext4_disk).f_bavail * os.statvfs(ext4_disk).f_frsize < MB
+
+    assert run_json("status", "--store", str(store))["images"] == 12
+    hits = run_json("search", "a red circle", "--store", str(store), *MODEL, "--limit", "3")
+    assert len(hits) == 3 and all(h["path"].startswith(str(photos)) for h in hits)
+    out = tmp_path / "library.parquet"
+    assert run_json("export", "--output", str(out), "--store", str(store))["exported"] == 12
+    proc = run("index", str(photos), "--store", str(store), *MODEL, "--workers", "1", check=2)
+    _no_crash(proc)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "cannot open: No space left on device" in line and "store.min_free_mb" in line, line
+
+    filler.unlink()
+    assert run_json("status", "--store", str(store))["images"] == 12
 
 
 @pytest.fixture
@@ -130,7 +176,8 @@ def test_opening_a_store_is_refused_when_edge_cannot_fill_its_files(tmp_path: Pa
         assert line.startswith("indexer: error: ") and "cannot open: No space left on device" in line, line
         free, needed = (float(m) for m in re.findall(r"\(([\d.]+) MB free, ([\d.]+) MB needed", line)[0])
         assert 20 < free < 28 and needed > 32, line  # the fresh shard's vector chunk, not the 8 MB margin
-        assert "open fills about" in line and "store.min_free_mb" in line, line
+        assert "open fills about" in line, line
+        assert ("store.min_free_mb" in line) == (args[0] == "index"), line  # a read keeps no margin
     filler.unlink()
     assert run_json("status", "--store", str(store))["images"] == 16  # nothing was lost
 
@@ -275,3 +322,14 @@ def test_deleting_images_lowers_the_record_so_no_false_alarm(tmp_path: Path) -> 
     status = run("status", "--store", str(store), "--json")
     assert json.loads(status.stdout)["images"] == 6 and "WARNING" not in status.stderr
     assert json.loads((store / "points.json").read_text())["points"] == 6
+
+
+def test_the_filesystem_type_comes_from_the_mount_table(tmp_path: Path) -> None:
+    """What decides whether opening a store takes space: tmpfs (pages allocated on read) or a disk."""
+    from indexer.store.directory import _unescape, filesystem_type, open_need_bytes
+
+    assert filesystem_type(Path("/proc/self")) == "proc"
+    if Path("/dev/shm").is_dir():
+        assert filesystem_type(Path("/dev/shm/not-there/store")) == "tmpfs"  # the nearest existing parent's
+    assert _unescape(r"/mnt/my\040photos") == "/mnt/my photos"
+    assert open_need_bytes(tmp_path / "no-shard") == 0

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,12 +164,17 @@ def _failure_from_json(row: dict[str, Any]) -> FailureRecord:
 
 
 def open_need_bytes(shard: Path) -> int:
-    """The space Edge takes from the filesystem when it opens ``shard``: the holes of its mapped segment files.
+    """The space Edge takes from the filesystem when it opens ``shard``: the holes of its mapped segment files,
+    on a filesystem that allocates a page when a hole of a shared mapping is read (tmpfs); elsewhere none.
 
-    Edge creates its mapped files sparse (a vector chunk of 32 MB, 2-4 MB pages per payload index) and fills them
-    on open (it populates the mappings; on tmpfs every touched page is allocated): a 16-image store grows by 32 MB,
-    an optimized one by 41 MB more. The payload pages (``payload_storage``) are mapped lazily, so they are left out.
-    """
+    Edge creates its mapped files sparse (a vector chunk of 32 MB, 2-4 MB pages per payload index) and populates
+    the mappings on open. On tmpfs every touched page is allocated, for as long as the store is open: a 16-image
+    store takes 32 MB more, an optimized one 41 MB more. On a disk filesystem (ext4, xfs, btrfs...) reading a hole
+    allocates nothing (measured on ext4: a store opens, counts, searches and closes with 0 bytes free); the holes
+    fill only as points are written, which the write margin (store.min_free_mb) covers. The payload pages
+    (``payload_storage``) are mapped lazily, so they are left out."""
+    if not _holes_fill_on_read(shard):
+        return 0
     total = 0
     for folder, _, names in os.walk(shard / "segments"):
         if "payload_storage" in Path(folder).parts:
@@ -180,6 +186,46 @@ def open_need_bytes(shard: Path) -> int:
                 continue  # removed meanwhile (an optimizer of another opener cannot run: the store is locked)
             total += max(0, st.st_size - st.st_blocks * 512)
     return total
+
+
+# Filesystems whose pages live in memory: a read fault on a hole of a shared mapping allocates a page.
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "shm"})
+
+
+def _holes_fill_on_read(path: Path) -> bool:
+    """Whether ``path`` is on a memory filesystem; True when that cannot be told (the cautious answer)."""
+    fs_type = filesystem_type(path)
+    return fs_type is None or fs_type in _MEMORY_FILESYSTEMS
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem ``path`` (or its nearest existing parent) is on, from /proc/self/mountinfo
+    (the mount with the longest mount point above its real path; the last one of equal length, as mounted over);
+    None where that file cannot be read (not Linux)."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as lines:
+            mounts = lines.read().splitlines()
+    except OSError:
+        return None
+    best, best_type = -1, None
+    for line in mounts:
+        fields, _, rest = line.partition(" - ")
+        parts, kind = fields.split(), rest.split(" ", 1)[0]
+        if len(parts) < 5 or not kind:
+            continue
+        point = _unescape(parts[4])
+        under = real == point or real.startswith(point.rstrip("/") + "/")
+        if under and len(point) >= best:
+            best, best_type = len(point), kind
+    return best_type
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: spaces, tabs, newlines and backslashes are written as octal escapes (\\040)."""
+    if "\\" not in field:
+        return field
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def optimize_need_bytes(shard: Path) -> int:

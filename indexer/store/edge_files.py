@@ -62,11 +62,12 @@ def check_space(
     free = free_mb(directory)
     if free >= needed or needed <= 0:
         return
-    fills = f"{what} fills about {fills_mb:.1f} MB of its files; " if fills_mb >= 0.1 else ""
+    why = [f"{what} fills about {fills_mb:.1f} MB of its files"] if fills_mb >= 0.1 or margin <= 0 else []
+    if margin > 0:
+        why.append(f"the store keeps at least {margin:g} MB free: store.min_free_mb")
     raise StoreFullError(
         f"the store at {directory} cannot {what}: No space left on device ({free:.1f} MB free, "
-        f"{needed:.1f} MB needed: {fills}the store keeps at least {margin:g} MB free: store.min_free_mb); "
-        "free some space or move the store (--store DIR)"
+        f"{needed:.1f} MB needed: {'; '.join(why)}); free some space or move the store (--store DIR)"
     )
 
 

@@ -44,7 +44,9 @@ def open_store_from_settings(settings: Settings, *, read_only: bool = False) -> 
     """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge.
 
     read_only: the command only reads. An embedded store on a read-only filesystem (or without write permission)
-    is then read from a temporary copy (Qdrant Edge cannot open a shard it may not write), removed at close."""
+    is then read from a temporary copy (Qdrant Edge cannot open a shard it may not write), removed at close; and it
+    opens with no free-space margin (store.min_free_mb keeps room for writes): a full disk still lets the library be
+    searched, counted and exported, as long as there is room for what the open itself fills."""
     s = settings.store
     if read_only and not s.qdrant_url and not writable(s.dir):
         copy = EdgeStoreCopy(s.dir)
@@ -55,6 +57,6 @@ def open_store_from_settings(settings: Settings, *, read_only: bool = False) -> 
         qdrant_url=s.qdrant_url or None,
         api_key=s.api_key or None,
         collection=s.collection,
-        min_free_mb=s.min_free_mb,
+        min_free_mb=0.0 if read_only else s.min_free_mb,
         hnsw_ef=settings.search.hnsw_ef,
     )
