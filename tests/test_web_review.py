@@ -28,10 +28,20 @@ Site = tuple[Any, dict[str, Path], EdgeStore, Path]
 @pytest.fixture
 def site(tmp_path: Path, model: LazyModel, browser: Any) -> Iterator[Site]:  # noqa: F811
     """A library of its own per test (the tests move and delete files), served, and a page open on it."""
+    yield from _site(tmp_path, model, browser, {})
+
+
+@pytest.fixture
+def site_with_duplicates_dir(tmp_path: Path, model: LazyModel, browser: Any) -> Iterator[Site]:  # noqa: F811
+    """The same, the service having a duplicates folder (dedup.duplicates_dir: tmp/dupes) and no other root."""
+    dedup = {"duplicates_dir": str(tmp_path / "dupes")}
+    yield from _site(tmp_path, model, browser, {"dedup": dedup, "serve": {"thumbnail_dir": str(tmp_path / "t")}})
+
+
+def _site(tmp_path: Path, model: LazyModel, browser: Any, overrides: dict[str, Any]) -> Iterator[Site]:  # noqa: F811
     files = write_library(tmp_path / "lib")
-    settings = shapes_settings(
-        tmp_path / "store", serve={"roots": [str(tmp_path)], "thumbnail_dir": str(tmp_path / "t")}
-    )
+    serve_settings = {"roots": [str(tmp_path)], "thumbnail_dir": str(tmp_path / "t")}
+    settings = shapes_settings(tmp_path / "store", **{"serve": serve_settings, **overrides})
     store = EdgeStore(tmp_path / "store")
     try:
         assert run_index([tmp_path / "lib"], settings, store, model).indexed == len(files)
@@ -148,3 +158,19 @@ def test_the_clusters_view_opens_a_cluster_search(site: Site) -> None:
     shown = page.eval_on_selector_all("#grid li.hit", "els => els.map(e => e.dataset.path)")
     assert set(shown) == members
     assert f"In cluster {cluster}" in page.inner_text("#examples")
+
+
+def test_a_move_with_the_folder_left_empty_goes_to_the_duplicates_dir(site_with_duplicates_dir: Site) -> None:
+    page, files, store, tmp = site_with_duplicates_dir
+    find_duplicates(page, "exact")
+    green = group_selector(page, files["green-square"])
+    assert page.input_value("#dup-move-to") == ""
+    page.click(f"{green} .group-move")
+    page.wait_for_selector("#plan-dialog[open]")
+    assert "to the duplicates folder (dedup.duplicates_dir)" in page.inner_text("#plan-summary")
+    assert str(tmp / "dupes" / "copies" / "green-square.png") in page.inner_text("#plan-list")
+    page.click("#plan-apply")
+    page.wait_for_function("() => document.querySelector('#dup-status').textContent.startsWith('moved')")
+    assert not files["green-copy"].exists() and (tmp / "dupes" / "copies" / "green-square.png").exists()
+    assert files["green-square"].exists()
+    assert str(files["green-copy"]) not in {p.path for p in store.scroll()}  # moved out of the indexed folders

@@ -101,8 +101,13 @@ def _add_export(sub: Any) -> None:
 
 
 def _add_import(sub: Any) -> None:
-    p = sub.add_parser("import", help="load an `indexer export` or `indexer embed` Parquet file into the store")
-    p.add_argument("file", type=Path, metavar="FILE")
+    p = sub.add_parser(
+        "import",
+        help="load an `indexer export` or `indexer embed` Parquet file, or a directory of them, into the store",
+    )
+    p.add_argument(
+        "file", type=Path, metavar="FILE|DIR", help="a Parquet file, or a directory of *.parquet parts (embed --ray)"
+    )
     common_options(p)
     p.set_defaults(handler=cmd_import)
 

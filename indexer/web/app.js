@@ -593,13 +593,9 @@ async function planAction(kind, indices) {
   if (!dup.scan || !indices.length) return;
   const body = { action: kind, groups: selections(indices), dry_run: true };
   if (kind === "move") {
+    // Left empty: the service's dedup.duplicates_dir (it answers what to give when that is not set).
     const target = $("dup-move-to").value.trim();
-    if (!target) {
-      say("dup-status", "Give the folder to move the duplicates to (Move to).", true);
-      $("dup-move-to").focus();
-      return;
-    }
-    body.move_to = target;
+    if (target) body.move_to = target;
   }
   const response = await postJson(`duplicates/scans/${dup.scan.id}/actions`, body);
   if (!response.ok) {
@@ -613,7 +609,7 @@ function showPlan(kind, body, plan) {
   dup.pending = { ...body, dry_run: false, confirm: true, request_id: requestId() };
   const verb = kind === "move" ? "Move" : "Delete";
   $("plan-title").textContent = `Dry run: ${verb.toLowerCase()} ${plan.planned.length} files`;
-  const where = kind === "move" ? ` to ${body.move_to}` : "";
+  const where = kind === "move" ? ` to ${body.move_to || "the duplicates folder (dedup.duplicates_dir)"}` : "";
   $("plan-summary").textContent =
     `${verb} ${plan.planned.length} files (${humanBytes(plan.bytes)})${where}; keepers stay; ` +
     `${plan.skipped.length} left alone.`;
