@@ -54,13 +54,24 @@ def _make_one(job: tuple[Path, tuple[int, int], int]) -> None:
     Image.blend(small, noise, 0.15).save(path, "JPEG", quality=90)
 
 
+DISTINCT = 64  # photos generated; the rest of a set are copies of them, each made distinct by a JPEG comment
+
+
 def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> Path:
-    """``count`` photo-like JPEGs of ``size`` in ``folder`` (made in parallel, cached between runs)."""
+    """``count`` photo-like JPEGs of ``size`` in ``folder``, cached between runs. The first DISTINCT are generated
+    (in parallel: a 12 MP one takes 1.5 s on one core), the others are copies of them with a comment segment of
+    their own (other bytes, other sha256, the same decoding work): 2,048 12 MP files in seconds, not minutes."""
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(folder / f"{i:05d}.jpg", size, i) for i in range(count) if not (folder / f"{i:05d}.jpg").exists()]
+    name = [folder / f"{i:05d}.jpg" for i in range(count)]
+    jobs = [(name[i], size, i) for i in range(min(count, DISTINCT)) if not name[i].exists()]
     if jobs:
         with multiprocessing.get_context("spawn").Pool() as pool:
-            pool.map(_make_one, jobs, chunksize=8)
+            pool.map(_make_one, jobs, chunksize=1)
+    for i in range(DISTINCT, count):
+        if not name[i].exists():
+            data = name[i % DISTINCT].read_bytes()  # SOI, then a COM segment naming the copy
+            comment = f"copy {i}".encode()
+            name[i].write_bytes(data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:])
     for extra in sorted(folder.glob("*.jpg"))[count:]:
         extra.unlink()
     return folder
@@ -192,7 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--vga", type=int, default=4096)
-    parser.add_argument("--mp12", type=int, default=512)
+    parser.add_argument("--mp12", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the peer script's DataLoader workers")
