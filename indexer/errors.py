@@ -18,7 +18,7 @@
     └── AccessError                 an HTTP request refused before it is read
         ├── HostNotAllowedError     a Host header that is not loopback, without an API key    → HTTP 403
         ├── UnauthorizedError       a missing or wrong API key                                → HTTP 401
-        └── UnsupportedMediaError   a body that is not declared as JSON                       → HTTP 415
+        └── UnsupportedMediaError   a body not declared as the type its route takes (JSON)    → HTTP 415
 
     InotifyLimitError               an OSError, not an IndexerError: a root needs more inotify watches than the
                                     system grants; the watcher catches it and falls back to polling
@@ -195,7 +195,8 @@ class UnauthorizedError(AccessError):
 
 
 class UnsupportedMediaError(AccessError):
-    """A request body not declared as JSON (a cross-origin form or text/plain post)."""
+    """A request body not declared as the type its route takes: JSON, or a page of points (a cross-origin form or
+    text/plain post)."""
 
 
 # --- one mapping to exit codes, one to HTTP statuses, one error body ------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 from indexer.api.routes import create_app
 from indexer.daemon.client import OwnerClient, ask_daemon, inline_images, query_from_json, query_to_json
 from indexer.daemon.guard import DeletionGuard
-from indexer.daemon.indexjobs import IndexJob, IndexJobs
+from indexer.daemon.indexjobs import IndexJob
 from indexer.daemon.remote import RemoteStore
 from indexer.daemon.schedule import Scan, ScanKind, Scheduler
 from indexer.errors import (
@@ -42,7 +42,7 @@ from indexer.store.locked import LockedStore
 from indexer.store.protocol import VectorStore
 from tests.conftest import shapes_settings
 from tests.fixtures.shapes import write_dataset
-from tests.support.live_server import serve
+from tests.support.live_server import Owner, serve
 from tests.support.rawhttp import raw_request
 
 # --- the scheduler ------------------------------------------------------------------------------------------------
@@ -238,22 +238,6 @@ def test_a_body_of_no_known_kind_is_a_store_error_keeping_its_message() -> None:
 
 
 # --- the control routes of the one app, over real HTTP ---------------------------------------------------------
-
-
-class Owner:
-    """The owner's side the app asks (a real IndexJobs queue running the real pipeline)."""
-
-    def __init__(self, settings: Settings, store: VectorStore, model: LazyModel) -> None:
-        self.jobs = IndexJobs(lambda paths, job: run_index(paths, settings, store, model, job))
-
-    def health(self) -> tuple[int, dict[str, Any]]:
-        return 200, {"status": "ok", "phase": "watching"}
-
-    def describe(self) -> dict[str, Any]:
-        return {"daemon": {"pid": 1, "url": "here"}}
-
-    def metrics_text(self) -> bytes:
-        return b"indexer_owner_up 1\n"
 
 
 class Breakable(EdgeStore):

@@ -6,12 +6,14 @@
     GET  /control/index/{job_id}          its progress and, once done, its summary
     GET  /control/store                   the store's location, model and dim
     POST /control/store/{operation}       count, retrieve, scroll, find_by_sha256, upsert, delete, set_payload,
-                                          flush, failures: the store primitives ``dedup``, ``cluster`` and
-                                          ``export`` run over (`indexer.daemon.remote.RemoteStore`)
+                                          flush: the store primitives ``dedup``, ``cluster``, ``export`` and
+                                          ``import`` run over (`indexer.daemon.remote.RemoteStore`)
 
-They show and change the library, so on top of the app's own checks (Host, key, body size: `indexer.api.guards`)
-they answer only clients on this machine, through a loopback Host header, whatever the bind address or key; a
-refused client gets the same 404 as an unknown path. Work runs on the app's engine thread, as every route's.
+Requests are JSON, but for points: retrieve, scroll and find_by_sha256 answer, and upsert takes, a page of points
+(`indexer.daemon.pointpage`: ids and payloads in a JSON header, the vectors in one float32 block). They show and
+change the library, so on top of the app's own checks (Host, key, body type and size: `indexer.api.guards`) they
+answer only clients on this machine, through a loopback Host header, whatever the bind address or key; a refused
+client gets the same 404 as an unknown path. Work runs on the app's engine thread, as every route's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.api.control_models import (
@@ -32,17 +36,16 @@ from indexer.api.control_models import (
     IdsIn,
     IndexJobOut,
     IndexRequest,
+    Many,
     PayloadIn,
-    PointsOut,
-    PointWire,
     ScrollIn,
     SearchRequest,
     StoreInfoOut,
-    UpsertIn,
 )
 from indexer.api.httpcheck import check_host
 from indexer.api.service import Service
 from indexer.daemon.indexjobs import IndexJob, IndexJobs
+from indexer.daemon.pointpage import MEDIA_TYPE, PageError, decode_page, encode_page
 from indexer.errors import UnknownJobError
 from indexer.records import StoredPoint
 from indexer.store.status import store_status
@@ -160,17 +163,15 @@ def _add_store(router: APIRouter, service: Service) -> None:
         return await service.run(lambda: store.count(flt) if store.model_info() else 0)
 
     @router.post("/store/retrieve")
-    async def retrieve(body: IdsIn) -> PointsOut:
-        found = await service.run(store.retrieve, body.ids, body.with_vectors)
-        return PointsOut(points=[PointWire.of(p) for p in found])
+    async def retrieve(body: IdsIn) -> Response:
+        return _page_out(await service.run(store.retrieve, body.ids, body.with_vectors))
 
     @router.post("/store/find_by_sha256")
-    async def by_sha256(body: HashesIn) -> PointsOut:
-        found = await service.run(store.find_by_sha256, body.sha256s, body.with_vectors)
-        return PointsOut(points=[PointWire.of(p) for p in found])
+    async def by_sha256(body: HashesIn) -> Response:
+        return _page_out(await service.run(store.find_by_sha256, body.sha256s, body.with_vectors))
 
     @router.post("/store/scroll")
-    async def scroll(body: ScrollIn) -> PointsOut:
+    async def scroll(body: ScrollIn) -> Response:
         def page() -> tuple[list[StoredPoint], str | None]:
             cursor = body.cursor
             if cursor is None:
@@ -178,12 +179,13 @@ def _add_store(router: APIRouter, service: Service) -> None:
                 cursor = cursors.open(store.scroll(filter=flt, with_vectors=body.with_vectors))
             return cursors.page(cursor, body.batch_size)
 
-        points, cursor = await service.run(page)
-        return PointsOut(points=[PointWire.of(p) for p in points], cursor=cursor)
+        return _page_out(*(await service.run(page)))
 
     @router.post("/store/upsert")
-    async def upsert(body: UpsertIn) -> None:
-        await service.run(store.upsert, [p.point() for p in body.points])
+    async def upsert(request: Request) -> None:
+        model = await service.run(store.model_info)
+        points = _points_to_upsert(await request.body(), model[1] if model else None)
+        await service.run(store.upsert, points)
 
     @router.post("/store/delete")
     async def delete(body: IdsIn) -> None:
@@ -196,3 +198,22 @@ def _add_store(router: APIRouter, service: Service) -> None:
     @router.post("/store/flush")
     async def flush() -> None:
         await service.run(store.flush)
+
+
+def _page_out(points: list[StoredPoint], cursor: str | None = None) -> Response:
+    return Response(encode_page(points, cursor), media_type=MEDIA_TYPE)
+
+
+def _points_to_upsert(body: bytes, dim: int | None) -> list[StoredPoint]:
+    """The points of an upsert's body: a page (`indexer.daemon.pointpage`) whose every point has a vector of the
+    store's length; anything else is a 422 naming the part that is wrong."""
+    try:
+        points = decode_page(body, Many).points
+        for i, point in enumerate(points):
+            if point.vector is None:
+                raise PageError(f"points[{i}].vector", "false, but an upsert needs every point's vector")
+            if dim is not None and len(point.vector) != dim:
+                raise PageError("dim", f"{len(point.vector)}, but the store's vectors have {dim}")
+    except PageError as exc:
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", exc.where), "msg": exc.reason}]) from None
+    return points

@@ -8,11 +8,10 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from indexer.api.models import MAX_OFFSET
-from indexer.records import SearchFilter, StoredPoint
+from indexer.records import SearchFilter
 from indexer.search import Query
 from indexer.settings import SEARCH_LIMIT_MAX
 
@@ -20,7 +19,7 @@ UUID = Annotated[
     str, StringConstraints(pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 ]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
-Many = 10_000  # ids or hashes per store call (the client batches by 1000)
+Many = 10_000  # ids, hashes or points per store call (the client batches by 1000, points by 256)
 NO_PATHS = "the owner reads no file a client names: send the image's bytes instead (the CLI does)"
 
 
@@ -125,25 +124,6 @@ class IndexRequest(BaseModel):
     )
 
 
-class PointWire(BaseModel):
-    """A stored point: id, payload and (base64 float32, little-endian) vector."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: UUID
-    payload: dict[str, Any]
-    vector: str | None = None
-
-    @classmethod
-    def of(cls, point: StoredPoint) -> PointWire:
-        vector = None if point.vector is None else base64.b64encode(point.vector.astype("<f4").tobytes()).decode()
-        return cls(id=point.id, payload=point.payload, vector=vector)
-
-    def point(self) -> StoredPoint:
-        vector = None if self.vector is None else np.frombuffer(base64.b64decode(self.vector), dtype="<f4").copy()
-        return StoredPoint(self.id, self.payload, vector)
-
-
 class IdsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -165,12 +145,6 @@ class PayloadIn(BaseModel):
     payload: dict[str, Any]
 
 
-class UpsertIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    points: list[PointWire] = Field(max_length=Many)
-
-
 class ScrollIn(BaseModel):
     """The next page of a scroll: a new one (no cursor: filter and with_vectors apply) or one going on."""
 
@@ -186,11 +160,6 @@ class CountIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     filter: FilterWire | None = None
-
-
-class PointsOut(BaseModel):
-    points: list[PointWire]
-    cursor: str | None = None
 
 
 class StoreInfoOut(BaseModel):

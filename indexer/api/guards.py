@@ -9,8 +9,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from indexer.api.httpcheck import check_access, check_json, declared_length, is_loopback, too_large
+from indexer.api.httpcheck import check_access, check_media, declared_length, is_loopback, too_large
 from indexer.api.service import Metrics
+from indexer.daemon.pointpage import MEDIA_TYPE as POINTS
 from indexer.errors import (
     AccessError,
     ConfigError,
@@ -30,14 +31,20 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SETTING = "serve.max_upload_mb"
 PUBLIC_PATHS = frozenset({"/", "/static/app.js", "/static/style.css", "/healthz"})
-# Routes whose POST body is JSON (these and every control route, /control/...): any other declared type is a 415
-# (a cross-origin page can post text/plain or a form without asking first).
-JSON_BODY_PATHS = frozenset({"/search"})
+# The body each POST route takes: JSON for these and every other control route (/control/...), a page of points for
+# an upsert. Any other declared type is a 415 (a cross-origin page can post text/plain or a form without asking first).
+JSON = "application/json"
+BODY_TYPES = {"/search": JSON, "/control/store/upsert": POINTS}
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
+
+
+def body_type(path: str) -> str | None:
+    """The media type a POST to ``path`` must declare (None: the route checks its own body, as a form's)."""
+    return BODY_TYPES.get(path, JSON if path.startswith("/control/") else None)
 
 
 def resolve_api_key(serve: ServeSettings) -> str:
@@ -106,7 +113,7 @@ class MetricsMiddleware:
 class AccessMiddleware:
     """Without a key: only loopback Host headers (DNS-rebinding guard). With a key: a bearer token on every
     route except the page, its static files and /healthz. The key is compared in constant time. A POST to a
-    JSON route (a control route included) must declare its body as JSON (415 otherwise)."""
+    route of `BODY_TYPES` or a control route must declare the body that route takes (415 otherwise)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -120,10 +127,9 @@ class AccessMiddleware:
         host = headers.get(b"host", b"").decode("latin-1")
         try:
             check_access(host, headers.get(b"authorization", b""), self.key, scope["path"] in PUBLIC_PATHS)
-            if scope["method"] == "POST" and (
-                scope["path"] in JSON_BODY_PATHS or scope["path"].startswith("/control/")
-            ):
-                check_json(headers.get(b"content-type", b"").decode("latin-1"))
+            wanted = body_type(scope["path"]) if scope["method"] == "POST" else None
+            if wanted is not None:
+                check_media(headers.get(b"content-type", b"").decode("latin-1"), wanted)
         except UnauthorizedError as exc:
             await _send_error(send, exc, [(b"www-authenticate", b'Bearer realm="indexer"')])
             return

@@ -67,11 +67,12 @@ def check_key(authorization: bytes, key: bytes) -> None:
         raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer KEY'")
 
 
-def check_json(content_type: str) -> None:
-    """A body must be declared as JSON: a cross-origin page can post text/plain or a form without asking first."""
+def check_media(content_type: str, wanted: str) -> None:
+    """A body must be declared as the type its route takes (``wanted``): a cross-origin page can post text/plain or
+    a form without asking first, never another type."""
     media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise UnsupportedMediaError(f"the body must be JSON (Content-Type: application/json), not {media or 'none'!r}")
+    if media != wanted:
+        raise UnsupportedMediaError(f"the body must be {wanted} (Content-Type: {wanted}), not {media or 'none'!r}")
 
 
 def declared_length(header: str | None, limit: int, setting: str) -> int | None:

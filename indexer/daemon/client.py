@@ -3,7 +3,8 @@
 Every command asks the process that owns the embedded store (`indexer watch`, `indexer serve`) instead of opening
 it (the store opens in one process only, and a second opener disturbs the holder). The owner advertises its address
 in ``STORE/daemon.json`` ({"url", "pid", "roots", "kind", "page"}); a request is JSON, tagged where JSON has no type
-(bytes, the filter); an error answer carries the service's error body, from which the same exception is rebuilt
+(bytes, the filter), but points travel both ways as pages (`indexer.daemon.pointpage`: the vectors in one float32
+block); an error answer carries the service's error body, from which the same exception is rebuilt
 (`indexer.errors`). Image files named in a search are read here and sent as bytes: the owner reads no path a
 client names. No torch, no web framework here: `indexer status` and friends stay light.
 """
@@ -21,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from indexer.atomicio import atomic_write_json
+from indexer.daemon.pointpage import MEDIA_TYPE, Page, PageError, decode_page, encode_page
 from indexer.errors import ConfigError, IndexerError, StoreError, error_from_body
-from indexer.records import Hit, SearchFilter
+from indexer.records import Hit, SearchFilter, StoredPoint
 from indexer.settings import Settings
 
 ADVERT_FILE = "daemon.json"
+JSON = "application/json"
 
 
 # --- the advert ------------------------------------------------------------------------------------------------------
@@ -89,14 +92,25 @@ class OwnerGoneError(StoreError):
 def ask_daemon(url: str, method: str, path: str, body: Any = None, key: str = "", timeout: float = 600) -> Any:
     """One JSON request to the owner's app; its errors come back as IndexerErrors (OwnerGoneError: no answer)."""
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    _, answer = _exchange(url, method, path, data, JSON, key, timeout)
+    try:
+        return json.loads(answer)
+    except ValueError as exc:
+        raise OwnerGoneError(f"the process owning the store at {url} did not answer: {exc}") from None
+
+
+def _exchange(
+    url: str, method: str, path: str, data: bytes | None, media: str, key: str, timeout: float
+) -> tuple[str, bytes]:
+    """One request with a body of type ``media``: the answer's media type and body."""
+    headers = {"Content-Type": media, **({"Authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            return response.headers.get_content_type(), response.read()
     except urllib.error.HTTPError as exc:
         raise _daemon_error(exc) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError) as exc:
         raise OwnerGoneError(f"the process owning the store at {url} did not answer: {exc}") from None
 
 
@@ -117,6 +131,24 @@ class OwnerClient:
 
     def ask(self, method: str, path: str, body: Any = None, timeout: float = 600) -> Any:
         return ask_daemon(self.url, method, "/control" + path, body, self.key, timeout)
+
+    def points(self, path: str, body: dict[str, Any], timeout: float = 600) -> Page:
+        """The page of points the owner answers a JSON request with (`indexer.daemon.pointpage`)."""
+        data = json.dumps(body).encode()
+        media, answer = _exchange(self.url, "POST", "/control" + path, data, JSON, self.key, timeout)
+        if media != MEDIA_TYPE:
+            raise StoreError(
+                f"the process owning the store at {self.url} answered {media}, not a page of points: "
+                "it runs an older version of the indexer (restart it)"
+            )
+        try:
+            return decode_page(answer)
+        except PageError as exc:
+            raise StoreError(f"the process owning the store at {self.url} answered a malformed page: {exc}") from None
+
+    def send_points(self, path: str, points: Sequence[StoredPoint], timeout: float = 600) -> None:
+        """Send the owner a page of points (an upsert)."""
+        _exchange(self.url, "POST", "/control" + path, encode_page(points), MEDIA_TYPE, self.key, timeout)
 
     def search(self, query: Any) -> list[Hit]:
         """``indexer search`` through the owner (its model: the client loads none)."""

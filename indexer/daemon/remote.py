@@ -2,13 +2,13 @@
 
 ``indexer dedup``, ``cluster``, ``export`` and ``import`` run here, in the command's process, exactly as without
 an owner (the same code, the same output, file actions as this user), over the owner's store primitives
-(`indexer.api.control`, POST /control/store/...). Vectors travel as base64 float32; a scroll is paged through a
-cursor the owner keeps. Searching, the failure log and building indexes stay with the owner.
+(`indexer.api.control`, POST /control/store/...). Points travel as pages (`indexer.daemon.pointpage`: a page's
+vectors in one float32 block); a scroll is paged through a cursor the owner keeps. Searching, the failure log and
+building indexes stay with the owner.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,17 +27,6 @@ def _filter(flt: SearchFilter | None) -> dict[str, Any] | None:
     if flt is None:
         return None
     return {f.name: (list(v) if isinstance(v := getattr(flt, f.name), tuple) else v) for f in dataclasses.fields(flt)}
-
-
-def _point(raw: dict[str, Any]) -> StoredPoint:
-    vector = raw.get("vector")
-    array = None if vector is None else np.frombuffer(base64.b64decode(vector), dtype="<f4").astype(np.float32)
-    return StoredPoint(raw["id"], raw["payload"], array)
-
-
-def _wire(point: StoredPoint) -> dict[str, Any]:
-    vector = None if point.vector is None else base64.b64encode(point.vector.astype("<f4").tobytes()).decode()
-    return {"id": point.id, "payload": point.payload, "vector": vector}
 
 
 class RemoteStore(ClosedOnExit):
@@ -63,7 +52,7 @@ class RemoteStore(ClosedOnExit):
 
     def upsert(self, points: Sequence[StoredPoint]) -> None:
         for batch in batches(points, WRITE_BATCH):
-            self.owner.ask("POST", "/store/upsert", {"points": [_wire(p) for p in batch]})
+            self.owner.send_points("/store/upsert", batch)
 
     def delete(self, ids: Sequence[str]) -> None:
         for batch in batches(ids, WRITE_BATCH):
@@ -76,8 +65,7 @@ class RemoteStore(ClosedOnExit):
     def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[StoredPoint]:
         found: list[StoredPoint] = []
         for batch in batches(ids, READ_BATCH):
-            answer = self.owner.ask("POST", "/store/retrieve", {"ids": batch, "with_vectors": with_vectors})
-            found.extend(_point(p) for p in answer["points"])
+            found.extend(self.owner.points("/store/retrieve", {"ids": batch, "with_vectors": with_vectors}).points)
         return found
 
     def scroll(
@@ -85,11 +73,11 @@ class RemoteStore(ClosedOnExit):
     ) -> Iterator[StoredPoint]:
         body: dict[str, Any] = {"filter": _filter(filter), "with_vectors": with_vectors, "batch_size": batch_size}
         while True:
-            answer = self.owner.ask("POST", "/store/scroll", body)
-            yield from (_point(p) for p in answer["points"])
-            if answer["cursor"] is None:
+            page = self.owner.points("/store/scroll", body)
+            yield from page.points
+            if page.cursor is None:
                 return
-            body = {"cursor": answer["cursor"], "batch_size": batch_size}
+            body = {"cursor": page.cursor, "batch_size": batch_size}
 
     def query(
         self,
@@ -108,8 +96,8 @@ class RemoteStore(ClosedOnExit):
     def find_by_sha256(self, sha256s: Sequence[str], with_vectors: bool = False) -> list[StoredPoint]:
         found: list[StoredPoint] = []
         for batch in batches(sha256s, READ_BATCH):
-            answer = self.owner.ask("POST", "/store/find_by_sha256", {"sha256s": batch, "with_vectors": with_vectors})
-            found.extend(_point(p) for p in answer["points"])
+            body = {"sha256s": batch, "with_vectors": with_vectors}
+            found.extend(self.owner.points("/store/find_by_sha256", body).points)
         return found
 
     def record_failures(self, failures: Sequence[Failure]) -> None:

@@ -1,4 +1,5 @@
-"""Helpers for the service tests: an indexed corpus of shapes, and the real app served by uvicorn in a thread."""
+"""Helpers for the service tests: an indexed corpus of shapes, the real app served by uvicorn in a thread, and the
+owner's side of its control routes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
+from indexer.daemon.indexjobs import IndexJobs
 from indexer.ingest.pipeline import run_index
 from indexer.model.lazy import LazyModel
 from indexer.settings import Settings
@@ -69,6 +71,22 @@ def make_corpus(base: Path, shapes: int = 48, archive: int = 12, **serve: Any) -
     summary = run_index([root], settings, store, model)
     assert (summary.indexed, summary.failed) == (shapes + archive, 0), summary.as_dict()
     return Corpus(root, root / "shapes", root / "archive", settings, store, model)
+
+
+class Owner:
+    """The owner's side the app asks (a real IndexJobs queue running the real pipeline): the control routes."""
+
+    def __init__(self, settings: Settings, store: VectorStore, model: LazyModel) -> None:
+        self.jobs = IndexJobs(lambda paths, job: run_index(paths, settings, store, model, job))
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        return 200, {"status": "ok", "phase": "watching"}
+
+    def describe(self) -> dict[str, Any]:
+        return {"daemon": {"pid": 1, "url": "here"}}
+
+    def metrics_text(self) -> bytes:
+        return b"indexer_owner_up 1\n"
 
 
 @contextmanager
