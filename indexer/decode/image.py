@@ -22,7 +22,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,12 +31,14 @@ import numpy.typing as npt
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from indexer import formats
+from indexer.decode.budget import decode_cost
 from indexer.errors import DecodeError
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec, display_path, name_problem
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "LoadedImage",
+    "Reserve",
     "decode_bytes",
     "decode_file",
     "draft_scale",
@@ -71,6 +73,7 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "P", "La", "RGBa"})
 _WHITE = (255, 255, 255, 255)
 
 Pixels = npt.NDArray[np.uint8]
+Reserve = Callable[[int], contextlib.AbstractContextManager[object]]  # held around a decode, given its cost in bytes
 
 
 class _Unusable(Exception):
@@ -290,14 +293,35 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise _Unusable(f"unsupported image mode {im.mode}") from None
 
 
-def _decode(data: bytes, limits: DecodeLimits, draft_to: int | None) -> LoadedImage:
-    """Bytes → LoadedImage; raises _Unusable or Pillow's own exceptions."""
+class _Header(NamedTuple):
+    """An image opened and checked, no pixel decoded yet."""
+
+    image: Image.Image  # drafted when asked: its size and mode are those it will decode at
+    format: str
+    width: int  # as stored, before any draft
+    height: int
+
+    def cost(self, file_bytes: int) -> int:
+        """The memory decoding it takes at its peak (`indexer.decode.budget.decode_cost`)."""
+        im = self.image
+        alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+        return decode_cost(im.width, im.height, im.mode, self.format, alpha, file_bytes)
+
+
+def _header(data: bytes, limits: DecodeLimits, draft_to: int | None) -> _Header:
+    """Bytes → an image with only its header read, checked against the limits, drafted (``draft_to``)."""
     im = _open(data)  # not closed here: the result may be `im` itself; it holds only `data`
     width, height = im.size
     _check_pixels(width, height, limits)
     fmt = im.format or "unknown"
     if draft_to is not None:
         _draft(im, draft_to)
+    return _Header(im, fmt, width, height)
+
+
+def _load(head: _Header, limits: DecodeLimits) -> LoadedImage:
+    """Decode the pixels; raises _Unusable or Pillow's own exceptions."""
+    im, width, height = head.image, head.width, head.height
     with _pixel_limit(limits.max_pixels):
         im.load()
         orientation = _orientation(im)
@@ -305,7 +329,12 @@ def _decode(data: bytes, limits: DecodeLimits, draft_to: int | None) -> LoadedIm
         rgb = _to_rgb(im.transpose(method) if method is not None else im)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    return LoadedImage(rgb, fmt, width, height)
+    return LoadedImage(rgb, head.format, width, height)
+
+
+def _decode(data: bytes, limits: DecodeLimits, draft_to: int | None) -> LoadedImage:
+    """Bytes → LoadedImage; raises _Unusable or Pillow's own exceptions."""
+    return _load(_header(data, limits, draft_to), limits)
 
 
 def _reason(exc: Exception) -> str:
@@ -390,27 +419,43 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> Pixels:
 # One file
 
 
-def decode_file(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decoded | Failure:
+def _unreserved(cost: int) -> contextlib.AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
+
+def _model_pixels(head: _Header, limits: DecodeLimits, spec: PreprocessSpec) -> tuple[Pixels, int, int]:
+    """Decode and resize: the pixels and the displayed size; every full-size image is closed (its memory freed)
+    before this returns, so that a memory budget held around it is given back with the memory."""
+    try:
+        loaded = _load(head, limits)
+        try:
+            return preprocess(loaded.image, spec), loaded.width, loaded.height
+        finally:
+            loaded.image.close()
+    finally:
+        head.image.close()
+
+
+def decode_file(
+    path: Path, spec: PreprocessSpec, limits: DecodeLimits, reserve: Reserve = _unreserved
+) -> Decoded | Failure:
     """Read, hash and decode one file into model-ready pixels; a Failure (never an exception) when
-    the file cannot be used. Raises ValueError only for an invalid `spec`."""
+    the file cannot be used. Raises ValueError only for an invalid `spec`.
+
+    ``reserve(cost)`` is held while the pixels are decoded at full (or draft) size, with the bytes that takes by
+    the header (`indexer.decode.budget`: a decode pool's memory budget)."""
     check_spec(spec)
     if (problem := name_problem(path)) is not None:  # whoever sent it (a watcher event), it could not be stored
         return Failure(Path(display_path(path)), problem)
     try:
         data, st = _read(path, limits)
-        loaded = _decode(data, limits, None if limits.full_resolution else spec.image_size)
-        pixels = preprocess(loaded.image, spec)
+        head = _header(data, limits, None if limits.full_resolution else spec.image_size)
+        with reserve(head.cost(len(data))):
+            pixels, width, height = _model_pixels(head, limits, spec)
     except Exception as exc:  # a per-file problem must never stop the run
         return Failure(path, _reason(exc))
-    meta = ImageMeta(
-        path=path,
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        sha256=hashlib.sha256(data).hexdigest(),
-        width=loaded.width,
-        height=loaded.height,
-        format=loaded.format,
-    )
+    sha256 = hashlib.sha256(data).hexdigest()
+    meta = ImageMeta(path, st.st_size, st.st_mtime_ns, sha256, width, height, head.format)
     return Decoded(meta=meta, pixels=pixels)
 
 

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import NamedTuple, Self
 
 from indexer.decode import shm as shm
+from indexer.decode.budget import BudgetStats, DecodeBudget
 from indexer.decode.image import Pixels, check_spec, decode_file
 from indexer.decode.worker import CRASH_ENV as CRASH_ENV
 from indexer.decode.worker import Row, decode_chunk, decode_one, init_worker
@@ -104,6 +105,41 @@ def _shm_or_pickle(spec: PreprocessSpec, lookahead: int) -> str:
     return "pickle"
 
 
+def _start_workers(workers: int, limits: DecodeLimits) -> tuple[ProcessPoolExecutor, DecodeBudget | None]:
+    """A new set of worker processes, and the memory budget they share: a new one with each set, so that a share
+    a dead worker held goes away with the workers it was shared by (`indexer.decode.budget`)."""
+    context = _mp_context()
+    budget = DecodeBudget.for_pool(context, limits.memory_budget, workers)
+    executor = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=init_worker,
+        initargs=(os.environ.get(CRASH_ENV), os.getpid(), budget),
+    )
+    return executor, budget
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """An interrupted run's shutdown: cancel the waiting files, end the workers now (they ignore Ctrl-C and would
+    finish their chunks first) and join the executor's manager thread, each bounded by STOP_TIMEOUT.
+
+    Without this the manager thread (not a daemon) outlives the command, so the CLI's exit cannot skip the
+    interpreter's teardown: it waits for the workers' chunks, then frees torch's objects one by one (gc), which
+    took 7-15 s after a Ctrl-C on the 2-core test machine, over 60 s under load."""
+    workers = list((executor._processes or {}).values())
+    manager: threading.Thread | None = getattr(executor, "_executor_manager_thread", None)  # typeshed mistypes it
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        with contextlib.suppress(OSError, ValueError):  # gone already, or closed
+            process.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for process in workers:
+        with contextlib.suppress(ValueError):
+            process.join(max(0.0, deadline - time.monotonic()))
+    if manager is not None:
+        manager.join(max(0.0, deadline - time.monotonic()))
+
+
 class _Chunk(NamedTuple):
     paths: list[Path]
     slot: shm.Slot
@@ -142,6 +178,7 @@ class DecodePool:
             self.transport = _shm_or_pickle(spec, lookahead)
         self.chunk = max(1, min(_CHUNK_MAX, lookahead // (2 * max(workers, 1))))
         self._executor: ProcessPoolExecutor | None = None
+        self._budget: DecodeBudget | None = None  # the memory budget of the executor's workers
         self._ring: shm.SlotRing | None = None
         self._closed = False
         self._crashes_in_a_row = 0
@@ -191,39 +228,24 @@ class DecodePool:
             executor.shutdown(wait=True, cancel_futures=True)
 
     def _stop_now(self) -> None:
-        """An interrupted run's shutdown: cancel the waiting files, end the workers now (they ignore Ctrl-C and would
-        finish their chunks first) and join the executor's manager thread, each bounded by STOP_TIMEOUT.
-
-        Without this the manager thread (not a daemon) outlives the command, so the CLI's exit cannot skip the
-        interpreter's teardown: it waits for the workers' chunks, then frees torch's objects one by one (gc), which
-        took 7-15 s after a Ctrl-C on the 2-core test machine, over 60 s under load."""
         executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        workers = list((executor._processes or {}).values())
-        manager: threading.Thread | None = getattr(executor, "_executor_manager_thread", None)  # typeshed mistypes it
-        executor.shutdown(wait=False, cancel_futures=True)
-        for process in workers:
-            with contextlib.suppress(OSError, ValueError):  # gone already, or closed
-                process.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for process in workers:
-            with contextlib.suppress(ValueError):
-                process.join(max(0.0, deadline - time.monotonic()))
-        if manager is not None:
-            manager.join(max(0.0, deadline - time.monotonic()))
+        if executor is not None:
+            _stop_workers(executor)
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._closed:
             raise RuntimeError("DecodePool is closed")
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=_mp_context(),
-                initializer=init_worker,
-                initargs=(os.environ.get(CRASH_ENV), os.getpid()),
-            )
+            self._executor, self._budget = _start_workers(self.workers, self.limits)
         return self._executor
+
+    def _report_budget(self) -> None:
+        if self._budget is not None:
+            self._budget.report()
+
+    def budget_stats(self) -> BudgetStats | None:
+        """The counters of the current workers' memory budget (a rebuilt pool starts a new one); None without."""
+        return None if self._budget is None else self._budget.stats()
 
     def _submit(self, path: Path) -> Future[Result]:
         try:
@@ -257,6 +279,7 @@ class DecodePool:
                     yield from self._recover(suspects)
                 else:
                     self._crashes_in_a_row = 0
+                    self._report_budget()
                     yield result
         finally:
             for _, future in pending:
@@ -339,6 +362,7 @@ class DecodePool:
                     yield from self._recover_chunks(suspects)
                 else:
                     self._crashes_in_a_row = 0
+                    self._report_budget()
                     yield from _results(chunk, rows)
         finally:
             for chunk in pending:

@@ -1,11 +1,12 @@
 """What runs inside a decode worker process of `indexer.decode.pool.DecodePool`: its start-up (leave Ctrl-C to the
 parent, die with it, lower priority) and its two tasks, one file (`decode_one`, the "pickle" transport) or a chunk of
-files into a shared-memory slot (`decode_chunk`, "shm"). This module must not import torch: it is imported in every
-worker.
+files into a shared-memory slot (`decode_chunk`, "shm"), each file's decode holding its share of the pool's memory
+budget (`indexer.decode.budget`) when it has one. This module must not import torch: it is imported in every worker.
 
 Test-only hook: when the environment variable ``INDEXER_TEST_CRASH_ON`` names a file (its base name) at the time a
-pool starts, the worker process decoding that file exits abruptly (``os._exit``), so the tests can check that a
-crashing decoder costs only its own file. Decoding in-process never reads it.
+pool starts, the worker process decoding that file exits abruptly (``os._exit``) where its pixels would be decoded,
+holding its share of the memory budget (or after the decode failed, for a file that gets no further), so the tests
+can check that a crashing decoder costs only its own file. Decoding in-process never reads it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from indexer.decode import shm as shm
+from indexer.decode.budget import DecodeBudget
 from indexer.decode.image import decode_file
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec
 
@@ -29,13 +32,17 @@ WORKER_NICENESS = 10
 Row = tuple[int, int, str, int, int, str] | str  # per file of a chunk: ImageMeta fields, or a failure reason
 
 _crash_on: list[str] = []  # test hook, filled by init_worker in worker processes only
+_budget: list[DecodeBudget] = []  # the pool's memory budget, filled by init_worker where it has one
 
 
-def init_worker(crash_on: str | None, parent: int) -> None:
-    """Worker start-up: leave Ctrl-C to the parent, but die with it; arm the test-only crash hook."""
+def init_worker(crash_on: str | None, parent: int, budget: DecodeBudget | None = None) -> None:
+    """Worker start-up: leave Ctrl-C to the parent, but die with it; join the pool's memory budget; arm the
+    test-only crash hook."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent,), name="parent-watchdog", daemon=True).start()
     _lower_priority()
+    if budget is not None:
+        _budget.append(budget)
     if crash_on:
         _crash_on.append(crash_on)
 
@@ -79,8 +86,18 @@ def _lower_priority() -> None:
 def decode_one(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decoded | Failure:
     """A worker's task on the pickle transport, and each file of a chunk (module level: it pickles by reference)."""
     if _crash_on and path.name == _crash_on[0]:
-        os._exit(70)  # test-only: simulate a decoder that takes its process down
+        decode_file(path, spec, limits, _die_holding)  # test-only: a decoder that takes its process down
+        os._exit(70)
+    if _budget:
+        return decode_file(path, spec, limits, _budget[0].hold)
     return decode_file(path, spec, limits)
+
+
+def _die_holding(cost: int) -> NoReturn:
+    """The crash hook's reserve: exit as a decoder that crashes does, holding its share of the memory budget."""
+    held = _budget[0].hold(cost) if _budget else contextlib.nullcontext()
+    held.__enter__()  # ``held`` stays referenced: a context manager collected now would give the share back
+    os._exit(70)
 
 
 def decode_chunk(slot: str, rows: int, paths: list[Path], spec: PreprocessSpec, limits: DecodeLimits) -> list[Row]:
