@@ -8,7 +8,10 @@ depends on how fast the machine is.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -156,6 +159,36 @@ def test_a_jpeg_costs_what_its_draft_decodes(tmp_path: Path, journal: Path) -> N
     drafted, full_size = (h.cost - file_bytes for h in _journal(journal))
     assert drafted == 400 * 300 * 4  # DCT scale 8: 64 px still fit in the short side
     assert full_size == 3200 * 2400 * 4
+
+
+def _noise_png(path: Path, width: int, height: int) -> Path:
+    """A PNG that does not compress: its size on disk is about its pixels' (3 bytes each)."""
+    pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, compress_level=1)
+    return path
+
+
+@pytest.mark.parametrize(("width", "read_before"), [(200, True), (600, False)])
+def test_a_big_file_is_read_only_once_its_share_is_held(tmp_path: Path, width: int, read_before: bool) -> None:
+    """A worker waiting for its share must not hold the file's bytes (a 300 MB scan) meanwhile: over 256 KiB, the
+    header comes from the file's first bytes and the file is read once the share is held. The reserve below swaps
+    the file for another image as it is entered: what decodes shows which was read."""
+    path = _noise_png(tmp_path / "scan.png", width, width)
+    swap = _noise_png(tmp_path / "swap.png", width + 10, width)
+    costs: list[int] = []
+
+    @contextlib.contextmanager
+    def reserve(cost: int) -> Iterator[None]:
+        costs.append(cost)
+        os.replace(swap, path)
+        yield
+
+    assert (path.stat().st_size > 256 << 10) is not read_before
+    original_size = path.stat().st_size
+    result = decode_file(path, SPEC, DecodeLimits(), reserve)
+    assert isinstance(result, Decoded), result
+    assert result.meta.width == (width if read_before else width + 10)
+    assert costs == [width * width * 4 + original_size]  # the header and size it had when the cost was taken
 
 
 @pytest.mark.parametrize(

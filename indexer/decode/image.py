@@ -71,6 +71,7 @@ _TRANSPOSE = {  # EXIF orientation → transpose, as ImageOps.exif_transpose doe
 }
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "P", "La", "RGBa"})
 _WHITE = (255, 255, 255, 255)
+_PEEK = 256 << 10  # bytes of a file read for its header before a memory budget's share is taken (decode_file)
 
 Pixels = npt.NDArray[np.uint8]
 Reserve = Callable[[int], contextlib.AbstractContextManager[object]]  # held around a decode, given its cost in bytes
@@ -419,10 +420,6 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> Pixels:
 # One file
 
 
-def _unreserved(cost: int) -> contextlib.AbstractContextManager[object]:
-    return contextlib.nullcontext()
-
-
 def _model_pixels(head: _Header, limits: DecodeLimits, spec: PreprocessSpec) -> tuple[Pixels, int, int]:
     """Decode and resize: the pixels and the displayed size; every full-size image is closed (its memory freed)
     before this returns, so that a memory budget held around it is given back with the memory."""
@@ -436,26 +433,51 @@ def _model_pixels(head: _Header, limits: DecodeLimits, spec: PreprocessSpec) -> 
         head.image.close()
 
 
+def _peeked_cost(path: Path, limits: DecodeLimits, draft_to: int | None) -> int | None:
+    """What decoding a file larger than _PEEK costs, by the header in its first _PEEK bytes, so that its share is
+    taken before the file is read (a worker waiting for its share does not hold a 300 MB scan meanwhile); None for a
+    smaller file, or where the header is not there (a big ICC profile or EXIF block first, a TIFF's IFD at the end)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return None if size <= _PEEK else _header(f.read(_PEEK), limits, draft_to).cost(size)
+    except Exception:  # the whole file is read and checked next, and says why
+        return None
+
+
+def _decode_reserved(
+    path: Path, limits: DecodeLimits, spec: PreprocessSpec, reserve: Reserve
+) -> tuple[os.stat_result, str, Pixels, int, int, str]:
+    """`decode_file`'s work inside ``reserve``: stat, sha256, pixels, displayed size, format."""
+    draft_to = None if limits.full_resolution else spec.image_size
+    early = None if reserve is contextlib.nullcontext else _peeked_cost(path, limits, draft_to)
+    with reserve(early) if early is not None else contextlib.nullcontext():
+        data, st = _read(path, limits)
+        head = _header(data, limits, draft_to)
+        with reserve(head.cost(len(data))) if early is None else contextlib.nullcontext():
+            pixels, width, height = _model_pixels(head, limits, spec)
+            sha256, fmt = hashlib.sha256(data).hexdigest(), head.format
+            del data, head  # the file's bytes were counted in the share: gone before it is given back
+    return st, sha256, pixels, width, height, fmt
+
+
 def decode_file(
-    path: Path, spec: PreprocessSpec, limits: DecodeLimits, reserve: Reserve = _unreserved
+    path: Path, spec: PreprocessSpec, limits: DecodeLimits, reserve: Reserve = contextlib.nullcontext
 ) -> Decoded | Failure:
     """Read, hash and decode one file into model-ready pixels; a Failure (never an exception) when
     the file cannot be used. Raises ValueError only for an invalid `spec`.
 
-    ``reserve(cost)`` is held while the pixels are decoded at full (or draft) size, with the bytes that takes by
-    the header (`indexer.decode.budget`: a decode pool's memory budget)."""
+    ``reserve(cost)`` (default: nothing) is held while the file's bytes and full-size (or drafted) pixels are in
+    memory, given their bytes by the header (`indexer.decode.budget`); from before the read where the header is in
+    the first 256 KiB."""
     check_spec(spec)
     if (problem := name_problem(path)) is not None:  # whoever sent it (a watcher event), it could not be stored
         return Failure(Path(display_path(path)), problem)
     try:
-        data, st = _read(path, limits)
-        head = _header(data, limits, None if limits.full_resolution else spec.image_size)
-        with reserve(head.cost(len(data))):
-            pixels, width, height = _model_pixels(head, limits, spec)
+        st, sha256, pixels, width, height, fmt = _decode_reserved(path, limits, spec, reserve)
     except Exception as exc:  # a per-file problem must never stop the run
         return Failure(path, _reason(exc))
-    sha256 = hashlib.sha256(data).hexdigest()
-    meta = ImageMeta(path, st.st_size, st.st_mtime_ns, sha256, width, height, head.format)
+    meta = ImageMeta(path, st.st_size, st.st_mtime_ns, sha256, width, height, fmt)
     return Decoded(meta=meta, pixels=pixels)
 
 
