@@ -75,8 +75,8 @@ def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_big_decodes_held_at_once_never_exceed_the_budget(tmp_path: Path, journal: Path) -> None:
     capacity = 20 * MIB  # two 2 MP images fit (8 MB each and their files), a 4 MP one only with a small one
     sizes = [(1600, 1250)] * 6 + [(2000, 2000)] * 3 + [(3200, 2500)] + [(64, 48)] * 6
-    order = np.random.default_rng(1).permutation(len(sizes))
-    paths = [_png(tmp_path / f"{i:02d}.png", *sizes[k], seed=i) for i, k in enumerate(order)]
+    shuffled = [sizes[int(k)] for k in np.random.default_rng(1).permutation(len(sizes))]
+    paths = [_png(tmp_path / f"{i:02d}.png", w, h, seed=i) for i, (w, h) in enumerate(shuffled)]
     with DecodePool(SPEC, _limits(capacity), workers=3, lookahead=12) as pool:
         results = list(pool.imap(paths))
         stats = pool.budget_stats()
