@@ -9,12 +9,15 @@ pool's budget, and gives it back once the pixels are model-sized and the memory 
 (`release_freed_memory`: glibc would keep it, and the next worker's image would come on top of it).
 
 What a decode costs (`decode_cost`) is known from the header before any pixel is decoded: the size (after a JPEG's
-draft, which is where drafts save), the mode, the format, plus the file's bytes (for a file over 256 KiB the share is
-taken before it is read, from the header in its first bytes: a worker waiting for its share holds no 300 MB scan
-meanwhile; `indexer.decode.image.decode_file`). The factors are
-the peaks of `decode_file` measured on 16 MP images (Pillow 13, bytes a pixel): RGB 4.2; L and 1 5.0; CMYK 8.1;
-P 13 and RGBA 16 (composited on white: four full-size copies); 16-bit greyscale 36 (scaled in float64); WebP RGB 17,
-RGBA 25 (libwebp decodes into a buffer of its own first). An EXIF rotation adds a copy (4 a pixel) not counted.
+draft, which is where drafts save), the mode, the format, plus the file's bytes (for a file over 256 KiB the share
+is taken before it is read, from the header in its first bytes: a worker waiting for its share holds no 300 MB scan
+meanwhile; `indexer.decode.image.decode_file`). The factors are the peaks of `decode_file` measured on 16 MP images
+(Pillow 13, bytes a pixel): RGB 4.2; L and 1 5.0; CMYK 8.1; P 13 and RGBA 16 (composited on white: four full-size
+copies); 16-bit greyscale 36 (scaled in float64); WebP RGB 17, RGBA 25 (libwebp decodes into a buffer of its own
+first). An EXIF rotation adds a copy (4 a pixel) not counted.
+
+What it covers: the worker processes of one `DecodePool` (files). Shard samples decode on threads under their own
+pixel budget (`indexer.sources.shards.PixelBudget`); Ray decode tasks and the API's query images are not covered.
 
 Small images pay nothing: a decode that costs less than the threshold (`BIG_DECODE`, 32 MiB, or less where the
 budget is small: every worker decoding just under it at once holds at most half the budget) touches no shared
