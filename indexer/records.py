@@ -75,6 +75,7 @@ class DecodeLimits:
     max_pixels: int = 178_956_970  # PIL's own default bomb threshold (2x is an error there)
     max_file_bytes: int = 512 * 1024 * 1024
     full_resolution: bool = False  # decode JPEGs at full size (no DCT draft): exact parity, slower
+    memory_budget: int = 0  # bytes of big decodes a pool's workers hold at once (indexer.decode.budget); 0: no bound
 
 
 @dataclass(frozen=True, slots=True)

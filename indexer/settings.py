@@ -97,6 +97,8 @@ class DecodeSettings(_Section):
     max_pixels: int = Field(default=178_956_970, gt=0)
     max_file_mb: float = Field(default=512.0, gt=0)
     full_resolution: bool = False  # JPEGs at full size instead of a DCT draft: exact reference parity, slower
+    # MB of big images (PNG, TIFF, ... decode at full size) the workers decode at once; 0: a quarter of the memory
+    memory_mb: int = Field(default=0, ge=0)
     # nvJPEG on the GPU for JPEGs, mixed with the CPU workers (indexer.decode.mixed): auto = where the model is on CUDA
     gpu: Literal["auto", "on", "off"] = "auto"
 

@@ -22,7 +22,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,12 +31,14 @@ import numpy.typing as npt
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from indexer import formats
+from indexer.decode.budget import decode_cost
 from indexer.errors import DecodeError
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec, display_path, name_problem
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "LoadedImage",
+    "Reserve",
     "decode_bytes",
     "decode_file",
     "draft_scale",
@@ -69,8 +71,10 @@ _TRANSPOSE = {  # EXIF orientation → transpose, as ImageOps.exif_transpose doe
 }
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "P", "La", "RGBa"})
 _WHITE = (255, 255, 255, 255)
+_PEEK = 256 << 10  # bytes of a file read for its header before a memory budget's share is taken (decode_file)
 
 Pixels = npt.NDArray[np.uint8]
+Reserve = Callable[[int], contextlib.AbstractContextManager[object]]  # held around a decode, given its cost in bytes
 
 
 class _Unusable(Exception):
@@ -290,14 +294,35 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise _Unusable(f"unsupported image mode {im.mode}") from None
 
 
-def _decode(data: bytes, limits: DecodeLimits, draft_to: int | None) -> LoadedImage:
-    """Bytes → LoadedImage; raises _Unusable or Pillow's own exceptions."""
+class _Header(NamedTuple):
+    """An image opened and checked, no pixel decoded yet."""
+
+    image: Image.Image  # drafted when asked: its size and mode are those it will decode at
+    format: str
+    width: int  # as stored, before any draft
+    height: int
+
+    def cost(self, file_bytes: int) -> int:
+        """The memory decoding it takes at its peak (`indexer.decode.budget.decode_cost`)."""
+        im = self.image
+        alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+        return decode_cost(im.width, im.height, im.mode, self.format, alpha, file_bytes)
+
+
+def _header(data: bytes, limits: DecodeLimits, draft_to: int | None) -> _Header:
+    """Bytes → an image with only its header read, checked against the limits, drafted (``draft_to``)."""
     im = _open(data)  # not closed here: the result may be `im` itself; it holds only `data`
     width, height = im.size
     _check_pixels(width, height, limits)
     fmt = im.format or "unknown"
     if draft_to is not None:
         _draft(im, draft_to)
+    return _Header(im, fmt, width, height)
+
+
+def _load(head: _Header, limits: DecodeLimits) -> LoadedImage:
+    """Decode the pixels; raises _Unusable or Pillow's own exceptions."""
+    im, width, height = head.image, head.width, head.height
     with _pixel_limit(limits.max_pixels):
         im.load()
         orientation = _orientation(im)
@@ -305,7 +330,12 @@ def _decode(data: bytes, limits: DecodeLimits, draft_to: int | None) -> LoadedIm
         rgb = _to_rgb(im.transpose(method) if method is not None else im)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    return LoadedImage(rgb, fmt, width, height)
+    return LoadedImage(rgb, head.format, width, height)
+
+
+def _decode(data: bytes, limits: DecodeLimits, draft_to: int | None) -> LoadedImage:
+    """Bytes → LoadedImage; raises _Unusable or Pillow's own exceptions."""
+    return _load(_header(data, limits, draft_to), limits)
 
 
 def _reason(exc: Exception) -> str:
@@ -390,27 +420,64 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> Pixels:
 # One file
 
 
-def decode_file(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decoded | Failure:
+def _model_pixels(head: _Header, limits: DecodeLimits, spec: PreprocessSpec) -> tuple[Pixels, int, int]:
+    """Decode and resize: the pixels and the displayed size; every full-size image is closed (its memory freed)
+    before this returns, so that a memory budget held around it is given back with the memory."""
+    try:
+        loaded = _load(head, limits)
+        try:
+            return preprocess(loaded.image, spec), loaded.width, loaded.height
+        finally:
+            loaded.image.close()
+    finally:
+        head.image.close()
+
+
+def _peeked_cost(path: Path, limits: DecodeLimits, draft_to: int | None) -> int | None:
+    """What decoding a file larger than _PEEK costs, by the header in its first _PEEK bytes, so that its share is
+    taken before the file is read (a worker waiting for its share does not hold a 300 MB scan meanwhile); None for a
+    smaller file, or where the header is not there (a big ICC profile or EXIF block first, a TIFF's IFD at the end)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return None if size <= _PEEK else _header(f.read(_PEEK), limits, draft_to).cost(size)
+    except Exception:  # the whole file is read and checked next, and says why
+        return None
+
+
+def _decode_reserved(
+    path: Path, limits: DecodeLimits, spec: PreprocessSpec, reserve: Reserve
+) -> tuple[os.stat_result, str, Pixels, int, int, str]:
+    """`decode_file`'s work inside ``reserve``: stat, sha256, pixels, displayed size, format."""
+    draft_to = None if limits.full_resolution else spec.image_size
+    early = None if reserve is contextlib.nullcontext else _peeked_cost(path, limits, draft_to)
+    with reserve(early) if early is not None else contextlib.nullcontext():
+        data, st = _read(path, limits)
+        head = _header(data, limits, draft_to)
+        with reserve(head.cost(len(data))) if early is None else contextlib.nullcontext():
+            pixels, width, height = _model_pixels(head, limits, spec)
+            sha256, fmt = hashlib.sha256(data).hexdigest(), head.format
+            del data, head  # the file's bytes were counted in the share: gone before it is given back
+    return st, sha256, pixels, width, height, fmt
+
+
+def decode_file(
+    path: Path, spec: PreprocessSpec, limits: DecodeLimits, reserve: Reserve = contextlib.nullcontext
+) -> Decoded | Failure:
     """Read, hash and decode one file into model-ready pixels; a Failure (never an exception) when
-    the file cannot be used. Raises ValueError only for an invalid `spec`."""
+    the file cannot be used. Raises ValueError only for an invalid `spec`.
+
+    ``reserve(cost)`` (default: nothing) is held while the file's bytes and full-size (or drafted) pixels are in
+    memory, given their bytes by the header (`indexer.decode.budget`); from before the read where the header is in
+    the first 256 KiB."""
     check_spec(spec)
     if (problem := name_problem(path)) is not None:  # whoever sent it (a watcher event), it could not be stored
         return Failure(Path(display_path(path)), problem)
     try:
-        data, st = _read(path, limits)
-        loaded = _decode(data, limits, None if limits.full_resolution else spec.image_size)
-        pixels = preprocess(loaded.image, spec)
+        st, sha256, pixels, width, height, fmt = _decode_reserved(path, limits, spec, reserve)
     except Exception as exc:  # a per-file problem must never stop the run
         return Failure(path, _reason(exc))
-    meta = ImageMeta(
-        path=path,
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        sha256=hashlib.sha256(data).hexdigest(),
-        width=loaded.width,
-        height=loaded.height,
-        format=loaded.format,
-    )
+    meta = ImageMeta(path, st.st_size, st.st_mtime_ns, sha256, width, height, fmt)
     return Decoded(meta=meta, pixels=pixels)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from indexer.decode.budget import auto_memory_budget
 from indexer.decode.pool import default_workers
 from indexer.records import DecodeLimits
 from indexer.settings import Settings
@@ -19,6 +20,7 @@ def decode_limits(settings: Settings, *, max_file_bytes: int | None = None) -> D
         max_pixels=settings.decode.max_pixels,
         max_file_bytes=int(settings.decode.max_file_mb * 1024 * 1024),
         full_resolution=settings.decode.full_resolution,
+        memory_budget=(settings.decode.memory_mb << 20) or auto_memory_budget(),
     )
     return limits if max_file_bytes is None else replace(limits, max_file_bytes=max_file_bytes)
 

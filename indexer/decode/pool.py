@@ -1,13 +1,9 @@
 """The decode stage's worker pool: `DecodePool` runs `indexer.decode.image.decode_file` in worker processes
 (forkserver/spawn, never fork: the parent holds torch threads) and yields results in input order with a bounded
 look-ahead. On the default "shm" transport workers decode chunks of files into shared-memory slots
-(`indexer.decode.shm`)
-and only metadata crosses the pipe; "pickle" sends each decoded array back. Workers exit when the process that made
-the pool dies. This module must not import torch: it is imported in every worker.
-
-Test-only hook: when the environment variable ``INDEXER_TEST_CRASH_ON`` names a file (its base name) at the time a
-pool starts, the worker process decoding that file exits abruptly (``os._exit``), so the tests can check that a
-crashing decoder costs only its own file. Decoding in-process never reads it.
+(`indexer.decode.shm`) and only metadata crosses the pipe; "pickle" sends each decoded array back. What runs in the
+workers is `indexer.decode.worker` (with the test-only crash hook, ``CRASH_ENV``); they exit when the process that
+made the pool dies. This module must not import torch: the forkserver preloads it for every worker.
 """
 
 from __future__ import annotations
@@ -20,8 +16,6 @@ import multiprocessing.popen_forkserver  # thread imports torch (LazyModel.start
 import multiprocessing.resource_tracker  # modules from two threads at once can deadlock
 import multiprocessing.shared_memory
 import os
-import select
-import signal
 import threading
 import time
 from collections import deque
@@ -33,73 +27,18 @@ from types import TracebackType
 from typing import NamedTuple, Self
 
 from indexer.decode import shm as shm
+from indexer.decode.budget import BudgetStats, DecodeBudget
 from indexer.decode.image import Pixels, check_spec, decode_file
+from indexer.decode.worker import CRASH_ENV as CRASH_ENV
+from indexer.decode.worker import Row, decode_chunk, decode_one, init_worker
 from indexer.errors import IndexerError
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
 __all__ = ["TRANSPORTS", "DecodePool", "default_workers"]
 
-CRASH_ENV = "INDEXER_TEST_CRASH_ON"  # test-only, see the module docstring
-
-
-WORKER_NICENESS = 10
-STOP_TIMEOUT = 5.0  # seconds an interrupted pool waits for its workers and its manager thread to end
-_crash_on: list[str] = []  # test hook, filled by _init_worker in worker processes only
-
-
-def _init_worker(crash_on: str | None, parent: int) -> None:
-    """Worker start-up: leave Ctrl-C to the parent, but die with it; arm the test-only crash hook."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(parent,), name="parent-watchdog", daemon=True).start()
-    _lower_priority()
-    if crash_on:
-        _crash_on.append(crash_on)
-
-
-def _exit_with(parent: int) -> None:
-    """Exit as soon as process ``parent`` (the one that made the pool) is gone, however it went (kill -9 too).
-
-    A worker's own parent is the forkserver, and nothing in the pool notices the pool's owner dying: without this
-    the workers wait forever on their queue, and since they hold the forkserver's and the resource tracker's pipes,
-    those two stay too (and with them the owner's stdout/stderr). Once the workers exit, both see EOF and exit."""
-    try:
-        pidfd = os.pidfd_open(parent)  # Linux >= 5.3: readable once the process has exited
-    except ProcessLookupError:
-        os._exit(1)
-    except (AttributeError, OSError):  # no pidfd here: poll
-        while _alive(parent):
-            time.sleep(0.5)
-        os._exit(1)
-    select.select([pidfd], [], [])
-    os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _lower_priority() -> None:
-    """Decode workers yield the CPU to the model's threads: a multi-threaded matrix product that loses one
-    thread to a decoder waits for it at every barrier, so sharing the cores evenly is slower than letting
-    the decoders fill the gaps (measured on 2 cores: see bench/README.md)."""
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
-
-
-def _decode_in_worker(path: Path, spec: PreprocessSpec, limits: DecodeLimits) -> Decoded | Failure:
-    """The function worker processes run (module level, so it pickles by reference)."""
-    if _crash_on and path.name == _crash_on[0]:
-        os._exit(70)  # test-only: simulate a decoder that takes its process down
-    return decode_file(path, spec, limits)
-
-
 log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 5.0  # seconds an interrupted pool waits for its workers and its manager thread to end
 
 
 def default_workers() -> int:
@@ -120,29 +59,12 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 
 
 Result = Decoded | Failure
-Row = tuple[int, int, str, int, int, str] | str  # per file of a chunk: ImageMeta fields, or a failure reason
 TRANSPORTS = ("shm", "pickle")
 _Pending = tuple[Path, "Future[Result]"]
 _CRASHED = "decoder crashed: the worker process died while decoding this file"
 _MAX_CRASHES_IN_A_ROW = 8  # isolated crashes of consecutive files: the pool is unusable, not the files
 _PAUSED = 0.001  # seconds before asking again a source that paused while nothing was in flight
 _CHUNK_MAX = 32  # files per task on the shm transport: a task costs the main process ~0.7 ms (bench/README.md)
-
-
-def _decode_chunk(slot: str, rows: int, paths: list[Path], spec: PreprocessSpec, limits: DecodeLimits) -> list[Row]:
-    """A worker's task on the shm transport: decode ``paths`` into rows 0.. of segment ``slot``; only each file's
-    metadata fields (or its failure reason) go back through the pipe, without the path the main process knows."""
-    array = shm.attach(slot, rows, (3, spec.image_size, spec.image_size))
-    out: list[Row] = []
-    for i, path in enumerate(paths):
-        result = _decode_in_worker(path, spec, limits)
-        if isinstance(result, Decoded):
-            array[i] = result.pixels
-            m = result.meta
-            out.append((m.size, m.mtime_ns, m.sha256, m.width, m.height, m.format))
-        else:
-            out.append(result.reason)
-    return out
 
 
 def _take(source: Iterator[Path | None], room: int) -> tuple[list[Path], bool]:
@@ -183,6 +105,41 @@ def _shm_or_pickle(spec: PreprocessSpec, lookahead: int) -> str:
     return "pickle"
 
 
+def _start_workers(workers: int, limits: DecodeLimits) -> tuple[ProcessPoolExecutor, DecodeBudget | None]:
+    """A new set of worker processes, and the memory budget they share: a new one with each set, so that a share
+    a dead worker held goes away with the workers it was shared by (`indexer.decode.budget`)."""
+    context = _mp_context()
+    budget = DecodeBudget.for_pool(context, limits.memory_budget, workers)
+    executor = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=init_worker,
+        initargs=(os.environ.get(CRASH_ENV), os.getpid(), budget),
+    )
+    return executor, budget
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """An interrupted run's shutdown: cancel the waiting files, end the workers now (they ignore Ctrl-C and would
+    finish their chunks first) and join the executor's manager thread, each bounded by STOP_TIMEOUT.
+
+    Without this the manager thread (not a daemon) outlives the command, so the CLI's exit cannot skip the
+    interpreter's teardown: it waits for the workers' chunks, then frees torch's objects one by one (gc), which
+    took 7-15 s after a Ctrl-C on the 2-core test machine, over 60 s under load."""
+    workers = list((executor._processes or {}).values())
+    manager: threading.Thread | None = getattr(executor, "_executor_manager_thread", None)  # typeshed mistypes it
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        with contextlib.suppress(OSError, ValueError):  # gone already, or closed
+            process.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for process in workers:
+        with contextlib.suppress(ValueError):
+            process.join(max(0.0, deadline - time.monotonic()))
+    if manager is not None:
+        manager.join(max(0.0, deadline - time.monotonic()))
+
+
 class _Chunk(NamedTuple):
     paths: list[Path]
     slot: shm.Slot
@@ -221,6 +178,7 @@ class DecodePool:
             self.transport = _shm_or_pickle(spec, lookahead)
         self.chunk = max(1, min(_CHUNK_MAX, lookahead // (2 * max(workers, 1))))
         self._executor: ProcessPoolExecutor | None = None
+        self._budget: DecodeBudget | None = None  # the memory budget of the executor's workers
         self._ring: shm.SlotRing | None = None
         self._closed = False
         self._crashes_in_a_row = 0
@@ -270,43 +228,28 @@ class DecodePool:
             executor.shutdown(wait=True, cancel_futures=True)
 
     def _stop_now(self) -> None:
-        """An interrupted run's shutdown: cancel the waiting files, end the workers now (they ignore Ctrl-C and would
-        finish their chunks first) and join the executor's manager thread, each bounded by STOP_TIMEOUT.
-
-        Without this the manager thread (not a daemon) outlives the command, so the CLI's exit cannot skip the
-        interpreter's teardown: it waits for the workers' chunks, then frees torch's objects one by one (gc), which
-        took 7-15 s after a Ctrl-C on the 2-core test machine, over 60 s under load."""
         executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        workers = list((executor._processes or {}).values())
-        manager: threading.Thread | None = getattr(executor, "_executor_manager_thread", None)  # typeshed mistypes it
-        executor.shutdown(wait=False, cancel_futures=True)
-        for process in workers:
-            with contextlib.suppress(OSError, ValueError):  # gone already, or closed
-                process.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for process in workers:
-            with contextlib.suppress(ValueError):
-                process.join(max(0.0, deadline - time.monotonic()))
-        if manager is not None:
-            manager.join(max(0.0, deadline - time.monotonic()))
+        if executor is not None:
+            _stop_workers(executor)
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._closed:
             raise RuntimeError("DecodePool is closed")
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=_mp_context(),
-                initializer=_init_worker,
-                initargs=(os.environ.get(CRASH_ENV), os.getpid()),
-            )
+            self._executor, self._budget = _start_workers(self.workers, self.limits)
         return self._executor
+
+    def _report_budget(self) -> None:
+        if self._budget is not None:
+            self._budget.report()
+
+    def budget_stats(self) -> BudgetStats | None:
+        """The counters of the current workers' memory budget (a rebuilt pool starts a new one); None without."""
+        return None if self._budget is None else self._budget.stats()
 
     def _submit(self, path: Path) -> Future[Result]:
         try:
-            return self._pool().submit(_decode_in_worker, path, self.spec, self.limits)
+            return self._pool().submit(decode_one, path, self.spec, self.limits)
         except BrokenProcessPool as exc:  # broke since the last result: report it like a crash
             future: Future[Result] = Future()
             future.set_exception(exc)
@@ -336,6 +279,7 @@ class DecodePool:
                     yield from self._recover(suspects)
                 else:
                     self._crashes_in_a_row = 0
+                    self._report_budget()
                     yield result
         finally:
             for _, future in pending:
@@ -384,7 +328,7 @@ class DecodePool:
     def _submit_chunk(self, paths: list[Path]) -> _Chunk:
         slot = self._slots().acquire()
         try:
-            future = self._pool().submit(_decode_chunk, slot.name, slot.rows, paths, self.spec, self.limits)
+            future = self._pool().submit(decode_chunk, slot.name, slot.rows, paths, self.spec, self.limits)
         except BrokenProcessPool as exc:  # broke since the last result: report it like a crash
             future = Future()
             future.set_exception(exc)
@@ -418,6 +362,7 @@ class DecodePool:
                     yield from self._recover_chunks(suspects)
                 else:
                     self._crashes_in_a_row = 0
+                    self._report_budget()
                     yield from _results(chunk, rows)
         finally:
             for chunk in pending:

@@ -19,8 +19,6 @@ Incremental indexing: every point of a shard carries the shard's size and mtime 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import io
 import json
 import logging
@@ -28,7 +26,7 @@ import os
 import threading
 import warnings
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 
 from PIL import Image
 
+from indexer.decode.budget import release_freed_memory
 from indexer.decode.image import decode_bytes
 from indexer.records import (
     Decoded,
@@ -188,26 +187,6 @@ def header_pixels(data: bytes, limits: DecodeLimits) -> int:
     except Exception:  # the decoder says why, with the budget held
         return limits.max_pixels
     return int(width) * int(height)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-    return trim
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed so far back to the system (glibc's ``malloc_trim``; nothing elsewhere).
-
-    Each decoding thread allocates from a malloc arena of its own, which keeps what a large image freed: without
-    this, 2 threads decoding limit-sized images one at a time still held two images' worth (measured: 280 MB
-    against 140 MB for one thread, 6,000 px PNGs)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def decode_shard(
