@@ -434,13 +434,13 @@ def _model_pixels(head: _Header, limits: DecodeLimits, spec: PreprocessSpec) -> 
 
 
 def _peeked_cost(path: Path, limits: DecodeLimits, draft_to: int | None) -> int | None:
-    """What decoding a file larger than _PEEK costs, by the header in its first _PEEK bytes, so that its share is
-    taken before the file is read (a worker waiting for its share does not hold a 300 MB scan meanwhile); None for a
-    smaller file, or where the header is not there (a big ICC profile or EXIF block first, a TIFF's IFD at the end)."""
+    """What decoding a file over _PEEK costs, by the header in its first _PEEK bytes (its share is then taken before
+    the read: a waiting worker holds no 300 MB scan); None for a smaller file or a header not there (a TIFF's IFD)."""
     try:
+        if os.stat(path).st_size <= _PEEK:  # the common case: one stat, no open
+            return None
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            return None if size <= _PEEK else _header(f.read(_PEEK), limits, draft_to).cost(size)
+            return _header(f.read(_PEEK), limits, draft_to).cost(os.fstat(f.fileno()).st_size)
     except Exception:  # the whole file is read and checked next, and says why
         return None
 
