@@ -37,7 +37,7 @@ from indexer.store.directory import (
 from indexer.store.edge_files import MB, check_space, copy_tree, edge_config, edge_error
 from indexer.store.edge_query import EdgeReads, create_edge_indexes, edge_ids
 from indexer.store.payload import normalise_payload
-from indexer.store.protocol import Vector
+from indexer.store.protocol import Vector, batches
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 MIN_FREE_MB = 64.0
 # New stores are quantized (int8 copies in memory, originals on disk; edge_files.edge_config, bench/README.md).
 QUANTIZE = True
+# Points per Edge update call. An update holds the GIL from start to end (0.026 ms a point): 256 at once kept every
+# other thread of the process, the model's included, waiting up to 9 ms; 64 cost the same per point and hold it at
+# most 3 ms (bench/writer_stall.py).
+UPDATE_POINTS = 64
 
 
 class EdgeStore(EdgeReads, FailureLog, _StoreBase):
@@ -259,10 +263,11 @@ class EdgeStore(EdgeReads, FailureLog, _StoreBase):
         shard = self._writable_shard()
         self._space("write")
         with self._errors("upsert"):
-            edge_points = [
-                edge.Point(p.id, _vector_list(cast(Vector, p.vector)), normalise_payload(p.payload)) for p in points
-            ]
-            shard.update(edge.UpdateOperation.upsert_points(edge_points))
+            for part in batches(points, UPDATE_POINTS):
+                edge_points = [
+                    edge.Point(p.id, _vector_list(cast(Vector, p.vector)), normalise_payload(p.payload)) for p in part
+                ]
+                shard.update(edge.UpdateOperation.upsert_points(edge_points))
 
     def _delete_batch(self, ids: list[str]) -> None:
         shard = self._live_shard()
