@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
-from indexer.decode.image import Pixels, decode_file, load_image, preprocess
+from indexer.decode.geometry import Pixels, preprocess
+from indexer.decode.image import decode_file, load_image
 from indexer.errors import ConfigError, DecodeError, ModelMismatchError, StoreError, UnknownImageError
 from indexer.model.lazy import LazyModel  # torch-free: a search answered by the store's owner loads no torch here
 from indexer.records import DecodeLimits, Failure, Hit, PreprocessSpec, SearchFilter

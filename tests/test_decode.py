@@ -24,7 +24,8 @@ from PIL import Image, ImageOps, features
 
 from indexer.decode import image as decode
 from indexer.decode import pool as decode_pool
-from indexer.decode.image import SUPPORTED_EXTENSIONS, decode_file, draft_scale, hash_file, load_image, preprocess
+from indexer.decode.geometry import preprocess
+from indexer.decode.image import SUPPORTED_EXTENSIONS, decode_file, draft_scale, hash_file, load_image
 from indexer.decode.pool import DecodePool, default_workers
 from indexer.errors import DecodeError, IndexerError
 from indexer.records import Decoded, DecodeLimits, Failure, PreprocessSpec

@@ -205,7 +205,7 @@ def test_index_on_ray_bulk_loads_a_server_collection_with_hnsw_deferred(
 def test_image_embedder_in_a_map_batches_pipeline(ray_cluster: str, settings: Settings) -> None:
     from PIL import Image
 
-    from indexer.decode.image import preprocess
+    from indexer.decode.geometry import preprocess
     from tests.fixtures.shapes import draw_shape, image_rng
 
     images = [np.asarray(draw_shape("red", "circle", image_rng(0, i), 80)) for i in range(6)]

@@ -4,8 +4,7 @@
 `Decoded` (metadata + uint8 CHW pixels of the model's input size) or a `Failure` with a short reason;
 it never raises for a problem with one file.
 
-Pixels follow open_clip's eval transform exactly (resize the shortest side with PIL, torchvision's
-size arithmetic and centre crop, or "squash"), except that normalisation (x/255 - mean)/std is left
+Pixels follow open_clip's eval transform exactly (`indexer.decode.geometry`), except that normalisation is left
 to the model stage, which does it batched.
 
 `indexer.decode.pool.DecodePool` runs `decode_file` in worker processes. This module must not import torch: it
@@ -27,11 +26,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from indexer import formats
 from indexer.decode.budget import decode_cost
+from indexer.decode.geometry import Pixels, check_spec, preprocess
 from indexer.errors import DecodeError
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec, display_path, name_problem
 
@@ -44,7 +43,6 @@ __all__ = [
     "draft_scale",
     "hash_file",
     "load_image",
-    "preprocess",
 ]
 
 SUPPORTED_EXTENSIONS = formats.SUPPORTED_EXTENSIONS
@@ -56,10 +54,7 @@ for _plugin in ("Bmp", "Gif", "Png", "Tiff", "WebP", "Avif"):
     with contextlib.suppress(ImportError):
         importlib.import_module(f"PIL.{_plugin}ImagePlugin")
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-_RESIZE_MODES = ("shortest", "squash")
 _DRAFT_MIN_SHORT = 1  # after a JPEG draft the shortest side stays >= image_size (DCT scaling is a box filter)
-_EXACT_RESIZE_MAX_ASPECT = 16  # beyond this aspect ratio resize only the crop box (bounded memory)
 _TRANSPOSE = {  # EXIF orientation → transpose, as ImageOps.exif_transpose does it
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -73,7 +68,6 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "P", "La", "RGBa"})
 _WHITE = (255, 255, 255, 255)
 _PEEK = 256 << 10  # bytes of a file read for its header before a memory budget's share is taken (decode_file)
 
-Pixels = npt.NDArray[np.uint8]
 Reserve = Callable[[int], contextlib.AbstractContextManager[object]]  # held around a decode, given its cost in bytes
 
 
@@ -367,53 +361,6 @@ def load_image(
         return _decode(data, limits, draft_to)
     except Exception as exc:  # every per-file problem becomes a reason
         raise DecodeError(source, _reason(exc)) from exc
-
-
-# ---------------------------------------------------------------------------------------------------
-# Geometry (open_clip's eval transform, without normalisation)
-
-
-def check_spec(spec: PreprocessSpec) -> None:
-    if spec.interpolation not in _RESAMPLE:
-        raise ValueError(f"unsupported interpolation {spec.interpolation!r} (expected bicubic or bilinear)")
-    if spec.resize_mode not in _RESIZE_MODES:
-        raise ValueError(f"unsupported resize_mode {spec.resize_mode!r} (expected shortest or squash)")
-    if spec.image_size < 1:
-        raise ValueError(f"image_size must be positive, not {spec.image_size}")
-
-
-def _resize_shortest(image: Image.Image, size: int, resample: Image.Resampling, floor: bool = False) -> Image.Image:
-    """torchvision Resize(size) (shortest side) then CenterCrop(size), with torchvision's rounding
-    (``floor``: transformers' CLIPImageProcessor, which floors the crop offset)."""
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
-    top = (new_h - size) // 2 if floor else round((new_h - size) / 2.0)  # torchvision: round half to even
-    left = (new_w - size) // 2 if floor else round((new_w - size) / 2.0)
-    if new_long <= _EXACT_RESIZE_MAX_ASPECT * size:
-        resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), resample)
-        return resized.crop((left, top, left + size, top + size))
-    # Extreme aspect ratio: resample only the crop window (same scale and filter support, bounded memory).
-    sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    return image.resize((size, size), resample, box=box)
-
-
-def preprocess(image: Image.Image, spec: PreprocessSpec) -> Pixels:
-    """An RGB image → uint8 CHW pixels (3, S, S), C-contiguous, as open_clip's eval transform
-    geometry for `spec` would produce them (before ToTensor/Normalize)."""
-    check_spec(spec)
-    size = spec.image_size
-    resample = _RESAMPLE[spec.interpolation]
-    if spec.resize_mode == "squash":
-        out = image if image.size == (size, size) else image.resize((size, size), resample)
-    else:
-        out = _resize_shortest(image, size, resample, spec.crop_rounding == "floor")
-    if out.mode != "RGB":
-        out = out.convert("RGB")
-    hwc = np.asarray(out, dtype=np.uint8)
-    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 `resize_crop` is open_clip's eval geometry (resize the shortest side with torchvision's size arithmetic, centre
 crop; or "squash") on a uint8 CHW tensor, on whatever device the tensor is on: the same sizes and crop offsets as
-`indexer.decode.image.preprocess`, antialiased bicubic/bilinear resampling (torch's antialias
+`indexer.decode.geometry.preprocess`, antialiased bicubic/bilinear resampling (torch's antialias
 filter follows PIL's). It is
 tested on the CPU against the PIL path.
 
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from indexer.decode.image import _check_pixels, _open, _read, _reason, check_spec, decode_file
+from indexer.decode.geometry import check_spec
+from indexer.decode.image import _check_pixels, _open, _read, _reason, decode_file
 from indexer.records import Decoded, DecodeLimits, Failure, ImageMeta, PreprocessSpec
 
 __all__ = ["FileRead", "NvJpegDecoder", "Reads", "available", "resize_crop", "resize_crop_many", "target_geometry"]
@@ -69,7 +70,7 @@ def target_geometry(width: int, height: int, spec: PreprocessSpec) -> tuple[int,
 
 
 def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 (3, H, W) → uint8 (3, S, S) on the same device, with `indexer.decode.image.preprocess`'s geometry."""
+    """uint8 (3, H, W) → uint8 (3, S, S) on the same device, with `indexer.decode.geometry.preprocess`'s geometry."""
     check_spec(spec)
     return _resize_crop_batch(image.unsqueeze(0), spec)[0]
 

@@ -28,7 +28,8 @@ from typing import NamedTuple, Self
 
 from indexer.decode import shm as shm
 from indexer.decode.budget import BudgetStats, DecodeBudget
-from indexer.decode.image import Pixels, check_spec, decode_file
+from indexer.decode.geometry import Pixels, check_spec
+from indexer.decode.image import decode_file
 from indexer.decode.worker import CRASH_ENV as CRASH_ENV
 from indexer.decode.worker import Row, decode_chunk, decode_one, init_worker
 from indexer.errors import IndexerError

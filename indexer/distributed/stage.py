@@ -113,7 +113,7 @@ class ImageEmbedder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
 
-        from indexer.decode.image import preprocess
+        from indexer.decode.geometry import preprocess
 
         images = batch["image_data"]
         pixels = np.stack([preprocess(Image.fromarray(np.asarray(im, dtype=np.uint8)).convert("RGB"),
