@@ -206,9 +206,11 @@ class DecodeBudget:
             os.close(fd)
 
 
+@functools.cache
 def auto_memory_budget() -> int:
     """``decode.memory_mb = 0``: a quarter of the memory this process may use, its cgroup's limit where that is
-    lower than the machine's RAM (a container). The rest is the model's, the store's, the look-ahead's, the system's."""
+    lower than the machine's RAM (a container). The rest is the model's, the store's, the look-ahead's, the system's.
+    Worked out once per process: `decode_limits` runs for every run, shard and app, and these files do not change."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = _cgroup_limit()
     if limit is not None:
