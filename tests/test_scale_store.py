@@ -138,3 +138,31 @@ def test_import_command_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> No
     assert proc.returncode == 0, drawn.decode(errors="replace")
     assert "imported 1200 images" in out
     assert b"importing" in drawn and b"1200/1200" in drawn
+
+
+def test_a_batch_goes_into_edge_in_calls_of_update_points(tmp_path: Path) -> None:
+    """Edge's update holds the GIL throughout: a batch is written in calls of UPDATE_POINTS (bench/writer_stall.py),
+    and every point of it is stored."""
+    from indexer.store import edge_store
+
+    vectors, _ = clip_like(300, dim=16, seed=5)
+    store = EdgeStore(tmp_path / "store")
+    try:
+        store.ensure_collection("m", 16)
+        shard, sizes = store._shard, []
+
+        class Counting:
+            def __getattr__(self, name: str) -> object:
+                return getattr(shard, name)
+
+            def update(self, operation: object) -> object:
+                sizes.append(operation)
+                return shard.update(operation)  # type: ignore[union-attr, arg-type]
+
+        store._shard = Counting()  # type: ignore[assignment]
+        store.upsert(points(vectors))  # 300 points: WRITE_BATCH 256 + 44, each split into calls of 64
+        store._shard = shard
+        assert len(sizes) == 4 + 1 and edge_store.UPDATE_POINTS == 64
+        assert store.count() == 300
+    finally:
+        store.close()
