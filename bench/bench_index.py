@@ -62,10 +62,14 @@ class OptimizeClock:
     def __enter__(self) -> OptimizeClock:
         from indexer.store.edge_store import EdgeStore
 
-        self._cls = EdgeStore
-        self._real = {name: getattr(EdgeStore, name) for name in self.NAMES if hasattr(EdgeStore, name)}
-        for name, real in self._real.items():
-            setattr(EdgeStore, name, self._timed(real))
+        classes: list[Any] = [EdgeStore]
+        if STORE_PROCESS:
+            from indexer.store.child import ChildStore
+
+            classes.append(ChildStore)
+        self._real = {(cls, name): getattr(cls, name) for cls in classes for name in self.NAMES if hasattr(cls, name)}
+        for (cls, name), real in self._real.items():
+            setattr(cls, name, self._timed(real))
         return self
 
     def _timed(self, real: Any) -> Any:
@@ -77,17 +81,20 @@ class OptimizeClock:
         return timed
 
     def __exit__(self, *exc: object) -> None:
-        for name, real in self._real.items():
-            setattr(self._cls, name, real)
+        for (cls, name), real in self._real.items():
+            setattr(cls, name, real)
 
 
+# Whether this tree has `store.separate_process` (`indexer index` writes through a child process; the trees before
+# it do not: their runs of that kind are left out).
+STORE_PROCESS = (ROOT / "indexer" / "store" / "child.py").exists()
 OPTIMIZE_AFTER = 100  # so that a run of the small set already brings the store's indexes up to date
 
 
 def settings_for(store_dir: Path, workers: int, batch: int) -> Any:
     from indexer.settings import load_settings
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "store": {"dir": store_dir, "optimize_after": OPTIMIZE_AFTER},
         "decode": {"workers": workers, "gpu": "off"},
     }
@@ -95,28 +102,40 @@ def settings_for(store_dir: Path, workers: int, batch: int) -> Any:
     return load_settings(None, overrides)
 
 
-def timed_index(folder: Path, workers: int, batch: int, again: bool) -> tuple[float, float, float, int]:
-    """(images/s, main CPU ms/image, index upkeep s, images) of `run_index` into a fresh store (``again``: the second
-    run over an unchanged tree is the one timed)."""
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) another process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_index(
+    folder: Path, workers: int, batch: int, again: bool, separate: bool = False
+) -> tuple[float, float, float, int, float]:
+    """(images/s, main CPU ms/image, index upkeep s, images, the store process's CPU ms/image) of `run_index` into
+    a fresh store (``again``: the second run over an unchanged tree is the one timed; ``separate``: the store in a
+    process of its own, as `indexer index` opens it with ``store.separate_process``)."""
     from indexer.ingest.pipeline import run_index
     from indexer.store.factory import open_store_from_settings
 
     model: Any = NoOpModel(batch)
     with tempfile.TemporaryDirectory() as tmp:
         settings = settings_for(Path(tmp) / "store", workers, batch)
-        store = open_store_from_settings(settings)
+        store = open_store_from_settings(settings, **({"separate_process": True} if separate else {}))
+        child = store._process.pid if separate else None  # type: ignore[attr-defined]
         try:
             if again:
                 run_index([folder], settings, store, model)
             with OptimizeClock() as clock:
+                child_cpu = process_cpu(child) if child else 0.0
                 wall, cpu = time.perf_counter(), time.process_time()
                 summary = run_index([folder], settings, store, model)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                child_cpu = process_cpu(child) - child_cpu if child else 0.0
         finally:
             store.close()
     n = summary.indexed + summary.unchanged
     assert n and not summary.failed, f"{summary}"
-    return n / wall, 1000 * cpu / n, clock.seconds, n
+    return n / wall, 1000 * cpu / n, clock.seconds, n, 1000 * child_cpu / n
 
 
 def timed_embed(folder: Path, workers: int, batch: int) -> tuple[float, float, int]:
@@ -148,12 +167,13 @@ def folder_of(count: int) -> Path:
 
 def one(kind: str, count: int, workers: int, batch: int) -> dict[str, float]:
     """One measurement in this process, after a warm-up run of the same kind on 16 images (imports done)."""
-    run = {"embed": lambda f: (*timed_embed(f, workers, batch)[:2], 0.0),
-           "index": lambda f: timed_index(f, workers, batch, again=False)[:3],
-           "index, unchanged": lambda f: timed_index(f, workers, batch, again=True)[:3]}[kind]  # fmt: skip
+    run = {"embed": lambda f: (*timed_embed(f, workers, batch)[:2], 0.0, 0, 0.0),
+           "index": lambda f: timed_index(f, workers, batch, again=False),
+           "index, own process": lambda f: timed_index(f, workers, batch, again=False, separate=True),
+           "index, unchanged": lambda f: timed_index(f, workers, batch, again=True)}[kind]  # fmt: skip
     run(folder_of(16))
-    rate, cpu, opt = run(folder_of(count))
-    return {"rate": rate, "cpu": cpu, "optimize": opt}
+    rate, cpu, opt, _, child = run(folder_of(count))
+    return {"rate": rate, "cpu": cpu, "optimize": opt, "child": child}
 
 
 def measure(tree: Path, kind: str, count: int, args: argparse.Namespace) -> dict[str, float]:
@@ -179,34 +199,42 @@ def main() -> None:
         return
     small, large = args.count // 4, args.count
     trees = {"new": ROOT, **({"old": args.old} if args.old else {})}
-    kinds = ("embed", "index", "index, unchanged")
+    kinds = ("embed", "index", "index, own process", "index, unchanged")
     best: dict[tuple[str, str, int], dict[str, float]] = {}
     for _ in range(args.repeat):  # interleaved: a burst of load elsewhere hits every variant alike
         for n in (small, large):
             for kind in kinds:
                 for tree_name, tree in trees.items():
+                    if kind == "index, own process" and not (tree / "indexer" / "store" / "child.py").exists():
+                        continue
                     got, old = measure(tree, kind, n, args), best.get((tree_name, kind, n))
                     if old is not None:
                         got = {"rate": max(got["rate"], old["rate"]), "cpu": min(got["cpu"], old["cpu"]),
-                               "optimize": min(got["optimize"], old["optimize"])}  # fmt: skip
+                               "optimize": min(got["optimize"], old["optimize"]),
+                               "child": min(got.get("child", 0.0), old.get("child", 0.0))}  # fmt: skip
                     best[tree_name, kind, n] = got
     print(f"VGA JPEGs, no-op model (768-d), {args.workers} decode workers ({os.cpu_count()} CPUs), batch "
           f"{args.batch}, store.optimize_after {OPTIMIZE_AFTER}, best of {args.repeat}, each run in a fresh process "
           f"after a warm-up; main CPU per image: of the whole run, and the marginal cost (the slope between "
           f"{small} and {large} images: the run's fixed costs left out)")  # fmt: skip
-    head = f"{'tree':5} {'run':17} {'images':>6} {'images/s':>9} {'main CPU ms/img':>16}"
-    print(f"{head} {'marginal':>9} {'upkeep s':>11}")
+    head = f"{'tree':5} {'run':18} {'images':>6} {'images/s':>9} {'main CPU ms/img':>16}"
+    print(f"{head} {'marginal':>9} {'upkeep s':>9} {'store process CPU ms/img':>25}")
     for tree_name in trees:
         for kind in kinds:
+            if (tree_name, kind, large) not in best:
+                continue
             for n in (small, large):
                 got = best[tree_name, kind, n]
                 slope = best[tree_name, kind, large]["cpu"] * large - best[tree_name, kind, small]["cpu"] * small
                 marginal = f"{slope / (large - small):9.3f}" if n == large else " " * 9
-                print(f"{tree_name:5} {kind:17} {n:>6} {got['rate']:>9.1f} {got['cpu']:>16.3f} {marginal} "
-                      f"{got['optimize']:>11.3f}")  # fmt: skip
-        for n in (small, large):
-            ratio = best[tree_name, "index", n]["rate"] / best[tree_name, "embed", n]["rate"]
-            print(f"{tree_name:5} index / embed, {n} images: {ratio:.2f}x")
+                child = f"{got['child']:25.3f}" if got.get("child") else ""
+                print(f"{tree_name:5} {kind:18} {n:>6} {got['rate']:>9.1f} {got['cpu']:>16.3f} {marginal} "
+                      f"{got['optimize']:>9.3f} {child}")  # fmt: skip
+        for kind in ("index", "index, own process"):
+            for n in (small, large):
+                if (tree_name, kind, n) in best:
+                    ratio = best[tree_name, kind, n]["rate"] / best[tree_name, "embed", n]["rate"]
+                    print(f"{tree_name:5} {kind} / embed, {n} images: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+# The search defaults, in one place (here, not in settings.py: the store's process imports no pydantic): the
+# settings, the store, `search.Query` and the CLI read them from here.
+SEARCH_LIMIT = 10  # results per query when none is asked
+SEARCH_LIMIT_MAX = 10_000  # the most `search.limit` may be set to
+SEARCH_THRESHOLD: float | None = None  # minimum cosine score when none is asked (None: no minimum)
+
 # Namespace for deterministic point ids: uuid5(namespace, absolute path).
 POINT_NAMESPACE = uuid.UUID("6f1c3b1e-8a57-4f0e-9d43-2a8a5d0c9b11")
 

@@ -29,8 +29,7 @@ from indexer.decode.geometry import Pixels, preprocess
 from indexer.decode.image import decode_file, load_image
 from indexer.errors import ConfigError, DecodeError, ModelMismatchError, StoreError, UnknownImageError
 from indexer.model.lazy import LazyModel  # torch-free: a search answered by the store's owner loads no torch here
-from indexer.records import DecodeLimits, Failure, Hit, PreprocessSpec, SearchFilter
-from indexer.settings import SEARCH_LIMIT, SEARCH_THRESHOLD
+from indexer.records import SEARCH_LIMIT, SEARCH_THRESHOLD, DecodeLimits, Failure, Hit, PreprocessSpec, SearchFilter
 from indexer.store.protocol import VectorStore
 
 if TYPE_CHECKING:

@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from indexer.errors import ConfigError
+from indexer.records import SEARCH_LIMIT, SEARCH_LIMIT_MAX, SEARCH_THRESHOLD
 
 DEFAULT_CONFIG_FILE = Path("config/indexer.toml")
 
@@ -63,6 +64,10 @@ class StoreSettings(_Section):
     # Free space (MB) the embedded store keeps on its filesystem: it refuses to open or write below it, since
     # Qdrant Edge memory-maps its files and a write into a full disk kills the process (SIGBUS).
     min_free_mb: float = Field(default=64.0, ge=0, allow_inf_nan=False)
+    # `indexer index` opens the embedded store in a process of its own (`store/child.py`), so that Qdrant Edge's
+    # GIL-holding point conversion and writes run beside the main process's threads. auto: where the model runs on
+    # CUDA (there the main process's CPU paces the run); on; off.
+    separate_process: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("dir", mode="after")
     @classmethod
@@ -108,12 +113,6 @@ class IndexSettings(_Section):
 
     follow_symlinks: bool = True
     include_hidden: bool = False
-
-
-# The search defaults, in one place: the settings, the store, `search.Query` and the CLI read them from here.
-SEARCH_LIMIT = 10  # results per query when none is asked
-SEARCH_LIMIT_MAX = 10_000  # the most `search.limit` may be set to
-SEARCH_THRESHOLD: float | None = None  # minimum cosine score when none is asked (None: no minimum)
 
 
 class SearchSettings(_Section):

@@ -11,9 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from indexer.api.models import MAX_OFFSET
-from indexer.records import SearchFilter
+from indexer.records import SEARCH_LIMIT_MAX, SearchFilter
 from indexer.search import Query
-from indexer.settings import SEARCH_LIMIT_MAX
 
 UUID = Annotated[
     str, StringConstraints(pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")

@@ -18,8 +18,7 @@ import numpy.typing as npt
 
 from indexer.daemon.client import OwnerClient
 from indexer.errors import ModelMismatchError, StoreError
-from indexer.records import Failure, Hit, SearchFilter, StoredPoint
-from indexer.settings import SEARCH_LIMIT
+from indexer.records import SEARCH_LIMIT, Failure, Hit, SearchFilter, StoredPoint
 from indexer.store.protocol import READ_BATCH, WRITE_BATCH, ClosedOnExit, FailureRecord, batches
 
 

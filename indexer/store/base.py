@@ -12,8 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import ModelMismatchError
-from indexer.records import Hit, SearchFilter, StoredPoint
-from indexer.settings import SEARCH_LIMIT
+from indexer.records import SEARCH_LIMIT, Hit, SearchFilter, StoredPoint
 from indexer.store.filters import _AnyOf, _Cond, filter_conditions
 from indexer.store.payload import normalise_payload
 from indexer.store.protocol import READ_BATCH, WRITE_BATCH, ClosedOnExit, Vector, batches

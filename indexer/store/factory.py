@@ -24,9 +24,11 @@ def open_store(
     collection: str,
     min_free_mb: float = MIN_FREE_MB,
     hnsw_ef: int = 0,
+    separate_process: bool = False,
 ) -> VectorStore:
     """The one factory: a Qdrant server when qdrant_url is given, else the embedded store in store_dir
-    (which keeps min_free_mb free on its filesystem). ``hnsw_ef``: the searches' graph walk (0: the store's own)."""
+    (which keeps min_free_mb free on its filesystem). ``hnsw_ef``: the searches' graph walk (0: the store's own).
+    ``separate_process``: the embedded store is opened in a child process (`indexer.store.child`)."""
     if qdrant_url:
         from indexer.store.server import QdrantServerStore  # qdrant-client only when a server is asked for
 
@@ -35,18 +37,27 @@ def open_store(
         return server
     if store_dir is None:
         raise ConfigError("store.dir", "give a store directory or a Qdrant URL")
+    if separate_process:
+        from indexer.store.child import ChildStore
+
+        return ChildStore(store_dir, min_free_mb=min_free_mb, hnsw_ef=hnsw_ef)
     store = EdgeStore(store_dir, min_free_mb=min_free_mb)
     store.hnsw_ef = hnsw_ef
     return store
 
 
-def open_store_from_settings(settings: Settings, *, read_only: bool = False) -> VectorStore:
+def open_store_from_settings(
+    settings: Settings, *, read_only: bool = False, separate_process: bool = False
+) -> VectorStore:
     """The store the settings point at: a Qdrant server when ``store.qdrant_url`` is set, else Qdrant Edge.
 
     read_only: the command only reads. An embedded store on a read-only filesystem (or without write permission)
     is then read from a temporary copy (Qdrant Edge cannot open a shard it may not write), removed at close; and it
     opens with no free-space margin (store.min_free_mb keeps room for writes): a full disk still lets the library be
-    searched, counted and exported, as long as there is room for what the open itself fills."""
+    searched, counted and exported, as long as there is room for what the open itself fills.
+
+    separate_process: the embedded store is opened in a process of its own (`indexer index`, as
+    ``store.separate_process`` decides: `indexer.cli.core.store_in_own_process`)."""
     s = settings.store
     if read_only and not s.qdrant_url and not writable(s.dir):
         copy = EdgeStoreCopy(s.dir)
@@ -59,4 +70,5 @@ def open_store_from_settings(settings: Settings, *, read_only: bool = False) -> 
         collection=s.collection,
         min_free_mb=0.0 if read_only else s.min_free_mb,
         hnsw_ef=settings.search.hnsw_ef,
+        separate_process=separate_process and not read_only,
     )

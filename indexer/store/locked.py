@@ -15,8 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import ModelMismatchError, StoreBusyError, StoreError, StoreFullError
-from indexer.records import Failure, Hit, SearchFilter, StoredPoint
-from indexer.settings import SEARCH_LIMIT
+from indexer.records import SEARCH_LIMIT, Failure, Hit, SearchFilter, StoredPoint
 from indexer.store.protocol import ClosedOnExit, FailureRecord, VectorStore
 
 log = logging.getLogger(__name__)

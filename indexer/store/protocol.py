@@ -10,8 +10,7 @@ from typing import Any, Protocol, Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from indexer.records import Failure, Hit, SearchFilter, StoredPoint
-from indexer.settings import SEARCH_LIMIT
+from indexer.records import SEARCH_LIMIT, Failure, Hit, SearchFilter, StoredPoint
 
 MAX_FAILURES = 10_000  # the failure log keeps the latest this many files
 WRITE_BATCH = 256  # points per upsert / delete / set_payload call
