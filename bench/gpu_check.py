@@ -117,29 +117,35 @@ def model_only(model: Any, batch: int, size: int, iters: int) -> float:
 
 
 def in_process(folder: Path, args: argparse.Namespace, model_cfg: dict[str, Any], model: Any) -> dict[str, float]:
-    """`embed` and `index` with decode.gpu auto and off, per-stage figures; returns the images/s of each run."""
+    """`embed` and `index` with decode.gpu auto and off, per-stage figures; returns the images/s of each run.
+    `index` opens its store as the CLI does (``store.separate_process`` auto: in a process of its own on CUDA, in
+    this one on a CPU); with decode.gpu auto it runs a second time with the other choice, side by side ("index
+    inproc" or "index ownproc")."""
     from bench.gpu_stages import Stages
+    from indexer.cli.core import store_in_own_process
     from indexer.ingest.pipeline import run_embed, run_index
     from indexer.store.factory import open_store_from_settings
 
     count = len(list(folder.glob("*.jpg")))
     rates: dict[str, float] = {}
     for gpu_decode in ("auto", "off"):
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = settings_for(model_cfg, args.device, args.batch, Path(tmp) / "store", gpu_decode)
-            for what in ("embed", "index"):
+        for run in ("embed", "index", "other")[: 3 if gpu_decode == "auto" else 2]:
+            with tempfile.TemporaryDirectory() as tmp:
+                settings = settings_for(model_cfg, args.device, args.batch, Path(tmp) / "store", gpu_decode)
+                separate = store_in_own_process(settings) != (run == "other")
+                what = run if run != "other" else ("index ownproc" if separate else "index inproc")
                 with Stages() as figures:
                     start = time.perf_counter()
-                    if what == "embed":
+                    if run == "embed":
                         summary = run_embed([folder], Path(tmp) / "out.parquet", settings, model)
                     else:
-                        with open_store_from_settings(settings) as store:
+                        with open_store_from_settings(settings, separate_process=separate) as store:
                             summary = run_index([folder], settings, store, model)
                     wall = time.perf_counter() - start
                 n = summary.indexed
                 rates[f"{what} {gpu_decode}"] = n / wall
                 print(
-                    f"  {what:5} decode.gpu={gpu_decode:4} {n:5d}/{count} images {n / wall:8.1f} images/s"
+                    f"  {what:13} decode.gpu={gpu_decode:4} {n:5d}/{count} images {n / wall:8.1f} images/s"
                     f" in {wall:5.1f} s | {figures.text(wall)}",
                     flush=True,
                 )
