@@ -2,8 +2,8 @@
 # The GPU device check (issues 11 and 20), in at most 6 minutes on one H200: the model alone; `indexer embed` and
 # `indexer index` on VGA and 12 MP JPEGs with decode.gpu auto and off, each with a per-stage breakdown and what auto
 # decided, and `index` once more with the store in the other place (store.separate_process: in a process of its own
-# on CUDA, "index inproc" beside it); a straightforward DataLoader script on the same files side by side (our rate / its rate); whole
-# processes, first run ever and second run. Run from the repository root:
+# on CUDA, "index inproc" beside it); a straightforward DataLoader script on the same files side by side (our rate /
+# its rate); whole processes, first run ever and second run. Run from the repository root:
 #
 #   bench/gpu_check.sh                                  # on the GPU machine
 #   GPU_CHECK_DEVICE=cpu bench/gpu_check.sh             # the CPU rehearsal (test model, small counts), anywhere
