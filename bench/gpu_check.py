@@ -122,9 +122,8 @@ def in_process(folder: Path, args: argparse.Namespace, model_cfg: dict[str, Any]
     this one on a CPU); with decode.gpu auto it runs a second time with the other choice, side by side ("index
     inproc" or "index ownproc")."""
     from bench.gpu_stages import Stages
-    from indexer.cli.core import store_in_own_process
     from indexer.ingest.pipeline import run_embed, run_index
-    from indexer.store.factory import open_store_from_settings
+    from indexer.store.factory import open_store_from_settings, separate_process_wanted
 
     count = len(list(folder.glob("*.jpg")))
     rates: dict[str, float] = {}
@@ -132,7 +131,7 @@ def in_process(folder: Path, args: argparse.Namespace, model_cfg: dict[str, Any]
         for run in ("embed", "index", "other")[: 3 if gpu_decode == "auto" else 2]:
             with tempfile.TemporaryDirectory() as tmp:
                 settings = settings_for(model_cfg, args.device, args.batch, Path(tmp) / "store", gpu_decode)
-                separate = store_in_own_process(settings) != (run == "other")
+                separate = separate_process_wanted(settings) != (run == "other")
                 what = run if run != "other" else ("index ownproc" if separate else "index inproc")
                 with Stages() as figures:
                     start = time.perf_counter()

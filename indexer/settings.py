@@ -64,9 +64,9 @@ class StoreSettings(_Section):
     # Free space (MB) the embedded store keeps on its filesystem: it refuses to open or write below it, since
     # Qdrant Edge memory-maps its files and a write into a full disk kills the process (SIGBUS).
     min_free_mb: float = Field(default=64.0, ge=0, allow_inf_nan=False)
-    # `indexer index` opens the embedded store in a process of its own (`store/child.py`), so that Qdrant Edge's
-    # GIL-holding point conversion and writes run beside the main process's threads. auto: where the model runs on
-    # CUDA (there the main process's CPU paces the run); on; off.
+    # `indexer index` and `indexer watch` open the embedded store in a process of its own (`store/child.py`), so
+    # that Qdrant Edge's GIL-holding point conversion and writes run beside the main process's threads. auto: where
+    # the model runs on CUDA (there the main process's CPU paces the run); on; off.
     separate_process: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("dir", mode="after")

@@ -104,13 +104,10 @@ def test_errors_keep_their_type(tmp_path: Path) -> None:
             next(store.scroll(batch_size=0))
         store.upsert([StoredPoint(point_id("/a"), {"path": "/a"}, np.ones(4, np.float32))])  # still answering
         assert store.count() == 1
-        with ChildStore(tmp_path / "s", min_free_mb=0) as second:  # the open's error comes with the first call
-            with pytest.raises(StoreBusyError, match="held by pid"):
-                second.count()
-            with pytest.raises(StoreBusyError):  # and again with every later one
-                second.model_info()
-    with EdgeStore(tmp_path / "s"), ChildStore(tmp_path / "s", min_free_mb=0) as third, pytest.raises(StoreBusyError):
-        third.count()
+        with pytest.raises(StoreBusyError, match="held by pid"):
+            ChildStore(tmp_path / "s", min_free_mb=0)
+    with EdgeStore(tmp_path / "s"), pytest.raises(StoreBusyError):
+        ChildStore(tmp_path / "s", min_free_mb=0)
     with pytest.raises(StoreError, match="closed"):
         store.count()
 
@@ -125,7 +122,7 @@ def test_a_child_that_dies_is_reported_not_waited_for(tmp_path: Path) -> None:
 
 
 PARENT = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     import numpy as np
     from indexer.records import StoredPoint, point_id
     from indexer.store.child import ChildStore
@@ -134,6 +131,7 @@ PARENT = textwrap.dedent("""
         ones = np.ones(4, np.float32)
         return [StoredPoint(point_id(f"/{i}"), {"path": f"/{i}"}, ones) for i in range(start, start + 50)]
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `indexer watch` stops on SIGTERM
     store = ChildStore(sys.argv[1], min_free_mb=0)
     store.ensure_collection("m", 4)
     store.upsert(some(0))
@@ -157,14 +155,18 @@ def test_the_child_ends_with_its_parent_and_keeps_what_it_stored(tmp_path: Path)
         assert store.count() == 50
 
 
-def test_ctrl_c_reaches_the_run_not_the_store(tmp_path: Path) -> None:
-    """Ctrl-C in a terminal signals the whole foreground process group: the store's process (a session of its own)
-    goes on answering while the run writes what it had queued, and ends with the close."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_reaches_the_run_not_the_store(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group, and systemd stops a service by signalling
+    every process in it: the store's process goes on answering while the run writes what it had queued, and ends
+    with the close."""
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT, str(tmp_path / "s")], stdout=subprocess.PIPE, text=True, start_new_session=True
     )
     child = int(parent.stdout.readline())  # type: ignore[union-attr]
-    os.killpg(parent.pid, signal.SIGINT)
+    if sig == signal.SIGTERM:
+        os.kill(child, sig)  # it is in a group of its own: a terminal's signal never reaches it, systemd's does
+    os.killpg(parent.pid, sig)
     assert parent.wait(timeout=60) == 0
     assert wait_gone(child)
     with EdgeStore(tmp_path / "s") as store:
@@ -175,11 +177,11 @@ def test_ctrl_c_reaches_the_run_not_the_store(tmp_path: Path) -> None:
 
 
 def test_the_choice_of_store_process(tmp_path: Path) -> None:
-    from indexer.cli.core import store_in_own_process
     from indexer.settings import load_settings
+    from indexer.store.factory import separate_process_wanted
 
     def chosen(mode: str, device: str) -> bool:
-        return store_in_own_process(
+        return separate_process_wanted(
             load_settings(None, {"store": {"separate_process": mode}, "model": {"device": device}})
         )
 
@@ -222,3 +224,48 @@ def test_index_through_the_store_process_end_to_end(tmp_path: Path) -> None:
     ours = run_json(*query[:-1], "--store", str(store))
     theirs = run_json(*query[:-1], "--store", str(reference))
     assert [h["path"] for h in ours] == [h["path"] for h in theirs]
+
+
+def store_processes_of(pid: int) -> list[int]:
+    """The store processes (`python -m indexer.store.child`) whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"indexer.store.child" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_the_watch_daemon_through_the_store_process(tmp_path: Path) -> None:
+    """`indexer watch` with the store in a process of its own (as on a GPU machine): it indexes, answers the CLI,
+    and neither kill -9 nor SIGTERM leaves the store held; a restart reconciles what changed meanwhile."""
+    from tests.fixtures.shapes import write_dataset
+    from tests.support.daemon import Daemon, files, run_cli
+
+    env = {"INDEXER_STORE__SEPARATE_PROCESS": "on"}
+    root, store = tmp_path / "root", tmp_path / "store"
+    write_dataset(root / "a", 12, seed=1, size=64)
+    daemon = Daemon([root], store, tmp_path / "a.log", env=env)
+    try:
+        daemon.wait_paths(files(root), timeout=60)
+        (child,) = store_processes_of(daemon.proc.pid)
+        hits = json.loads(run_cli("search", "a red circle", "--store", str(store), "--json").stdout)
+        assert hits and all(h["path"] in files(root) for h in hits)
+    finally:
+        daemon.kill()  # kill -9
+    assert wait_gone(child), "the store's process outlived the daemon"
+    status = json.loads(run_cli("status", "--store", str(store), "--json").stdout)
+    assert status["images"] == 12
+    write_dataset(root / "b", 6, seed=2, size=64)  # while it is down
+    daemon = Daemon([root], store, tmp_path / "b.log", env=env)
+    try:
+        daemon.wait_paths(files(root), timeout=60)
+        (child,) = store_processes_of(daemon.proc.pid)
+    finally:
+        assert daemon.stop() == 0
+    assert wait_gone(child)
+    assert json.loads(run_cli("status", "--store", str(store), "--json").stdout)["images"] == 18

@@ -99,9 +99,9 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         summary = index_through(owner, roots, args)
         if summary is not None:
             return report_summary(summary, args)
-    from indexer.store.factory import open_store_from_settings
+    from indexer.store.factory import open_store_from_settings, separate_process_wanted
 
-    separate = store_in_own_process(settings)
+    separate = separate_process_wanted(settings)
     with open_store_from_settings(settings, separate_process=separate) as store, progress_bar(args) as progress:
         from indexer.ingest.pipeline import run_index  # imported while the store's process starts
         from indexer.model.lazy import LazyModel
@@ -110,19 +110,6 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
             args.paths, settings, store, LazyModel(settings.model), progress, retry_failed=args.retry_failed
         )
     return report_summary(summary, args)
-
-
-def store_in_own_process(settings: Settings) -> bool:
-    """Whether `indexer index` opens the embedded store in a process of its own (``store.separate_process``): on
-    "auto", where the model runs on CUDA. There the main process's CPU paces the run, and Qdrant Edge's point
-    conversion and writes hold the GIL for ≈ 0.1 ms an image (in the child: ≈ 0.01 ms here for the pickling); on a
-    CPU the model takes tens of milliseconds an image and the child's start (≈ 0.1 s) would be all it changed."""
-    mode = settings.store.separate_process
-    if mode == "auto":
-        from indexer.model.lazy import cuda_expected
-
-        return cuda_expected(settings.model.device)
-    return mode == "on"
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:

@@ -37,7 +37,7 @@ from indexer.settings import Settings
 from indexer.sources.events import Coalescer, FsEvent, default_filter
 from indexer.sources.watch import Watcher, check_watch_roots
 from indexer.store.directory import STORE_FILE
-from indexer.store.factory import open_store_from_settings
+from indexer.store.factory import open_store_from_settings, separate_process_wanted
 from indexer.store.locked import LockedStore
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ class Daemon:
         self.roots = Roots(check_watch_roots(roots), Scheduler(self.cfg.rescan_interval), coalescer)
         self.worker = Worker(settings, self.roots, self.model, self.metrics, confirm_deletes)
         self.store = LockedStore(
-            lambda: open_store_from_settings(settings), location=str(settings.store.dir), opened=False
+            lambda: open_store_from_settings(settings, separate_process=separate_process_wanted(settings)),
+            location=str(settings.store.dir),
+            opened=False,
         )
         self.jobs = IndexJobs(self._index_job)
         self.listener: Any = None

@@ -1,18 +1,19 @@
-"""`ChildStore`: the embedded store opened in a process of its own, for `indexer index`.
+"""`ChildStore`: the embedded store opened in a process of its own, for `indexer index` and `indexer watch`.
 
 Qdrant Edge converts each point's payload and writes it while holding the GIL: about 0.1 ms of the main process's
 CPU per image (bench/README.md), taken from the threads that feed the model and the decoders. In a child process
 that work runs beside them; the main process only pickles the points (≈ 6 µs each). The child answers the
 VectorStore calls one at a time over a socket pair, in the order they are made; an error there is raised here with
-its type and message (`indexer.errors.body_for`), so the CLI's exit codes still apply. Only `indexer index` uses it
-(``store.separate_process``); the daemon and `indexer serve` answer searches from the store in their own process.
+its type and message (`indexer.errors.body_for`), so the CLI's exit codes still apply. The commands that embed use
+it (``store.separate_process``; the daemon's searches go through it too); `indexer serve` opens the store itself.
 
 The child is in a process group of its own: Ctrl-C in the terminal reaches the command's group, not the child, and
 the command still writes what its run has queued, then `close` flushes. (Not a session of its own: with the
 scheduler's autogroups, a new session competes with this whole session as an equal, so the niced decode workers no
 longer yield to it; the payload indexes made at the first write took 0.9-1.1 s instead of 0.1-0.2 s.) It closes the
 store and exits as soon as this process goes away, kill -9 included (the socket's end): an orphan never keeps the
-store locked.
+store locked. It ignores SIGINT and SIGTERM (systemd stops a service by signalling every process of it): the
+command, still writing its last batch, decides when it ends.
 
     python -m indexer.store.child FD    the child's side (started by `ChildStore`, never by hand)
 """
@@ -50,9 +51,9 @@ CALLS = frozenset({
 
 
 class ChildStore(ClosedOnExit):
-    """A VectorStore whose embedded store (`EdgeStore`) lives in a child process. The child starts and opens the
-    store while this process goes on; the first call waits for that, and raises its error (e.g. StoreBusyError).
-    Calls from several threads are answered one at a time."""
+    """A VectorStore whose embedded store (`EdgeStore`) lives in a child process, opened when this is made (its
+    errors, e.g. StoreBusyError, are raised here, as `EdgeStore`'s). Calls from several threads are answered one at
+    a time."""
 
     def __init__(self, directory: Path, *, min_free_mb: float, hnsw_ef: int = 0) -> None:
         ours, theirs = socket.socketpair()
@@ -74,21 +75,14 @@ class ChildStore(ClosedOnExit):
         self._closed = False
         self.location = str(Path(directory).expanduser().absolute())
         self.hnsw_ef = hnsw_ef
-        self._opened: dict[str, Any] | None = None
-        self._open_error: BaseException | None = None
         log.info("the store at %s opens in a process of its own (pid %d)", self.location, self._process.pid)
         level = logging.getLogger("indexer").getEffectiveLevel()
-        try:  # answered at the first call: the child starts while this process goes on
-            self._send("open", (self.location, min_free_mb, hnsw_ef, level), {})
+        try:
+            opened = self._ask("open", (self.location, min_free_mb, hnsw_ef, level), {})
         except BaseException:
             self._stop()
             raise
-
-    @property
-    def damage(self) -> str | None:
-        """What the store found damaged when it opened (`EdgeStore.damage`)."""
-        with self._lock:
-            return self._wait_open()["damage"]  # type: ignore[no-any-return]
+        self.damage: str | None = opened["damage"]
 
     # -- the calls -------------------------------------------------------------------------------------
     def model_info(self) -> tuple[str, int] | None:
@@ -172,7 +166,7 @@ class ChildStore(ClosedOnExit):
         """Close the store (a flush) and end the child; idempotent."""
         if self._closed:
             return
-        if self._open_error is not None or self._process.poll() is not None:  # never opened, or ended: nothing to ask
+        if self._process.poll() is not None:  # it has ended (and a call said so): nothing to ask
             self._stop()
             return
         try:
@@ -188,21 +182,8 @@ class ChildStore(ClosedOnExit):
 
     def _ask(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with self._lock:
-            self._wait_open()
             self._send(name, args, kwargs)
             return self._receive(name)
-
-    def _wait_open(self) -> dict[str, Any]:
-        """The open's answer (the lock held); its error again on every call after a failed open."""
-        if self._open_error is not None:
-            raise self._open_error
-        if self._opened is None:
-            try:
-                self._opened = self._receive("open")
-            except BaseException as exc:
-                self._open_error = exc
-                raise
-        return self._opened
 
     def _send(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         dropped, self._dropped = self._dropped, []
@@ -343,7 +324,8 @@ def serve(conn: Connection) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the run stops
+    for stop in (signal.SIGINT, signal.SIGTERM):  # the parent decides: the end of the socket ends this process
+        signal.signal(stop, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
     try:
         serve(conn)
