@@ -99,16 +99,14 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         summary = index_through(owner, roots, args)
         if summary is not None:
             return report_summary(summary, args)
+    from indexer.ingest.pipeline import run_index
+    from indexer.model.lazy import LazyModel
     from indexer.store.factory import open_store_from_settings, separate_process_wanted
 
+    model = LazyModel(settings.model)
     separate = separate_process_wanted(settings)
     with open_store_from_settings(settings, separate_process=separate) as store, progress_bar(args) as progress:
-        from indexer.ingest.pipeline import run_index  # imported while the store's process starts
-        from indexer.model.lazy import LazyModel
-
-        summary = run_index(
-            args.paths, settings, store, LazyModel(settings.model), progress, retry_failed=args.retry_failed
-        )
+        summary = run_index(args.paths, settings, store, model, progress, retry_failed=args.retry_failed)
     return report_summary(summary, args)
 
 
