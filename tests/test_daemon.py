@@ -186,6 +186,24 @@ def test_burst_of_1000_files_uses_full_batches(tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
+def test_an_index_job_and_the_watcher_never_embed_a_file_twice(tmp_path: Path) -> None:
+    """`indexer index ROOT` asked of the daemon while a burst's events are pending: the job runs in the worker's
+    ingest turn, so each file is embedded once, by one or the other (run side by side, both planned the same new
+    files and embedded them twice)."""
+    root = tmp_path / "root"
+    write_dataset(root, 2, seed=2, size=64)
+    daemon = Daemon([root], tmp_path / "store", tmp_path / "daemon.log", "--batch-size", "8")
+    try:
+        write_dataset(root / "burst", 160, seed=4, size=64)
+        job = json.loads(run_cli("index", str(root), "--store", str(tmp_path / "store"), "--json").stdout)
+        daemon.wait_paths(files(root), timeout=120)
+        watched = daemon.metric("indexer_watch_files_indexed_total")  # the start-up's 2 and the events' share
+        assert watched + job["indexed"] == 162, f"watcher {watched:.0f} + job {job['indexed']}"
+        assert job["indexed"] + job["unchanged"] == 162
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_restart_reconciles_what_changed_while_down(tmp_path: Path) -> None:
     root, store = tmp_path / "root", tmp_path / "store"
     write_dataset(root, 12, seed=4, size=64)

@@ -221,7 +221,11 @@ class Daemon:
         self.worker.wake.set()
 
     def _index_job(self, paths: Sequence[Path], job: IndexJob) -> RunSummary:
-        return run_index(paths, self.settings, self.store, self.model, job)
+        """An `indexer index` asked of the daemon: it runs in the worker's ingest turn, between its batches and scans
+        (run beside them, both would plan the same new files and embed them twice, with two decode pools)."""
+        job.start(0, "waiting for the daemon's batch in flight")
+        with self.worker.turn:
+            return run_index(paths, self.settings, self.store, self.model, job)
 
     # -- what the HTTP app asks (the `indexer.api.control.Owner` protocol) -------------------------------------------
 

@@ -4,7 +4,9 @@
     run the scans the Scheduler says are due; check the roots once a second (`indexer.daemon.roots`)
 
 Every write goes through one `indexer.ingest.pipeline.Indexer`; the deletions it returns pass the DeletionGuard
-first (`finish`).
+first (`finish`). Each batch and scan takes the daemon's ingest turn (`Worker.turn`), which an `indexer index` job
+asked of the daemon holds while it runs: the two never plan the same new files at once and embed them twice, and
+never run two decode pools side by side.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +75,19 @@ class Worker:
         self.resources: Resources | None = None
         self._ready_at: dict[str, float] = {}
         self._since_optimize = 0
+        self.turn = threading.Lock()  # held by a batch or scan here, or by an index job of the daemon
+
+    @contextmanager
+    def _my_turn(self) -> Iterator[bool]:
+        """Hold the ingest turn (waiting while an index job runs); False, without it, once the daemon stops."""
+        while not self.turn.acquire(timeout=0.2):
+            if self.stop.is_set():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            self.turn.release()
 
     def res(self) -> Resources:
         if self.resources is None:
@@ -134,11 +150,14 @@ class Worker:
         return self.model.get().batch_size
 
     def _run_batch(self) -> None:
-        changes = self.coalescer.take(self._batch_size() * CHUNK_BATCHES)
-        self._ready_at = {str(c.path): c.ready_at for c in changes}
-        started = time.monotonic()
-        result = self.res().indexer.apply_changes(changes, stop=self.stop.is_set, on_batch=self._on_batch)
-        self._finish(result, frozenset(), started, what="events")
+        with self._my_turn() as mine:
+            if not mine:
+                return
+            changes = self.coalescer.take(self._batch_size() * CHUNK_BATCHES)
+            self._ready_at = {str(c.path): c.ready_at for c in changes}
+            started = time.monotonic()
+            result = self.res().indexer.apply_changes(changes, stop=self.stop.is_set, on_batch=self._on_batch)
+            self._finish(result, frozenset(), started, what="events")
         s = result.summary
         if s.moved or s.removed or s.failed:
             log.info(
@@ -168,18 +187,21 @@ class Worker:
         roots = [r for r in roots if root_state(r) != "missing"]
         if not roots:
             return
-        self.metrics.rescans.labels(reason.split(":")[0]).inc()
-        started = time.monotonic()
-        self._ready_at = {}
-        result = self.res().indexer.sync(
-            roots, fresh_seconds=self.cfg.stable_seconds, stop=self.stop.is_set, on_batch=self._on_batch
-        )
-        self.metrics.seen.labels("scan").inc(result.summary.indexed + result.summary.unchanged)
-        self.coalescer.add_unsettled(e.path for e in result.deferred)
-        for root in roots:  # this scan's findings replace what was held for these roots
-            self.res().guard.held.points.pop(root, None)
-        what = f"{reason} scan of {len(roots)} root(s)"
-        self._finish(result, confirmed, started, what=what, allow_empty=allow_empty)
+        with self._my_turn() as mine:
+            if not mine:
+                return
+            self.metrics.rescans.labels(reason.split(":")[0]).inc()
+            started = time.monotonic()
+            self._ready_at = {}
+            result = self.res().indexer.sync(
+                roots, fresh_seconds=self.cfg.stable_seconds, stop=self.stop.is_set, on_batch=self._on_batch
+            )
+            self.metrics.seen.labels("scan").inc(result.summary.indexed + result.summary.unchanged)
+            self.coalescer.add_unsettled(e.path for e in result.deferred)
+            for root in roots:  # this scan's findings replace what was held for these roots
+                self.res().guard.held.points.pop(root, None)
+            what = f"{reason} scan of {len(roots)} root(s)"
+            self._finish(result, confirmed, started, what=what, allow_empty=allow_empty)
 
     def _finish(
         self, result: SyncResult, confirmed: frozenset[Path], started: float, what: str, allow_empty: bool = False
