@@ -5,6 +5,7 @@ either process dies."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -249,10 +250,12 @@ def test_the_watch_daemon_through_the_store_process(tmp_path: Path) -> None:
     env = {"INDEXER_STORE__SEPARATE_PROCESS": "on"}
     root, store = tmp_path / "root", tmp_path / "store"
     write_dataset(root / "a", 12, seed=1, size=64)
-    daemon = Daemon([root], store, tmp_path / "a.log", env=env)
+    daemon = Daemon([root], store, tmp_path / "a.log", "--json-logs", env=env)
     try:
         daemon.wait_paths(files(root), timeout=60)
         (child,) = store_processes_of(daemon.proc.pid)
+        logged = [json.loads(line) for line in daemon.text().splitlines()]  # the child's lines too: JSON
+        assert any("opens in a process of its own" in entry["message"] for entry in logged)
         hits = json.loads(run_cli("search", "a red circle", "--store", str(store), "--json").stdout)
         assert hits and all(h["path"] in files(root) for h in hits)
     finally:
@@ -269,3 +272,16 @@ def test_the_watch_daemon_through_the_store_process(tmp_path: Path) -> None:
         assert daemon.stop() == 0
     assert wait_gone(child)
     assert json.loads(run_cli("status", "--store", str(store), "--json").stdout)["images"] == 18
+
+
+def test_what_the_child_logs_is_logged_here(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged store's warning, made in the child when it opens, reaches this process's handlers under the
+    store's logger (so the daemon's JSON log lines and the CLI's stderr show it as they would in-process)."""
+    with EdgeStore(tmp_path / "s") as store:
+        store.ensure_collection("m", 4)
+        store.upsert([StoredPoint(point_id(f"/{i}"), {"path": f"/{i}"}, np.ones(4, np.float32)) for i in range(5)])
+    (tmp_path / "s" / "points.json").write_text(json.dumps({"version": 1, "points": 9}))
+    with caplog.at_level(logging.INFO, logger="indexer"), ChildStore(tmp_path / "s", min_free_mb=0) as child:
+        assert child.damage is not None and "held 9 at its last flush" in child.damage
+    warned = [r for r in caplog.records if r.name == "indexer.store.edge_store" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "holds 5 images but held 9" in warned[0].getMessage()

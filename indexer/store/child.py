@@ -13,7 +13,8 @@ scheduler's autogroups, a new session competes with this whole session as an equ
 longer yield to it; the payload indexes made at the first write took 0.9-1.1 s instead of 0.1-0.2 s.) It closes the
 store and exits as soon as this process goes away, kill -9 included (the socket's end): an orphan never keeps the
 store locked. It ignores SIGINT and SIGTERM (systemd stops a service by signalling every process of it): the
-command, still writing its last batch, decides when it ends.
+command, still writing its last batch, decides when it ends. What it logs comes back with each answer and is
+logged here, through this process's handlers (text, or the daemon's JSON lines), under the same logger names.
 
     python -m indexer.store.child FD    the child's side (started by `ChildStore`, never by hand)
 """
@@ -194,9 +195,13 @@ class ChildStore(ClosedOnExit):
 
     def _receive(self, name: str) -> Any:
         try:
-            kind, value = pickle.loads(self._conn.recv_bytes())
+            kind, value, records = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError) as exc:
             raise self._gone() from exc
+        for fields in records:  # what the child logged meanwhile, through this process's handlers
+            logger = logging.getLogger(fields["name"])
+            if logger.isEnabledFor(fields["levelno"]):
+                logger.handle(logging.makeLogRecord(fields))
         if kind == "ok":
             return value
         if kind == "error":
@@ -224,6 +229,33 @@ class ChildStore(ClosedOnExit):
 
 
 # -- the child's side ----------------------------------------------------------------------------------
+class _Forward(logging.Handler):
+    """Keeps the child's log records (as plain fields) until the next answer carries them to the parent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc_text = logging.Formatter().formatException(record.exc_info) if record.exc_info else None
+        self.records.append(
+            {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+             "msg": record.getMessage(), "created": record.created, "exc_text": exc_text}
+        )  # fmt: skip
+
+    def take(self) -> list[dict[str, Any]]:
+        records, self.records = self.records, []
+        return records
+
+    def flush_to_stderr(self) -> None:
+        """Records no answer will carry (the parent has gone): straight to stderr."""
+        for fields in self.take():
+            print(f"{fields['levelname']} {fields['name']}: {fields['msg']}", file=sys.stderr)
+
+
+FORWARD = _Forward()
+
+
 def _reply(value: Any) -> tuple[str, Any]:
     return ("ok", value)
 
@@ -281,8 +313,7 @@ class _Server:
             store.close()
 
     def _open(self, directory: str, min_free_mb: float, hnsw_ef: int, level: int) -> dict[str, Any]:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        logging.getLogger("indexer").setLevel(level)
+        logging.getLogger("indexer").setLevel(level)  # the parent's; its own loggers' levels apply there again
         from indexer.store.edge_store import EdgeStore
 
         store = EdgeStore(Path(directory), min_free_mb=min_free_mb)
@@ -310,22 +341,27 @@ def serve(conn: Connection) -> None:
                 return
             server.drop(dropped)
             try:
-                reply = _reply(server.answer(name, args, kwargs))
+                kind, value = _reply(server.answer(name, args, kwargs))
             except Exception as exc:
-                reply = _error(exc)
+                kind, value = _error(exc)
             try:
-                conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+                conn.send_bytes(pickle.dumps((kind, value, FORWARD.take()), protocol=pickle.HIGHEST_PROTOCOL))
             except (EOFError, OSError):
                 return
             if name == "close":
                 return
     finally:
-        server.close()
+        try:
+            server.close()
+        finally:
+            FORWARD.flush_to_stderr()
 
 
 def main() -> None:
     for stop in (signal.SIGINT, signal.SIGTERM):  # the parent decides: the end of the socket ends this process
         signal.signal(stop, signal.SIG_IGN)
+    logging.getLogger().addHandler(FORWARD)
+    logging.getLogger().setLevel(logging.WARNING)  # the CLI's; "indexer" gets the parent's level at the open
     conn = Connection(int(sys.argv[1]))
     try:
         serve(conn)
