@@ -196,7 +196,7 @@ def test_index_through_the_store_process_end_to_end(tmp_path: Path) -> None:
     from tests.fixtures.shapes import write_dataset
     from tests.support.clirun import INDEXER, MODEL, run, run_json
 
-    env = {"INDEXER_STORE__SEPARATE_PROCESS": "on"}
+    env = {"INDEXER_STORE__SEPARATE_PROCESS": "on", "PYTHONFAULTHANDLER": "1"}  # SIGABRT: every thread's stack
     folder, store = tmp_path / "shapes", tmp_path / "store"
     write_dataset(folder, 240, seed=8, size=96)
     args = ["index", str(folder), "--store", str(store), *MODEL, "--batch-size", "4", "--workers", "1", "-v"]
@@ -211,7 +211,11 @@ def test_index_through_the_store_process_end_to_end(tmp_path: Path) -> None:
         if seen == 3:
             break
     os.killpg(proc.pid, signal.SIGINT)
-    rest = proc.communicate(timeout=60)[1]
+    try:
+        rest = proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:  # show where it waits
+        os.kill(proc.pid, signal.SIGABRT)
+        raise AssertionError(f"no exit 60 s after Ctrl-C; its threads:\n{proc.communicate(timeout=30)[1]}") from None
     assert proc.returncode == 130, rest
     assert any(f"store at {store} opens in a process of its own" in line for line in lines)
     done = run_json("status", "--store", str(store))["images"]  # the store's process has ended: it opens here
