@@ -289,3 +289,19 @@ def test_what_the_child_logs_is_logged_here(tmp_path: Path, caplog: pytest.LogCa
         assert child.damage is not None and "held 9 at its last flush" in child.damage
     warned = [r for r in caplog.records if r.name == "indexer.store.edge_store" and r.levelno == logging.WARNING]
     assert len(warned) == 1 and "holds 5 images but held 9" in warned[0].getMessage()
+
+
+def test_the_daemon_starts_a_store_process_that_died_again(tmp_path: Path) -> None:
+    """Behind the daemon's `LockedStore`, a store process killed under it is replaced at the next call, which then
+    answers (nothing stored is lost)."""
+    from indexer.store.locked import LockedStore
+
+    with LockedStore(lambda: ChildStore(tmp_path / "s", min_free_mb=0)) as store:
+        store.ensure_collection("m", 4)
+        store.upsert([StoredPoint(point_id("/a"), {"path": "/a"}, np.ones(4, np.float32))])
+        store.flush()
+        first = store.inner._process.pid  # type: ignore[attr-defined]
+        os.kill(first, signal.SIGKILL)
+        assert store.count() == 1 and store.reopened == 1
+        assert store.inner._process.pid != first  # type: ignore[attr-defined]
+    assert wait_gone(first)
