@@ -228,7 +228,8 @@ def test_index_through_the_store_process_end_to_end(tmp_path: Path) -> None:
     query = ["search", "red circle", *MODEL, "--limit", "5", "--json"]
     ours = run_json(*query[:-1], "--store", str(store))
     theirs = run_json(*query[:-1], "--store", str(reference))
-    assert [h["path"] for h in ours] == [h["path"] for h in theirs]
+    assert np.allclose([h["score"] for h in ours], [h["score"] for h in theirs], atol=1e-4)  # other batches
+    assert {h["path"] for h in ours} == {h["path"] for h in theirs}  # (ties may come in another order)
 
 
 def store_processes_of(pid: int) -> list[int]:
