@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -202,6 +203,32 @@ def test_an_index_job_and_the_watcher_never_embed_a_file_twice(tmp_path: Path) -
         assert job["indexed"] + job["unchanged"] == 162
     finally:
         assert daemon.stop() == 0
+
+
+def test_sigterm_during_an_index_job_stops_the_job_before_the_store_closes(tmp_path: Path) -> None:
+    """SIGTERM while an `indexer index` job runs in the daemon: the job stops after its batch in flight (marked
+    interrupted), and only then is the store closed: no call of the job meets a closed store (which the daemon's
+    store reopened, in a process on its way out)."""
+    root, other, store = tmp_path / "root", tmp_path / "other", tmp_path / "store"
+    write_dataset(root, 2, seed=2, size=64)
+    write_dataset(other, 600, seed=5, size=64)  # not watched: only the job embeds it
+    daemon = Daemon([root], store, tmp_path / "daemon.log", "--batch-size", "4")
+    command = subprocess.Popen(
+        [INDEXER, "index", str(other), "--store", str(store), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for("the job's first batches", lambda: daemon.count() >= 14, timeout=60)
+        assert daemon.stop(signal.SIGTERM, timeout=20) == 0
+    finally:
+        daemon.kill()
+        _, err = command.communicate(timeout=120)
+    text = daemon.text()
+    assert "stopped cleanly" in text and "the store failed" not in text and "Traceback" not in text, text
+    assert re.search(r"index job \w+ done", text) and not re.search(r"index job \w+ failed", text), text
+    assert command.returncode in (0, 130), err  # its summary (interrupted), or it went on by itself
+    status = json.loads(run_cli("status", "--store", str(store), "--json").stdout)
+    assert 14 <= status["images"] <= 602 and "warning" not in status
 
 
 def test_restart_reconciles_what_changed_while_down(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_index_ray(args, settings)
     owner = _owner(settings)
     if owner is not None:
-        from indexer.cli.owned import index_through
+        from indexer.cli.owned import index_through, open_after_owner
 
         summary = index_through(owner, roots, args)
         if summary is not None:
@@ -105,7 +105,11 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
 
     model = LazyModel(settings.model)
     separate = separate_process_wanted(settings)
-    with open_store_from_settings(settings, separate_process=separate) as store, progress_bar(args) as progress:
+    if owner is not None:  # it went away during the job: it may still be closing the store
+        store = open_after_owner(lambda: open_store_from_settings(settings, separate_process=separate))
+    else:
+        store = open_store_from_settings(settings, separate_process=separate)
+    with store, progress_bar(args) as progress:
         summary = run_index(args.paths, settings, store, model, progress, retry_failed=args.retry_failed)
     return report_summary(summary, args)
 

@@ -7,18 +7,20 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from indexer.cli.common import progress_bar
 from indexer.daemon.client import OwnerClient, OwnerGoneError, find_daemon
-from indexer.errors import error_from_body
+from indexer.errors import StoreBusyError, error_from_body
 from indexer.records import Failure, RunSummary
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL = 0.2  # seconds between looks at the job
+OWNER_EXIT_WAIT = 30.0  # seconds a store its owner is closing may stay busy (the daemon's stop grace is 8 s)
 
 
 def index_through(owner: OwnerClient, roots: Sequence[Path], args: argparse.Namespace) -> RunSummary | None:
@@ -36,6 +38,20 @@ def index_through(owner: OwnerClient, roots: Sequence[Path], args: argparse.Name
     if job["state"] == "failed":
         raise error_from_body(job["error"], "the owner's index job failed")
     return _summary(job["summary"])
+
+
+def open_after_owner(open_store: Callable[[], T]) -> T:
+    """Open the store after its owner went away during a job: a stopping owner closes its app first and its store
+    last, so the store may be busy for a few seconds more (tried again until OWNER_EXIT_WAIT)."""
+    deadline = time.monotonic() + OWNER_EXIT_WAIT
+    while True:
+        try:
+            return open_store()
+        except StoreBusyError:
+            if time.monotonic() > deadline:
+                raise
+            log.info("the store is still held by its owner, which is stopping: waiting")
+            time.sleep(POLL)
 
 
 def _wait(owner: OwnerClient, job: dict[str, Any], progress: Any) -> dict[str, Any]:

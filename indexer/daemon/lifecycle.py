@@ -172,9 +172,13 @@ class Daemon:
         if self.worker.resources is not None:
             self.worker.resources.watcher.close()
         worker.join(max(0.0, deadline - time.monotonic()))
+        # an index job running stops after its batch in flight; holding the turn, no other starts. Only then may the
+        # store and the model close: a job's calls would otherwise meet them closed (the store reopening itself),
+        # and its decode workers would keep the process from exiting
+        job_stopped = self.worker.turn.acquire(timeout=max(0.0, deadline - time.monotonic()))
         if self.listener is not None:
             self.listener.stop()
-        if worker.is_alive():
+        if worker.is_alive() or not job_stopped:
             return self._abandon()
         self._remove_advert()
         if self.worker.resources is not None:
@@ -224,8 +228,11 @@ class Daemon:
         """An `indexer index` asked of the daemon: it runs in the worker's ingest turn, between its batches and scans
         (run beside them, both would plan the same new files and embed them twice, with two decode pools)."""
         job.start(0, "waiting for the daemon's batch in flight")
+        stopping = self.worker.stop.is_set
         with self.worker.turn:
-            return run_index(paths, self.settings, self.store, self.model, job)
+            if stopping():  # the daemon is stopping: nothing was done (the command goes on by itself once it is gone)
+                return RunSummary(interrupted=True)
+            return run_index(paths, self.settings, self.store, self.model, job, stop=stopping)
 
     # -- what the HTTP app asks (the `indexer.api.control.Owner` protocol) -------------------------------------------
 

@@ -97,16 +97,18 @@ class Indexer:
         self.progress: Progress = progress or NoProgress()
         self._decoders: Decoders | None = None
 
-    def index(self, paths: Sequence[str | Path], *, retry_failed: bool = False) -> RunSummary:
+    def index(self, paths: Sequence[str | Path], *, retry_failed: bool = False, stop: Stop = never) -> RunSummary:
         """`indexer index`: bring the store up to date with the files under ``paths``, deletions included.
         Files that failed before and are unchanged are not read again unless ``retry_failed``. Ctrl-C keeps
-        every batch already stored."""
+        every batch already stored; so does ``stop()`` (asked after every batch: the daemon stopping under a job),
+        which leaves the shards for the next run too. Either way the summary says interrupted."""
         roots = check_roots(paths)
         summary = self._start()
         known = {} if retry_failed else {f.path: f for f in self.store.failures(MAX_FAILURES)}
         plan = plan_roots(roots, self.settings, self.store, summary, known)
         try:
-            self._run(plan, summary, remove=True, optimize=True, shard_roots=roots)
+            self._run(plan, summary, remove=True, optimize=True, shard_roots=roots, stop=stop)
+            summary.interrupted = stop()
         except KeyboardInterrupt:
             summary.interrupted = True
             self.close(wait=False)
@@ -183,7 +185,7 @@ class Indexer:
             if remove:
                 self.remove(list(plan.gone.values()), summary)
                 plan.gone = {}
-            if shard_roots:
+            if shard_roots and not stop():
                 index_shards(shard_roots, self.settings, self.store, self.model, summary, self.progress,
                              plan.shard_points)  # fmt: skip
         finally:
@@ -263,7 +265,8 @@ def run_index(
     progress: Progress | None = None,
     *,
     retry_failed: bool = False,
+    stop: Stop = never,
 ) -> RunSummary:
     """Bring the store up to date with the files under ``paths`` (`Indexer.index`)."""
     with Indexer(settings, store, model, progress) as indexer:
-        return indexer.index(paths, retry_failed=retry_failed)
+        return indexer.index(paths, retry_failed=retry_failed, stop=stop)
