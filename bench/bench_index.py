@@ -87,7 +87,11 @@ class OptimizeClock:
 
 # Whether this tree has `store.separate_process` (`indexer index` writes through a child process; the trees before
 # it do not: their runs of that kind are left out).
-STORE_PROCESS = (ROOT / "indexer" / "store" / "child.py").exists()
+def has_store_process(tree: Path) -> bool:
+    return (tree / "indexer" / "store" / "child.py").exists()
+
+
+STORE_PROCESS = has_store_process(ROOT)
 OPTIMIZE_AFTER = 100  # so that a run of the small set already brings the store's indexes up to date
 
 
@@ -102,18 +106,13 @@ def settings_for(store_dir: Path, workers: int, batch: int) -> Any:
     return load_settings(None, overrides)
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) another process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def timed_index(
     folder: Path, workers: int, batch: int, again: bool, separate: bool = False
 ) -> tuple[float, float, float, int, float]:
     """(images/s, main CPU ms/image, index upkeep s, images, the store process's CPU ms/image) of `run_index` into
     a fresh store (``again``: the second run over an unchanged tree is the one timed; ``separate``: the store in a
     process of its own, as `indexer index` opens it with ``store.separate_process``)."""
+    from bench.owner_transport import cpu_s  # the one /proc/PID/stat reader of the benches
     from indexer.ingest.pipeline import run_index
     from indexer.store.factory import open_store_from_settings
 
@@ -126,11 +125,11 @@ def timed_index(
             if again:
                 run_index([folder], settings, store, model)
             with OptimizeClock() as clock:
-                child_cpu = process_cpu(child) if child else 0.0
+                child_cpu = cpu_s(child) if child else 0.0
                 wall, cpu = time.perf_counter(), time.process_time()
                 summary = run_index([folder], settings, store, model)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                child_cpu = process_cpu(child) - child_cpu if child else 0.0
+                child_cpu = cpu_s(child) - child_cpu if child else 0.0
         finally:
             store.close()
     n = summary.indexed + summary.unchanged
@@ -205,7 +204,7 @@ def main() -> None:
         for n in (small, large):
             for kind in kinds:
                 for tree_name, tree in trees.items():
-                    if kind == "index, own process" and not (tree / "indexer" / "store" / "child.py").exists():
+                    if kind == "index, own process" and not has_store_process(tree):
                         continue
                     got, old = measure(tree, kind, n, args), best.get((tree_name, kind, n))
                     if old is not None:

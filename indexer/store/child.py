@@ -75,7 +75,6 @@ class ChildStore(ClosedOnExit):
         self._dropped: list[str] = []  # scroll cursors given up here, dropped there with the next call
         self._closed = False
         self.location = str(Path(directory).expanduser().absolute())
-        self.hnsw_ef = hnsw_ef
         log.info("the store at %s opens in a process of its own (pid %d)", self.location, self._process.pid)
         level = logging.getLogger("indexer").getEffectiveLevel()
         try:
@@ -256,10 +255,6 @@ class _Forward(logging.Handler):
 FORWARD = _Forward()
 
 
-def _reply(value: Any) -> tuple[str, Any]:
-    return ("ok", value)
-
-
 def _error(exc: Exception) -> tuple[str, Any]:
     if isinstance(exc, IndexerError):
         return ("error", body_for(exc))
@@ -275,8 +270,7 @@ class _Server:
 
     def __init__(self) -> None:
         self.store: VectorStore | None = None
-        self.cursors: dict[str, Iterator[StoredPoint]] = {}
-        self.batch: dict[str, int] = {}
+        self.cursors: dict[str, tuple[Iterator[StoredPoint], int]] = {}  # a scroll and its page size
 
     def answer(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name == "open":
@@ -287,8 +281,10 @@ class _Server:
         if name == "scroll":
             flt, with_vectors, batch_size = args
             cursor = uuid.uuid4().hex
-            self.cursors[cursor] = store.scroll(filter=flt, with_vectors=with_vectors, batch_size=batch_size)
-            self.batch[cursor] = batch_size
+            self.cursors[cursor] = (
+                store.scroll(filter=flt, with_vectors=with_vectors, batch_size=batch_size),
+                batch_size,
+            )
             return self._page(cursor)
         if name == "page":
             if args[0] not in self.cursors:
@@ -304,7 +300,6 @@ class _Server:
     def drop(self, cursors: list[str]) -> None:
         for cursor in cursors:
             self.cursors.pop(cursor, None)
-            self.batch.pop(cursor, None)
 
     def close(self) -> None:
         self.cursors.clear()
@@ -322,8 +317,8 @@ class _Server:
         return {"location": store.location, "damage": store.damage}
 
     def _page(self, cursor: str) -> tuple[list[StoredPoint], str | None]:
-        size = self.batch[cursor]
-        page = list(itertools.islice(self.cursors[cursor], size))
+        points, size = self.cursors[cursor]
+        page = list(itertools.islice(points, size))
         if len(page) < size:
             self.drop([cursor])
             return page, None
@@ -341,7 +336,7 @@ def serve(conn: Connection) -> None:
                 return
             server.drop(dropped)
             try:
-                kind, value = _reply(server.answer(name, args, kwargs))
+                kind, value = "ok", server.answer(name, args, kwargs)
             except Exception as exc:
                 kind, value = _error(exc)
             try:
