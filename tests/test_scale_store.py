@@ -149,20 +149,20 @@ def test_a_batch_goes_into_edge_in_calls_of_update_points(tmp_path: Path) -> Non
     store = EdgeStore(tmp_path / "store")
     try:
         store.ensure_collection("m", 16)
-        shard, sizes = store._shard, []
+        shard, calls = store._shard, []
 
         class Counting:
             def __getattr__(self, name: str) -> object:
                 return getattr(shard, name)
 
             def update(self, operation: object) -> object:
-                sizes.append(operation)
+                calls.append(operation)
                 return shard.update(operation)  # type: ignore[union-attr, arg-type]
 
         store._shard = Counting()  # type: ignore[assignment]
         store.upsert(points(vectors))  # 300 points: WRITE_BATCH 256 + 44, each split into calls of 64
         store._shard = shard
-        assert len(sizes) == 4 + 1 and edge_store.UPDATE_POINTS == 64
+        assert len(calls) == 4 + 1 and edge_store.UPDATE_POINTS == 64
         assert store.count() == 300
     finally:
         store.close()
