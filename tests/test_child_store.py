@@ -136,8 +136,8 @@ PARENT = textwrap.dedent("""
     store = ChildStore(sys.argv[1], min_free_mb=0)
     store.ensure_collection("m", 4)
     store.upsert(some(0))
-    print(store._process.pid, flush=True)
-    try:
+    try:  # entered before the pid goes out: the test signals as soon as it reads it
+        print(store._process.pid, flush=True)
         time.sleep(60)
     except KeyboardInterrupt:  # as `indexer index` does: what is queued is still written, then the store closed
         store.upsert(some(50))
