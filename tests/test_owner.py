@@ -235,6 +235,7 @@ def test_a_file_dropped_into_the_folder_appears_in_a_page_search(tmp_path: Path)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page()
+            page.set_default_timeout(60_000)  # a search beside the daemon's ingest on two busy cores
             page.goto(daemon.url + "/")
             dropped = write_png(root / "new" / "dropped.png", seed=700, color="yellow", shape="triangle")
             wait_for(
